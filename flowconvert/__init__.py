@@ -1,0 +1,46 @@
+"""flowconvert: turn trained PyTorch networks into normalizing flows.
+
+>>> import flowconvert as fc
+>>> issubclass(fc.ConversionError, fc.FlowConversionError)
+True
+"""
+
+from .core import FlowLayer, network_training
+from .densities import ConditionalDiagonalNormal, DiagonalNormal, GaussianNoise, StandardNormal
+from .errors import (
+    DIAGNOSTICS,
+    ConversionError,
+    Diagnostic,
+    ExportError,
+    FlowConversionError,
+    LayerConfigurationError,
+    SingularWeightError,
+    TracingError,
+)
+from .linear import FlowLinear
+from .activations import FlowLeakyReLU
+from .shapes import FlowIdentity, Permute, Reshape
+
+__all__ = [
+    "FlowLayer",
+    "network_training",
+    "FlowLinear",
+    "FlowLeakyReLU",
+    "Reshape",
+    "Permute",
+    "FlowIdentity",
+    "StandardNormal",
+    "DiagonalNormal",
+    "ConditionalDiagonalNormal",
+    "GaussianNoise",
+    "DIAGNOSTICS",
+    "Diagnostic",
+    "FlowConversionError",
+    "ConversionError",
+    "LayerConfigurationError",
+    "SingularWeightError",
+    "TracingError",
+    "ExportError",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,158 @@
+r"""The contract every flowified layer follows.
+
+A flow layer :math:`f` maps a value :math:`x` to :math:`y` and reports its *likelihood
+contribution* :math:`L(x)`, so that for a chain of layers ending in a base density
+
+.. math:: \log p(x) = \log p_{\text{base}}(z) + \sum_{\text{layers}} L_{\text{layer}} .
+
+For a bijection :math:`L = \log|\det J_f(x)|` (*exact*). A layer that drops coordinates
+adds the log-density of what it dropped (still exact); a layer that adds coordinates
+(noise) subtracts the noise's log-density and yields a one-sample lower bound (*bound*).
+
+The contract is one method, :meth:`FlowLayer.call_and_ll`, returning the value and its
+contribution per sample, plus :meth:`FlowLayer.inverse`:
+
+>>> import torch
+>>> from flowconvert import FlowLeakyReLU
+>>> layer = FlowLeakyReLU(0.5)
+>>> y, ll = layer.call_and_ll(torch.tensor([[1.0, -2.0]]))
+>>> y, ll
+(tensor([[ 1., -1.]]), tensor([-0.6931]))
+>>> layer.inverse(y)
+tensor([[ 1., -2.]])
+
+Noise is explicit: ``noise=None`` is the *deterministic* mode (all forward noise is zero);
+a tensor of standard-normal draws of shape ``(batch, *layer.noise_shape(x.shape[1:]))`` is
+the *stochastic* mode. :meth:`FlowLayer.draw_noise` draws one. Explicit noise makes runs
+reproducible and lets an exported graph take its noise as an input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrizations, parametrize
+
+__all__ = ["FlowLayer", "network_training"]
+
+Shape = tuple[int, ...]
+
+
+class FlowLayer(nn.Module):
+    """Base class of flowified layers.
+
+    Subclasses implement :meth:`call_and_ll` and :meth:`inverse`, set :attr:`exact`, and
+    override :meth:`noise_shape` / :meth:`inverse_noise_shape` when they consume noise.
+    ``forward(x)`` is the original layer's function (deterministic, no likelihood), so a
+    flow layer is a drop-in replacement for the layer it was built from.
+    """
+
+    #: True when the contribution is the exact change of log-density, False for a bound.
+    exact: bool = True
+    #: Names of square orthogonal factors that :func:`network_training` keeps orthogonal.
+    orthogonal_factors: tuple[str, ...] = ()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.call_and_ll(x)[0]
+
+    def call_and_ll(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Return ``(y, ll)``: the output and the likelihood contribution of shape ``(batch,)``."""
+        raise NotImplementedError
+
+    def inverse(self, y: Tensor, sample: bool = False, noise: Tensor | None = None) -> Tensor:
+        """Map an output back to an input.
+
+        ``sample=False`` uses conditional means for whatever the forward pass dropped;
+        ``sample=True`` draws it, from ``noise`` (standard normal, shape
+        ``(batch, *inverse_noise_shape(y.shape[1:]))``) when given.
+        """
+        raise NotImplementedError
+
+    # -- noise -----------------------------------------------------------------------
+    def noise_shape(self, input_shape: Sequence[int]) -> Shape | None:
+        """Per-sample shape of the standard-normal noise the stochastic forward consumes, or None."""
+        return None
+
+    def inverse_noise_shape(self, output_shape: Sequence[int]) -> Shape | None:
+        """Per-sample shape of the standard-normal noise a sampled inverse consumes, or None."""
+        return None
+
+    def draw_noise(self, x: Tensor) -> Tensor | None:
+        """Standard-normal noise for a stochastic forward pass on ``x`` (None if the layer has none)."""
+        return _draw(x, self.noise_shape(tuple(x.shape[1:])))
+
+    def draw_inverse_noise(self, y: Tensor) -> Tensor | None:
+        """Standard-normal noise for a sampled inverse of ``y`` (None if the layer needs none)."""
+        return _draw(y, self.inverse_noise_shape(tuple(y.shape[1:])))
+
+    # -- training of the network part --------------------------------------------------
+    def network_parameters(self) -> list[nn.Parameter]:
+        """Parameters that define the layer's function (frozen by default)."""
+        return []
+
+    def sync_network(self) -> None:
+        """Recompute caches after the network parameters changed (see :func:`network_training`)."""
+
+    def extra_repr(self) -> str:
+        return f"exact={self.exact}"
+
+
+def _draw(like: Tensor, shape: Shape | None) -> Tensor | None:
+    if shape is None:
+        return None
+    return torch.randn((like.shape[0], *shape), dtype=like.dtype, device=like.device)
+
+
+def zero_ll(x: Tensor) -> Tensor:
+    """A zero contribution of shape ``(batch,)``."""
+    return x.new_zeros(x.shape[0])
+
+
+@contextlib.contextmanager
+def network_training(module: nn.Module) -> Iterator[list[nn.Parameter]]:
+    """Make the network parameters of every flow layer in ``module`` trainable.
+
+    Inside the block, orthogonal factors are parametrized with
+    :func:`torch.nn.utils.parametrizations.orthogonal` (so gradient steps keep them
+    orthogonal) and every network parameter requires grad; the block yields the list of
+    trainable network parameters, for an optimizer. On exit the parametrizations are
+    removed (keeping their current values), the layers recompute their cached weights,
+    and ``requires_grad`` is restored. Create the optimizer *inside* the block.
+
+    >>> import torch
+    >>> from flowconvert import FlowLinear
+    >>> layer = FlowLinear.from_module(torch.nn.Linear(3, 3))
+    >>> with network_training(layer) as params:
+    ...     loss = -layer.call_and_ll(torch.randn(8, 3))[1].mean()
+    ...     loss.backward()
+    >>> layer.log_s.grad is not None
+    True
+    """
+    layers = [m for m in module.modules() if isinstance(m, FlowLayer)]
+    previous: list[tuple[nn.Parameter, bool]] = []
+    registered: list[tuple[nn.Module, str]] = []
+    try:
+        for layer in layers:
+            for name in layer.orthogonal_factors:
+                if not parametrize.is_parametrized(layer, name):
+                    getattr(layer, name).requires_grad_(True)
+                    parametrizations.orthogonal(layer, name)
+                    registered.append((layer, name))
+        params: list[nn.Parameter] = []
+        for layer in layers:
+            for p in layer.network_parameters():
+                previous.append((p, p.requires_grad))
+                p.requires_grad_(True)
+                params.append(p)
+        yield params
+    finally:
+        for layer, name in registered:
+            parametrize.remove_parametrizations(layer, name, leave_parametrized=True)
+            getattr(layer, name).requires_grad_(False)
+        for p, flag in previous:
+            p.requires_grad_(flag)
+        for layer in layers:
+            layer.sync_network()

@@ -1,0 +1,240 @@
+r"""Flowified linear map :math:`y = W x + b`, :math:`W \in \mathbb R^{m\times n}`.
+
+At construction :math:`W = U \operatorname{diag}(s) V^\top` is factored once (full SVD in
+float64); :math:`r=\min(m,n)`, the first :math:`r` columns of :math:`U, V` span the range
+and row space, the rest are the complements :math:`U_\perp` (when :math:`m>n`) and
+:math:`V_\perp` (when :math:`m<n`). Three shapes:
+
+* :math:`m=n`, bijection (exact): :math:`L = \sum\log s`.
+* :math:`m<n`, funnel (exact): the dropped coordinates :math:`d = V_\perp^\top x` get a
+  conditional density :math:`q(d\mid y)`; :math:`L = \sum\log s + \log q(d\mid y)`.
+* :math:`m>n`, augmentation (bound): :math:`y = Wx + b + U_\perp u`,
+  :math:`u\sim\mathcal N(0,\tau^2)`; :math:`L = \sum\log s - \log\mathcal N(u;0,\tau^2)`.
+
+The output is always ``F.linear(x, weight, bias)`` with the original weight. With
+:math:`q = \mathcal N(Ay+c, \sigma^2)` the standardized residual of a funnel is affine in
+:math:`x`, :math:`r = Mx + e` with :math:`M = \sigma^{-1}(V_\perp^\top - AW)`,
+:math:`e = -\sigma^{-1}(Ab+c)`, so when no gradient is needed the likelihood pass is one
+matrix product with the cached stack :math:`[W; M]`.
+
+>>> import torch
+>>> torch.manual_seed(0) and None
+>>> lin = torch.nn.Linear(4, 2)
+>>> flow = FlowLinear.from_module(lin)
+>>> x = torch.randn(3, 4)
+>>> y, ll = flow.call_and_ll(x)
+>>> torch.equal(y, lin(x)), ll.shape, flow.exact
+(True, torch.Size([3]), True)
+>>> torch.allclose(flow(flow.inverse(y, sample=True)), y, atol=1e-5)
+True
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .core import FlowLayer
+from .densities import LOG_2PI, ConditionalDiagonalNormal, GaussianNoise, normal_log_prob, sum_except_batch
+from .errors import SingularWeightError
+
+__all__ = ["FlowLinear", "DEFAULT_RTOL"]
+
+#: Singular values at or below ``DEFAULT_RTOL * s_max`` are treated as zero.
+DEFAULT_RTOL = 1e-6
+
+
+class FlowLinear(FlowLayer):
+    """Flowified ``nn.Linear`` / ``F.linear`` acting on the last dimension.
+
+    Args:
+        weight: ``(out_features, in_features)`` weight, copied (the caller's tensor is untouched).
+        bias: optional ``(out_features,)`` bias.
+        rtol: relative tolerance below which a singular value counts as zero (refused, FC201).
+        noise_log_scale: initial ``log tau`` of the augmentation noise (increasing maps).
+
+    Attributes:
+        kind: ``"bijection"``, ``"funnel"`` (reducing) or ``"augment"`` (increasing).
+        dropped: :class:`ConditionalDiagonalNormal` of the dropped coordinates (funnel).
+        noise: :class:`GaussianNoise` of the added coordinates (augment).
+    """
+
+    orthogonal_factors = ("U", "V")
+
+    def __init__(
+        self,
+        weight: Tensor,
+        bias: Tensor | None = None,
+        *,
+        rtol: float = DEFAULT_RTOL,
+        noise_log_scale: float = 0.0,
+    ):
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"FlowLinear needs a 2-D weight, got shape {tuple(weight.shape)}")
+        weight = weight.detach()
+        dtype, device = weight.dtype, weight.device
+        m, n = weight.shape
+        U, s, Vh = torch.linalg.svd(weight.to(torch.float64), full_matrices=True)
+        if s.numel() == 0 or s.min() <= rtol * s.max():
+            smin = s.min().item() if s.numel() else 0.0
+            smax = s.max().item() if s.numel() else 0.0
+            raise SingularWeightError(
+                f"weight of shape {m}x{n} has smallest singular value {smin:.3g} <= {rtol:g} x largest "
+                f"({smax:.3g}); the map is not injective on its row space, log|det| would be -inf",
+                code="FC201",
+            )
+        self.in_features, self.out_features, self.rank = n, m, min(m, n)
+        self.kind = "bijection" if m == n else ("funnel" if m < n else "augment")
+        self.exact = m <= n
+        as_param = lambda t: nn.Parameter(t.to(dtype=dtype, device=device).contiguous(), requires_grad=False)
+        self.U = as_param(U)
+        self.V = as_param(Vh.mT)
+        self.log_s = as_param(s.log())
+        self.bias = as_param(bias.detach().clone() if bias is not None else torch.zeros(m, dtype=dtype))
+        self.register_buffer("weight", weight.clone())
+        k = abs(n - m)
+        self.dropped = ConditionalDiagonalNormal(k, m).to(dtype=dtype, device=device) if m < n else None
+        self.noise = GaussianNoise(k, init_log_scale=noise_log_scale).to(dtype=dtype, device=device) if m > n else None
+        for name in ("_pinv", "_stack", "_stack_bias", "_noise_map", "_row_const"):
+            self.register_buffer(name, torch.empty(0, dtype=dtype, device=device), persistent=False)
+        self._cache_key: tuple | None = None
+
+    @classmethod
+    def from_module(cls, module: nn.Linear, **kwargs) -> "FlowLinear":
+        """Build from an ``nn.Linear`` (its weights are copied, the module is untouched)."""
+        return cls(module.weight, module.bias, **kwargs)
+
+    # -- shapes and noise --------------------------------------------------------------
+    @property
+    def dropped_features(self) -> int:
+        return max(self.in_features - self.out_features, 0)
+
+    @property
+    def added_features(self) -> int:
+        return max(self.out_features - self.in_features, 0)
+
+    def noise_shape(self, input_shape: Sequence[int]) -> tuple[int, ...] | None:
+        return (*input_shape[:-1], self.added_features) if self.kind == "augment" else None
+
+    def inverse_noise_shape(self, output_shape: Sequence[int]) -> tuple[int, ...] | None:
+        return (*output_shape[:-1], self.dropped_features) if self.kind == "funnel" else None
+
+    def network_parameters(self) -> list[nn.Parameter]:
+        params = [self.log_s, self.bias]
+        for name in self.orthogonal_factors:
+            if parametrize.is_parametrized(self, name):
+                params.append(self.parametrizations[name].original)
+        return params
+
+    # -- weight-only quantities --------------------------------------------------------
+    def _factors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(W, pinv, U_perp, V_perp)`` from the current factors (differentiable)."""
+        r = self.rank
+        U, V, s = self.U, self.V, self.log_s.exp()
+        if parametrize.is_parametrized(self):
+            W = (U[:, :r] * s) @ V[:, :r].mT
+        else:
+            W = self.weight
+        pinv = (V[:, :r] / s) @ U[:, :r].mT
+        return W, pinv, U[:, r:], V[:, r:]
+
+    def _needs_graph(self) -> bool:
+        if parametrize.is_parametrized(self):
+            return True
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+
+    def _refresh(self) -> None:
+        """Recompute the cached weight-only tensors when any parameter changed."""
+        key = tuple(p._version for p in self.parameters()) + (self.weight._version, self.weight.dtype, self.weight.device)
+        if key == self._cache_key and self._pinv.numel():
+            return
+        with torch.no_grad():
+            W, pinv, U_perp, V_perp = self._factors()
+            logdet = self.log_s.sum()
+            self._pinv = pinv.contiguous()
+            if self.kind == "funnel":
+                q = self.dropped
+                inv_sigma = torch.exp(-q.log_scale)
+                M = (V_perp.mT - q.weight @ W) * inv_sigma[:, None]
+                e = -(q.weight @ self.bias + q.bias) * inv_sigma
+                self._stack = torch.cat([W, M]).contiguous()
+                self._stack_bias = torch.cat([self.bias, e])
+                const = logdet - q.log_scale.sum() - 0.5 * LOG_2PI * q.features
+            elif self.kind == "augment":
+                tau = self.noise.log_scale.exp().expand(self.noise.features)
+                self._noise_map = (U_perp * tau).contiguous()
+                const = logdet + self.noise.log_scale.expand(self.noise.features).sum() + 0.5 * LOG_2PI * self.noise.features
+            else:
+                const = logdet
+            self._row_const = const.reshape(())
+        self._cache_key = key
+
+    def sync_network(self) -> None:
+        """After the factors were trained: set ``weight`` to ``U diag(s) V^T`` and refresh caches."""
+        with torch.no_grad():
+            r = self.rank
+            self.weight.copy_((self.U[:, :r] * self.log_s.exp()) @ self.V[:, :r].mT)
+        self._cache_key = None
+
+    # -- the contract --------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def call_and_ll(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        rows = x[0].numel() // self.in_features  # how many vectors the map acts on per sample
+        if self._needs_graph():
+            return self._call_graph(x, noise, rows)
+        self._refresh()
+        batch = x.shape[0]
+        if self.kind == "funnel":
+            out = F.linear(x, self._stack, self._stack_bias)
+            m = self.out_features
+            y, res = out[..., :m], out[..., m:]
+            return y, rows * self._row_const - 0.5 * sum_except_batch(res * res)
+        y = F.linear(x, self.weight, self.bias)
+        ll = (rows * self._row_const).expand(batch)
+        if self.kind == "augment" and noise is not None:
+            y = y + F.linear(noise, self._noise_map)
+            ll = ll + 0.5 * sum_except_batch(noise * noise)
+        return y, ll
+
+    def _call_graph(self, x: Tensor, noise: Tensor | None, rows: int) -> tuple[Tensor, Tensor]:
+        W, _, U_perp, V_perp = self._factors()
+        y = F.linear(x, W, self.bias)
+        ll = (rows * self.log_s.sum()).expand(x.shape[0])
+        if self.kind == "funnel":
+            q = self.dropped
+            d = F.linear(x, V_perp.mT)
+            ll = ll + sum_except_batch(normal_log_prob(d, q.mean(y), q.log_scale))
+        elif self.kind == "augment":
+            if noise is None:
+                noise = x.new_zeros(x.shape[:-1] + (self.added_features,))
+            u = self.noise.scale(noise)
+            y = y + F.linear(u, U_perp)
+            ll = ll - self.noise.log_prob(u)
+        return y, ll
+
+    def inverse(self, y: Tensor, sample: bool = False, noise: Tensor | None = None) -> Tensor:
+        if self._needs_graph():
+            _, pinv, _, V_perp = self._factors()
+        else:
+            self._refresh()
+            pinv, V_perp = self._pinv, self.V[:, self.rank:]
+        x = F.linear(y - self.bias, pinv)
+        if self.kind == "funnel":
+            q = self.dropped
+            if sample:
+                d = q.sample(y, noise)
+            else:
+                d = q.mean(y)
+            x = x + F.linear(d, V_perp)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}, exact={self.exact}"
