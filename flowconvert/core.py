@@ -96,6 +96,13 @@ class FlowLayer(nn.Module):
     def sync_network(self) -> None:
         """Recompute caches after the network parameters changed (see :func:`network_training`)."""
 
+    def prepare_for_export(self) -> None:
+        """Precompute every weight-only tensor and keep it fixed, before tracing for export.
+
+        Called by :func:`flowconvert.export_onnx` on a frozen copy of the model, so that the
+        traced graph holds only data-dependent operations. Layers with caches override it.
+        """
+
     def extra_repr(self) -> str:
         return f"exact={self.exact}"
 
@@ -149,10 +156,10 @@ def network_training(module: nn.Module) -> Iterator[list[nn.Parameter]]:
                 params.append(p)
         yield params
     finally:
+        for p, flag in previous:
+            p.requires_grad_(flag)
         for layer, name in registered:
             parametrize.remove_parametrizations(layer, name, leave_parametrized=True)
             getattr(layer, name).requires_grad_(False)
-        for p, flag in previous:
-            p.requires_grad_(flag)
         for layer in layers:
             layer.sync_network()
