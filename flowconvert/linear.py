@@ -65,6 +65,8 @@ class FlowLinear(FlowLayer):
     """
 
     orthogonal_factors = ("U", "V")
+    #: Set by :meth:`prepare_for_export`: the caches are final, parameter versions are not checked.
+    _frozen = False
 
     def __init__(
         self,
@@ -151,6 +153,8 @@ class FlowLinear(FlowLayer):
 
     def _refresh(self) -> None:
         """Recompute the cached weight-only tensors when any parameter changed."""
+        if self._frozen and self._pinv.numel():
+            return
         key = tuple(p._version for p in self.parameters()) + (self.weight._version, self.weight.dtype, self.weight.device)
         if key == self._cache_key and self._pinv.numel():
             return
@@ -174,6 +178,18 @@ class FlowLinear(FlowLayer):
                 const = logdet
             self._row_const = const.reshape(())
         self._cache_key = key
+
+    def prepare_for_export(self) -> None:
+        """Compute the caches now and stop re-checking them (on a copy about to be traced).
+
+        Under ``torch.export`` the parameters are fake tensors whose ``_version`` says nothing
+        about the real ones, so the staleness check in :meth:`_refresh` could trace the whole
+        cache computation into the exported graph.
+        """
+        with torch.no_grad():
+            self._cache_key = None
+            self._refresh()
+        self._frozen = True
 
     def sync_network(self) -> None:
         """After the factors were trained: set ``weight`` to ``U diag(s) V^T`` and refresh caches."""
