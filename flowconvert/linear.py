@@ -15,7 +15,9 @@ The output is always ``F.linear(x, weight, bias)`` with the original weight. Wit
 :math:`q = \mathcal N(Ay+c, \sigma^2)` the standardized residual of a funnel is affine in
 :math:`x`, :math:`r = Mx + e` with :math:`M = \sigma^{-1}(V_\perp^\top - AW)`,
 :math:`e = -\sigma^{-1}(Ab+c)`, so when no gradient is needed the likelihood pass is one
-matrix product with the cached stack :math:`[W; M]`.
+matrix product with the cached stack :math:`[W; M]` (computed as the original
+``F.linear`` for :math:`y` plus one product with :math:`M` for :math:`r`, so :math:`y` stays
+bit for bit the original output).
 
 >>> import torch
 >>> torch.manual_seed(0) and None
@@ -200,7 +202,8 @@ class FlowLinear(FlowLayer):
 
     # -- the contract --------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
+        weight = self._factors()[0] if parametrize.is_parametrized(self) else self.weight
+        return F.linear(x, weight, self.bias)
 
     def call_and_ll(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
         rows = x[0].numel() // self.in_features  # how many vectors the map acts on per sample
@@ -208,12 +211,12 @@ class FlowLinear(FlowLayer):
             return self._call_graph(x, noise, rows)
         self._refresh()
         batch = x.shape[0]
+        y = F.linear(x, self.weight, self.bias)  # the original layer, bit for bit
         if self.kind == "funnel":
-            out = F.linear(x, self._stack, self._stack_bias)
+            # the residual rows M, e of the cached stack [W; M]: together with y, n x n multiply-adds
             m = self.out_features
-            y, res = out[..., :m], out[..., m:]
+            res = F.linear(x, self._stack[m:], self._stack_bias[m:])
             return y, rows * self._row_const - 0.5 * sum_except_batch(res * res)
-        y = F.linear(x, self.weight, self.bias)
         ll = (rows * self._row_const).expand(batch)
         if self.kind == "augment" and noise is not None:
             y = y + F.linear(noise, self._noise_map)

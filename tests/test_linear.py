@@ -219,3 +219,18 @@ def test_state_dict_round_trip():
     x = torch.randn(3, 6, dtype=torch.float64)
     torch.testing.assert_close(other.call_and_ll(x)[1], flow.call_and_ll(x)[1])
     assert torch.equal(other(x), flow(x))
+
+
+@pytest.mark.parametrize("kind", SHAPES)
+def test_likelihood_pass_output_is_bit_for_bit(kind):
+    lin, flow = make(kind, torch.float32)
+    x = torch.randn(2, 5, lin.in_features)
+    with torch.no_grad():
+        assert torch.equal(flow.call_and_ll(x)[0], lin(x))
+
+
+def test_forward_follows_factors_during_network_training():
+    _, flow = make("bijection")
+    with network_training(flow):
+        flow(torch.randn(3, 4, dtype=torch.float64)).sum().backward()
+        assert flow.parametrizations.U.original.grad is not None and flow.log_s.grad is not None
