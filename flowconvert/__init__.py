@@ -19,6 +19,7 @@ from .errors import (
 )
 from .linear import FlowLinear
 from .activations import FlowLeakyReLU
+from .elementwise import FlowBatchNorm, FlowELU, FlowPReLU, FlowScalarAffine, FlowSigmoid, FlowSoftplus, FlowTanh
 from .shapes import FlowIdentity, Permute, Reshape
 
 __all__ = [
@@ -26,6 +27,13 @@ __all__ = [
     "network_training",
     "FlowLinear",
     "FlowLeakyReLU",
+    "FlowBatchNorm",
+    "FlowELU",
+    "FlowTanh",
+    "FlowSigmoid",
+    "FlowSoftplus",
+    "FlowPReLU",
+    "FlowScalarAffine",
     "Reshape",
     "Permute",
     "FlowIdentity",
