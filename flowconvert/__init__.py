@@ -21,6 +21,10 @@ from .linear import FlowLinear
 from .activations import FlowLeakyReLU
 from .elementwise import FlowBatchNorm, FlowELU, FlowPReLU, FlowScalarAffine, FlowSigmoid, FlowSoftplus, FlowTanh
 from .shapes import FlowIdentity, Permute, Reshape
+from .dequantization import Dequantize, nats_to_bits_per_dim
+from .evaluation import bits_per_dim, log_likelihood
+from .calibration import CalibrationReport, calibrate
+from .training import History, fit
 
 __all__ = [
     "FlowLayer",
@@ -49,6 +53,14 @@ __all__ = [
     "SingularWeightError",
     "TracingError",
     "ExportError",
+    "Dequantize",
+    "nats_to_bits_per_dim",
+    "bits_per_dim",
+    "log_likelihood",
+    "calibrate",
+    "CalibrationReport",
+    "fit",
+    "History",
 ]
 
 __version__ = "0.1.0"

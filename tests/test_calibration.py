@@ -1,0 +1,102 @@
+"""Closed-form calibration: known optimum, the held-out guard, the network left alone."""
+
+import math
+
+import torch
+
+import flowconvert as fc
+from chainflow import Chain, mlp_chain
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def _gaussian(n, mean, cov, seed):
+    g = torch.Generator().manual_seed(seed)
+    L = torch.linalg.cholesky(cov)
+    return mean + torch.randn(n, mean.numel(), generator=g, dtype=torch.float64) @ L.mT
+
+
+def _known_funnel_case():
+    g = torch.Generator().manual_seed(1)
+    n, m = 5, 2
+    M = torch.randn(n, n, generator=g, dtype=torch.float64)
+    cov = M @ M.mT + 0.3 * torch.eye(n, dtype=torch.float64)
+    mean = torch.randn(n, generator=g, dtype=torch.float64)
+    W = torch.randn(m, n, generator=g, dtype=torch.float64)
+    b = torch.randn(m, generator=g, dtype=torch.float64)
+    return mean, cov, W, b
+
+
+def test_calibration_reaches_the_analytic_optimum_and_gain():
+    mean, cov, W, b = _known_funnel_case()
+    flow = Chain(fc.FlowLinear(W, b), out_shape=(2,)).double()
+    lin = flow.layers[0]
+    Vp = lin.V[:, lin.rank:]
+    # joint Gaussian of (y, d): y = W x + b, d = Vp^T x
+    P = torch.cat([W, Vp.mT])
+    mu = P @ mean + torch.cat([b, torch.zeros(3, dtype=torch.float64)])
+    S = P @ cov @ P.mT
+    Syy, Sdy, Sdd = S[:2, :2], S[2:, :2], S[2:, 2:]
+    A = Sdy @ torch.linalg.inv(Syy)
+    c = mu[2:] - A @ mu[:2]
+    var = torch.diagonal(Sdd - A @ Sdy.mT)
+    gain = (-0.5 * torch.log(var) - 0.5 + 0.5 * (torch.diagonal(Sdd) + mu[2:] ** 2)).sum().item()
+
+    x = _gaussian(20000, mean, cov, seed=2)
+    report = fc.calibrate(flow, x, holdout=0.25)
+    q = lin.dropped
+    assert torch.allclose(q.weight, A, atol=0.03), (q.weight, A)
+    assert torch.allclose(q.bias, c, atol=0.05), (q.bias, c)
+    assert torch.allclose(q.log_scale.exp() ** 2, var, rtol=0.05)
+    measured = report.heldout_after - report.heldout_before
+    assert gain > 1.0  # the case is informative: the dropped part is far from N(0, 1)
+    assert abs(measured - gain) < 0.03 * gain + 0.05, (measured, gain)
+
+
+def test_guard_keeps_old_parameters_when_new_ones_are_worse_held_out():
+    torch.manual_seed(0)
+    W = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64)
+    flow = Chain(fc.FlowLinear(W), out_shape=(1,)).double()
+    y = torch.randn(4000, 1, dtype=torch.float64)
+    fit_data = torch.cat([y, 3 * y + 0.01 * torch.randn_like(y), torch.randn_like(y)], 1)
+    val = torch.randn(1000, 3, dtype=torch.float64)  # the dropped part is exactly N(0, 1) here
+    before = fc.log_likelihood(flow, val).mean().item()
+    q = flow.layers[0].dropped
+    report = fc.calibrate(flow, fit_data, val_data=val)
+    after = fc.log_likelihood(flow, val).mean().item()
+    assert after >= before - 1e-9
+    assert report.heldout_after >= report.heldout_before
+    # the coordinate that really is N(0, 1) may be refitted slightly; the other one must be kept
+    kept = (q.weight.abs().sum(1) == 0) & (q.log_scale == 0)
+    assert kept.any(), q.weight
+
+
+def test_calibration_never_touches_the_network_and_never_hurts():
+    torch.manual_seed(0)
+    x = torch.randn(1500, 6) @ torch.randn(6, 6) + 2
+    for sizes in [(6, 3, 2), (6, 9, 3)]:  # exact, and with an augmenting (bound) layer
+        flow = mlp_chain(sizes, base="diagonal")
+        net = [p.clone() for m in flow.modules() if isinstance(m, fc.FlowLayer) for p in m.network_parameters()]
+        out = flow(x)
+        report = fc.calibrate(flow, x)
+        assert torch.equal(flow(x), out)
+        after = [p for m in flow.modules() if isinstance(m, fc.FlowLayer) for p in m.network_parameters()]
+        assert all(torch.equal(a, b) for a, b in zip(net, after))
+        assert report.heldout_after >= report.heldout_before
+        assert report.heldout_after > report.heldout_before + 1.0, str(report)  # data far from N(0, I)
+
+
+def test_calibration_reaches_the_true_density_of_a_linear_gaussian():
+    """x = Q diag(s) z + mu; funnel onto the first two directions, diagonal base: exact model class."""
+    g = torch.Generator().manual_seed(3)
+    Q, _ = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))
+    s = torch.tensor([2.0, 0.5, 0.3, 0.3], dtype=torch.float64)  # equal scales on the dropped part
+    mu = torch.tensor([1.0, -1.0, 0.5, 0.0], dtype=torch.float64)
+    cov = Q @ torch.diag(s**2) @ Q.mT
+    flow = Chain(fc.FlowLinear(Q[:, :2].mT.clone()), out_shape=(2,), base="diagonal").double()
+    train = _gaussian(20000, mu, cov, seed=4)
+    test = _gaussian(5000, mu, cov, seed=5)
+    true = torch.distributions.MultivariateNormal(mu, cov).log_prob(test).mean().item()
+    fc.calibrate(flow, train)
+    model = fc.log_likelihood(flow, test).mean().item()
+    assert abs(model - true) < 0.02, (model, true)
