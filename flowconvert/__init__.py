@@ -19,6 +19,7 @@ from .errors import (
 )
 from .linear import FlowLinear
 from .activations import FlowLeakyReLU
+from .pooling import FlowAvgPool, FlowMaxPool
 from .elementwise import FlowBatchNorm, FlowELU, FlowPReLU, FlowScalarAffine, FlowSigmoid, FlowSoftplus, FlowTanh
 from .shapes import FlowIdentity, Permute, Reshape
 from .dequantization import Dequantize, nats_to_bits_per_dim
@@ -31,6 +32,8 @@ __all__ = [
     "network_training",
     "FlowLinear",
     "FlowLeakyReLU",
+    "FlowAvgPool",
+    "FlowMaxPool",
     "FlowBatchNorm",
     "FlowELU",
     "FlowTanh",
