@@ -19,6 +19,7 @@ from .errors import (
 )
 from .linear import FlowLinear
 from .activations import FlowLeakyReLU
+from .merging import FlowCat, FlowDuplicate, FlowSplit, FlowSum
 from .pooling import FlowAvgPool, FlowMaxPool
 from .elementwise import FlowBatchNorm, FlowELU, FlowPReLU, FlowScalarAffine, FlowSigmoid, FlowSoftplus, FlowTanh
 from .shapes import FlowIdentity, Permute, Reshape
@@ -32,6 +33,10 @@ __all__ = [
     "network_training",
     "FlowLinear",
     "FlowLeakyReLU",
+    "FlowDuplicate",
+    "FlowSum",
+    "FlowCat",
+    "FlowSplit",
     "FlowAvgPool",
     "FlowMaxPool",
     "FlowBatchNorm",

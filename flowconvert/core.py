@@ -25,6 +25,12 @@ Noise is explicit: ``noise=None`` is the *deterministic* mode (all forward noise
 a tensor of standard-normal draws of shape ``(batch, *layer.noise_shape(x.shape[1:]))`` is
 the *stochastic* mode. :meth:`FlowLayer.draw_noise` draws one. Explicit noise makes runs
 reproducible and lets an exported graph take its noise as an input.
+
+Layers with several inputs or outputs (graph structure: fan-out, ``a + b``, ``torch.cat``,
+``torch.split``; see :mod:`flowconvert.merging`) extend the contract: inputs are passed
+positionally, ``call_and_ll(*xs, noise=None)``; several outputs are returned as a tuple
+``y``; ``inverse`` mirrors this (it takes the outputs positionally and returns a tuple of
+inputs). Such layers set ``num_inputs`` / ``num_outputs``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,284 @@
+r"""Layers with several inputs or outputs, for graph structure: fan-out, sums, concatenation, splits.
+
+A flow must consume every value exactly once (SPEC section 7), so a network whose values fan
+out (residual connections) or merge (``a + b``, ``torch.cat``) needs explicit layers for it.
+These layers extend the contract of :mod:`flowconvert.core`: a layer with several inputs
+takes them positionally, ``call_and_ll(*xs, noise=None)``, and its ``inverse`` returns a
+tuple; a layer with several outputs returns a tuple as ``y`` and its ``inverse`` takes the
+outputs positionally. ``num_inputs`` / ``num_outputs`` say which.
+
+**Duplicate (fan-out, bound).** :math:`N` copies of :math:`x \in \mathbb R^D`, each
+:math:`c_j = x + \sqrt N\, w_j` with :math:`\sum_j w_j = 0`: per coordinate
+:math:`w = H^\top v`, :math:`H` the :math:`(N-1) \times N` Helmert rows (orthonormal, orthogonal
+to :math:`\mathbf 1`) and :math:`v \sim \mathcal N(0, \tau^2 I_{N-1})`. The map
+:math:`(x, v) \mapsto c = \mathbf 1 x + \sqrt N H^\top v` has orthogonal columns of norm
+:math:`\sqrt N`, so :math:`|\det| = N^{N/2}` and
+
+.. math:: L = D\,\tfrac N2 \log N - \log q(v),
+
+a one-sample lower bound (exact marginal when averaged in the importance-weighted sense).
+Deterministic mode (:math:`v = 0`) returns :math:`N` exact copies. Inverse: the mean of the
+copies, which removes :math:`w` exactly.
+
+**Sum (funnel, exact).** :math:`y = a + b` is the reducing linear map :math:`[I\;I]`. With
+the dropped coordinates :math:`d = (a - b)/\sqrt 2`, the map :math:`(a, b) \mapsto (y, d)`
+has :math:`|\det| = \sqrt 2` per coordinate, so
+
+.. math:: L = \tfrac D2 \log 2 + \log q(d \mid y),
+
+with :math:`q(d\mid y) = \mathcal N(\alpha \odot y + \beta, \operatorname{diag}\sigma^2)`
+elementwise (parameters of the value's shape). Inverse: :math:`a = (y + \sqrt2 d)/2`,
+:math:`b = (y - \sqrt2 d)/2`. ``a - b`` is the same with :math:`b \to -b`.
+
+**Cat / Split (bijections, L = 0).** ``torch.cat`` along a non-batch dimension and
+``torch.split`` / ``torch.chunk`` only move values.
+
+>>> import torch
+>>> dup = FlowDuplicate(2)
+>>> (c1, c2), ll = dup.call_and_ll(torch.ones(3, 4))
+>>> torch.equal(c1, c2), ll.shape
+(True, torch.Size([3]))
+>>> s = FlowSum((4,))
+>>> y, ll = s.call_and_ll(c1, c2)
+>>> a, b = s.inverse(y)
+>>> torch.allclose(a + b, y)
+True
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .core import FlowLayer, zero_ll
+from .densities import GaussianNoise, normal_log_prob, sum_except_batch
+from .errors import LayerConfigurationError, register_diagnostic
+from .pooling import helmert
+
+__all__ = ["FlowDuplicate", "FlowSum", "FlowCat", "FlowSplit", "ElementwiseConditionalNormal"]
+
+register_diagnostic(
+    "FC215",
+    "concatenation or split along the batch dimension",
+    "Concatenating or splitting along dimension 0 moves values between samples, so one "
+    "sample's output would depend on the others and there is no per-sample density.",
+    "Concatenate or split along a feature dimension (dim >= 1).",
+)
+
+LOG2 = math.log(2.0)
+
+
+def _unpack(values: tuple) -> tuple:
+    if len(values) == 1 and isinstance(values[0], (tuple, list)):
+        return tuple(values[0])
+    return values
+
+
+class ElementwiseConditionalNormal(nn.Module):
+    r""":math:`q(d \mid y) = \mathcal N(\alpha \odot y + \beta, \operatorname{diag} e^{2\lambda})` with parameters of shape ``event_shape``.
+
+    Starts as a standard normal independent of :math:`y`.
+    """
+
+    def __init__(self, event_shape: Sequence[int]):
+        super().__init__()
+        self.event_shape = tuple(int(s) for s in event_shape)
+        self.weight = nn.Parameter(torch.zeros(self.event_shape))
+        self.bias = nn.Parameter(torch.zeros(self.event_shape))
+        self.log_scale = nn.Parameter(torch.zeros(self.event_shape))
+
+    def mean(self, y: Tensor) -> Tensor:
+        return self.weight * y + self.bias
+
+    def log_prob(self, d: Tensor, y: Tensor) -> Tensor:
+        return sum_except_batch(normal_log_prob(d, self.mean(y), self.log_scale))
+
+    def sample(self, y: Tensor, eps: Tensor | None = None) -> Tensor:
+        mu = self.mean(y)
+        if eps is None:
+            eps = torch.randn_like(mu)
+        return mu + eps * self.log_scale.exp()
+
+
+class FlowDuplicate(FlowLayer):
+    """Fan-out: ``num_copies`` copies of a value, made distinct by zero-sum noise (bound).
+
+    Args:
+        num_copies: ``N >= 2``.
+        event_shape: per-sample shape of the value (optional, for :meth:`noise_shape` without an input).
+        noise_log_scale: initial ``log tau``.
+
+    Attributes:
+        noise: :class:`~flowconvert.densities.GaussianNoise` of ``v`` (one shared ``log tau``).
+    """
+
+    exact = False
+    num_inputs = 1
+
+    def __init__(self, num_copies: int, event_shape: Sequence[int] | None = None, noise_log_scale: float = 0.0):
+        super().__init__()
+        n = int(num_copies)
+        if n < 2:
+            raise ValueError(f"FlowDuplicate needs at least 2 copies, got {n}")
+        self.num_copies = self.num_outputs = n
+        self.event_shape = tuple(int(s) for s in event_shape) if event_shape is not None else None
+        self.noise = GaussianNoise(n - 1, shared=True, init_log_scale=noise_log_scale)
+        self._helmert = helmert(n)  # float64 master copy, cast on use
+        self.log_gain = 0.5 * n * math.log(n)  # log|det| per coordinate
+
+    def noise_shape(self, input_shape: Sequence[int]) -> tuple[int, ...]:
+        return (*input_shape, self.num_copies - 1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        return (x,) * self.num_copies
+
+    def call_and_ll(self, x: Tensor, noise: Tensor | None = None) -> tuple[tuple[Tensor, ...], Tensor]:
+        n, D = self.num_copies, x[0].numel()
+        if noise is None:
+            v0 = x.new_zeros(1, n - 1)
+            logq0 = self.noise.log_prob(v0)  # log q(0) per coordinate
+            return (x,) * n, D * (self.log_gain - logq0).expand(x.shape[0])
+        v = self.noise.scale(noise)
+        w = v @ self._helmert.to(dtype=x.dtype, device=x.device)  # (B, *event, N), sums to zero
+        copies = tuple(x + math.sqrt(n) * w[..., j] for j in range(n))
+        return copies, D * self.log_gain - self.noise.log_prob(v)
+
+    def inverse(self, *ys: Tensor, sample: bool = False, noise: Tensor | None = None) -> Tensor:
+        ys = _unpack(ys)
+        if len(ys) != self.num_copies:
+            raise ValueError(f"FlowDuplicate.inverse needs {self.num_copies} copies, got {len(ys)}")
+        return torch.stack(ys).mean(0)
+
+    def extra_repr(self) -> str:
+        return f"num_copies={self.num_copies}, exact=False"
+
+
+class FlowSum(FlowLayer):
+    """``a + b`` (or ``a - b`` with ``subtract=True``) of two data values of shape ``event_shape``: an exact funnel.
+
+    Attributes:
+        dropped: :class:`ElementwiseConditionalNormal` of ``d = (a -/+ b) / sqrt(2)`` given the sum.
+    """
+
+    exact = True
+    num_inputs = 2
+    num_outputs = 1
+
+    def __init__(self, event_shape: Sequence[int], subtract: bool = False):
+        super().__init__()
+        self.event_shape = tuple(int(s) for s in event_shape)
+        self.subtract = bool(subtract)
+        self.dropped = ElementwiseConditionalNormal(self.event_shape)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return a - b if self.subtract else a + b
+
+    def draw_noise(self, *xs: Tensor) -> None:
+        return None
+
+    def inverse_noise_shape(self, output_shape: Sequence[int]) -> tuple[int, ...]:
+        return tuple(output_shape)
+
+    def dropped_coordinates(self, a: Tensor, b: Tensor) -> Tensor:
+        return (a + b if self.subtract else a - b) * (1 / math.sqrt(2.0))
+
+    def _check(self, a: Tensor, b: Tensor) -> None:
+        if a.shape != b.shape or tuple(a.shape[1:]) != self.event_shape:
+            raise ValueError(
+                f"FlowSum of values of shapes {tuple(a.shape)} and {tuple(b.shape)} (expected {self.event_shape} per "
+                f"sample for both); broadcasting sums are not supported"
+            )
+
+    def call_and_ll(self, a: Tensor, b: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self._check(a, b)
+        y = self.forward(a, b)
+        D = a[0].numel()
+        ll = 0.5 * D * LOG2 + self.dropped.log_prob(self.dropped_coordinates(a, b), y)
+        return y, ll
+
+    def inverse(self, y: Tensor, sample: bool = False, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        d = self.dropped.sample(y, noise) if sample else self.dropped.mean(y)
+        a = 0.5 * (y + math.sqrt(2.0) * d)
+        b = 0.5 * (y - math.sqrt(2.0) * d)
+        return (a, -b if self.subtract else b)
+
+    def extra_repr(self) -> str:
+        return f"event_shape={self.event_shape}, op={'sub' if self.subtract else 'add'}, exact=True"
+
+
+def _check_dim(dim: int) -> int:
+    dim = int(dim)
+    if dim == 0:
+        raise LayerConfigurationError("torch.cat/split along dimension 0 (the batch)", code="FC215")
+    return dim
+
+
+class FlowCat(FlowLayer):
+    """``torch.cat(xs, dim)`` along a non-batch dimension (bijection, L = 0); inverse splits by ``sizes``."""
+
+    exact = True
+    num_outputs = 1
+
+    def __init__(self, dim: int, sizes: Sequence[int]):
+        super().__init__()
+        self.dim = _check_dim(dim)
+        self.sizes = tuple(int(s) for s in sizes)
+        self.num_inputs = len(self.sizes)
+
+    def forward(self, *xs: Tensor) -> Tensor:
+        return torch.cat(_unpack(xs), self.dim)
+
+    def draw_noise(self, *xs: Tensor) -> None:
+        return None
+
+    def call_and_ll(self, *xs: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        xs = _unpack(xs)
+        if self.dim < 0 and xs[0].dim() + self.dim == 0:
+            raise LayerConfigurationError("torch.cat along the batch dimension", code="FC215")
+        return self.forward(*xs), zero_ll(xs[0])
+
+    def inverse(self, y: Tensor, sample: bool = False, noise: Tensor | None = None) -> tuple[Tensor, ...]:
+        return tuple(torch.split(y, list(self.sizes), self.dim))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, sizes={self.sizes}, exact=True"
+
+
+class FlowSplit(FlowLayer):
+    """``torch.split(x, sizes, dim)`` / ``torch.chunk`` along a non-batch dimension (bijection, L = 0)."""
+
+    exact = True
+    num_inputs = 1
+
+    def __init__(self, dim: int, sizes: Sequence[int]):
+        super().__init__()
+        self.dim = _check_dim(dim)
+        self.sizes = tuple(int(s) for s in sizes)
+        self.num_outputs = len(self.sizes)
+
+    @classmethod
+    def from_chunk(cls, dim: int, chunks: int, length: int) -> "FlowSplit":
+        """The split that ``torch.chunk(x, chunks, dim)`` performs on a dimension of size ``length``."""
+        return cls(dim, [t.numel() for t in torch.empty(int(length)).chunk(int(chunks))])
+
+    @classmethod
+    def from_split(cls, dim: int, split_size_or_sections, length: int) -> "FlowSplit":
+        """The split that ``torch.split(x, split_size_or_sections, dim)`` performs on a dimension of size ``length``."""
+        return cls(dim, [t.numel() for t in torch.empty(int(length)).split(split_size_or_sections)])
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        return tuple(torch.split(x, list(self.sizes), self.dim))
+
+    def call_and_ll(self, x: Tensor, noise: Tensor | None = None) -> tuple[tuple[Tensor, ...], Tensor]:
+        if self.dim < 0 and x.dim() + self.dim == 0:
+            raise LayerConfigurationError("torch.split along the batch dimension", code="FC215")
+        return self.forward(x), zero_ll(x)
+
+    def inverse(self, *ys: Tensor, sample: bool = False, noise: Tensor | None = None) -> Tensor:
+        return torch.cat(_unpack(ys), self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, sizes={self.sizes}, exact=True"
