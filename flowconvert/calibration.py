@@ -200,6 +200,21 @@ class _ConditionalPart(_Part):
             q.log_scale.copy_((0.5 * var.log()).to(q.log_scale.dtype))
 
 
+class _PixelPart(_ConditionalPart):
+    """Pixels no convolution window reaches, given the output at the nearest location."""
+
+    def __init__(self, name: str, conv: nn.Module):
+        self.name, self.conv, self.q = name, conv, conv.dropped_pixels
+        self.moments = _Moments(self.q.context_features, self.q.features)
+
+    def record(self, x: Tensor, y: Tensor, part: int) -> None:
+        conv, B = self.conv, x.shape[0]
+        xd = conv._as4d(x.detach()).reshape(B, conv.in_channels, -1)[:, :, conv._drop_idx].mT
+        yd = y.detach().reshape(B, conv.out_channels, -1)[:, :, conv._drop_loc].mT
+        self.rows_per_sample = xd.shape[1]
+        self.moments.add(yd.reshape(-1, conv.out_channels), xd.reshape(-1, conv.in_channels), part)
+
+
 class _BasePart(_Part):
     """A learnable diagonal Gaussian base on one output."""
 
@@ -262,8 +277,26 @@ class _NoisePart:
 
 # -- discovery and recording ---------------------------------------------------------------
 def _find_parts(flow: nn.Module):
-    conditionals, bases, noises = [], [], []
+    """Gaussian parts and noises; a convolution's kernel and dropped pixels are fed by the convolution."""
+    conditionals, bases, noises, convs = [], [], [], []
+    fed_by_conv: set[int] = set()
     for name, module in flow.named_modules():
+        if _is_conv(module):
+            kernel_part = pixel_part = kernel_noise = None
+            if module.kernel.kind == "funnel":
+                kernel_part = _ConditionalPart(f"{name}.kernel", module.kernel)
+                conditionals.append(kernel_part)
+            if module.dropped_pixels is not None:
+                pixel_part = _PixelPart(f"{name}.dropped_pixels", module)
+                conditionals.append(pixel_part)
+            if module.kernel.kind == "augment":
+                kernel_noise = _NoisePart(f"{name}.kernel.noise", module.kernel, module.kernel.noise)
+                noises.append(kernel_noise)
+            convs.append((module, kernel_part, pixel_part, kernel_noise))
+            fed_by_conv.add(id(module.kernel))
+    for name, module in flow.named_modules():
+        if id(module) in fed_by_conv:
+            continue
         if isinstance(module, FlowLinear) and module.kind == "funnel":
             conditionals.append(_ConditionalPart(name or "<root>", module))
         elif isinstance(module, DiagonalNormal):
@@ -272,11 +305,30 @@ def _find_parts(flow: nn.Module):
             if isinstance(child, GaussianNoise):
                 full = f"{name}.{child_name}" if name else child_name
                 noises.append(_NoisePart(full, module, child))
-    return conditionals, bases, noises
+    return conditionals, bases, noises, convs
+
+
+def _is_conv(module: nn.Module) -> bool:
+    """A :class:`flowconvert.conv.FlowConv` (checked by its parts, so this module does not import it)."""
+    return type(module).__name__ == "FlowConv" and isinstance(getattr(module, "kernel", None), FlowLinear)
+
+
+def _conv_patches(conv: nn.Module, x: Tensor, noise: Tensor | None) -> Tensor:
+    """The patches the convolution's kernel sees, ``(B * L_o, C_in k)`` (noise included when given)."""
+    import torch.nn.functional as F
+
+    x4 = conv._as4d(x)
+    eps_pad = eps_tile = None
+    if noise is not None and conv.noise_shape(()) is not None:
+        eps_pad, eps_tile, _ = conv._split(noise, conv._noise_sizes)
+    patches = F.unfold(conv._pad(x4, eps_pad), **conv._fold_args)
+    if eps_tile is not None:
+        patches = patches + conv._tile_offsets(eps_tile)[0]
+    return patches.mT.reshape(-1, patches.shape[1])
 
 
 @contextlib.contextmanager
-def _recording(conditionals, bases, noises, state: dict) -> Iterator[None]:
+def _recording(conditionals, bases, noises, convs, state: dict) -> Iterator[None]:
     """Patch ``call_and_ll`` / ``log_prob`` on the instances to observe values; undone on exit."""
     patched: list[tuple[Any, str]] = []
 
@@ -289,19 +341,42 @@ def _recording(conditionals, bases, noises, state: dict) -> Iterator[None]:
 
         def call_and_ll(x, noise=None):
             y, ll = original(x, noise)
-            on_call(x, y)
+            on_call(x, y, noise)
             return y, ll
 
         patch(layer, "call_and_ll", call_and_ll)
 
+    def conv_callback(conv, kernel_part, pixel_part, kernel_noise):
+        def on_call(x, y, noise):
+            if kernel_part is not None or kernel_noise is not None:
+                rows = _conv_patches(conv, x.detach(), noise)
+                if kernel_part is not None:
+                    y_rows = y.detach().reshape(x.shape[0], conv.out_channels, -1).mT.reshape(-1, conv.out_channels)
+                    kernel_part.record(rows, y_rows, state["part"])
+                    kernel_part.rows_per_sample = conv.n_locations
+                if kernel_noise is not None:
+                    kernel_noise.record(rows)
+            if pixel_part is not None:
+                pixel_part.record(x, y, state["part"])
+
+        return on_call
+
     by_layer: dict[int, list] = {}
+    for conv, kernel_part, pixel_part, kernel_noise in convs:
+        by_layer.setdefault(id(conv), [conv, []])[1].append(conv_callback(conv, kernel_part, pixel_part, kernel_noise))
+    fed = {id(c[1]) for c in convs} | {id(c[2]) for c in convs}
+    noise_fed = {id(c[3]) for c in convs}
     for c in conditionals:
-        by_layer.setdefault(id(c.layer), [c.layer, []])[1].append(lambda x, y, c=c: c.record(x, y, state["part"]))
+        if id(c) in fed:
+            continue
+        by_layer.setdefault(id(c.layer), [c.layer, []])[1].append(lambda x, y, n, c=c: c.record(x, y, state["part"]))
     for nz in noises:
-        by_layer.setdefault(id(nz.owner), [nz.owner, []])[1].append(lambda x, y, nz=nz: nz.record(x))
+        if id(nz) in noise_fed:
+            continue
+        by_layer.setdefault(id(nz.owner), [nz.owner, []])[1].append(lambda x, y, n, nz=nz: nz.record(x))
     for layer, callbacks in by_layer.values():
         if hasattr(layer, "call_and_ll"):
-            wrap_layer(layer, lambda x, y, cbs=callbacks: [cb(x, y) for cb in cbs])
+            wrap_layer(layer, lambda x, y, n, cbs=callbacks: [cb(x, y, n) for cb in cbs])
     for b in bases:
         original = type(b.base).log_prob.__get__(b.base)
 
@@ -349,11 +424,11 @@ def _heldout_mean(flow, batches, dequantize, deterministic, seed) -> float:
 
 
 @torch.no_grad()
-def _collect(flow, batches, conditionals, bases, noises, dequantize, deterministic, seed) -> None:
+def _collect(flow, batches, conditionals, bases, noises, convs, dequantize, deterministic, seed) -> None:
     for p in (*conditionals, *bases, *noises):
         p.reset()
     state = {"part": 0}
-    with torch.random.fork_rng(devices=[]), _recording(conditionals, bases, noises, state):
+    with torch.random.fork_rng(devices=[]), _recording(conditionals, bases, noises, convs, state):
         torch.manual_seed(seed)
         for x, part in batches:
             state["part"] = part
@@ -436,7 +511,7 @@ def calibrate(
     flow_was_training = flow.training
     flow.eval()
     batches = _split(data, holdout, val_data, batch_size, seed)
-    conditionals, bases, noises = _find_parts(flow)
+    conditionals, bases, noises, convs = _find_parts(flow)
     report = CalibrationReport(
         fit_examples=sum(b.shape[0] for b, p in batches if p == 0),
         heldout_examples=sum(b.shape[0] for b, p in batches if p == 1),
@@ -446,7 +521,7 @@ def calibrate(
     gaussians = [*conditionals, *bases]
 
     def run() -> list[PartReport]:
-        _collect(flow, batches, conditionals, bases, noises, dequantize, deterministic, seed)
+        _collect(flow, batches, conditionals, bases, noises, convs, dequantize, deterministic, seed)
         return _fit_gaussians(gaussians, ridge, min_var)
 
     original = _snapshot(flow)

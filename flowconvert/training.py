@@ -5,7 +5,8 @@ The objective is the mean negative log-likelihood in bits per dimension,
 .. math:: \mathcal J = -\frac{1}{B\,D\ln 2}\sum_{i=1}^{B} \big(\log p(x_i) + \log|\det|_{\text{deq}}\big),
 
 minimized with Adam, gradient-norm clipping, and early stopping on validation data (the
-parameters of the best validation epoch are restored). For flows with bound layers
+parameters of the best validation epoch, or the starting ones if no epoch beats them, are
+restored). For flows with bound layers
 :math:`\log p` is the stochastic one-sample lower bound, as in training a VAE.
 
 ``train="densities"`` optimizes only the density parts (dropped-coordinate conditionals,
@@ -68,7 +69,7 @@ class History:
     train_bpd: list[float] = field(default_factory=list)
     val_bpd: list[float] = field(default_factory=list)
     steps: int = 0
-    best_epoch: int | None = None
+    best_epoch: int | None = None  # 0: the starting parameters were best
     best_val_bpd: float | None = None
     stopped_early: bool = False
     skipped_steps: int = 0
@@ -224,6 +225,9 @@ def fit(
             model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False, find_unused_parameters=True)
         optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
         best_state, bad_epochs = None, 0
+        if val_loader is not None:  # the starting point competes too: training never makes it worse
+            history.best_val_bpd, history.best_epoch = _evaluate(flow, val_loader, dequantize, deterministic, world), 0
+            best_state = copy.deepcopy(flow.state_dict())
         bar = _progress(epochs, progress and rank == 0)
         for epoch in range(epochs):
             if isinstance(getattr(loader, "sampler", None), DistributedSampler):
