@@ -209,7 +209,7 @@ class _PixelPart(_ConditionalPart):
 
     def record(self, x: Tensor, y: Tensor, part: int) -> None:
         conv, B = self.conv, x.shape[0]
-        xd = conv._as4d(x.detach()).reshape(B, conv.in_channels, -1)[:, :, conv._drop_idx].mT
+        xd = x.detach().reshape(B, conv.in_channels, -1)[:, :, conv._drop_idx].mT
         yd = y.detach().reshape(B, conv.out_channels, -1)[:, :, conv._drop_loc].mT
         self.rows_per_sample = xd.shape[1]
         self.moments.add(yd.reshape(-1, conv.out_channels), xd.reshape(-1, conv.in_channels), part)
@@ -314,16 +314,21 @@ def _is_conv(module: nn.Module) -> bool:
 
 
 def _conv_patches(conv: nn.Module, x: Tensor, noise: Tensor | None) -> Tensor:
-    """The patches the convolution's kernel sees, ``(B * L_o, C_in k)`` (noise included when given)."""
+    """The patches the convolution's kernel sees, ``(B * L_o, C_in k)``.
+
+    Uses ``conv.kernel_patches(x, noise)`` when the layer provides it (noise included);
+    otherwise the noise-free patches of the zero-padded input, so in stochastic mode the
+    kernel's statistics then leave out the padding/overlap noise.
+    """
     import torch.nn.functional as F
 
-    x4 = conv._as4d(x)
-    eps_pad = eps_tile = None
-    if noise is not None and conv.noise_shape(()) is not None:
-        eps_pad, eps_tile, _ = conv._split(noise, conv._noise_sizes)
-    patches = F.unfold(conv._pad(x4, eps_pad), **conv._fold_args)
-    if eps_tile is not None:
-        patches = patches + conv._tile_offsets(eps_tile)[0]
+    provided = getattr(conv, "kernel_patches", None)
+    if callable(provided):
+        patches = provided(x, noise)
+    else:
+        x4 = x.reshape(x.shape[0], conv.in_channels, *conv._hw)
+        pt, pb, pl, pr = conv._pads
+        patches = F.unfold(F.pad(x4, (pl, pr, pt, pb)), **conv._fold_args)
     return patches.mT.reshape(-1, patches.shape[1])
 
 
