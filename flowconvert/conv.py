@@ -1,0 +1,500 @@
+r"""Flowified convolution (``nn.Conv1d`` / ``nn.Conv2d``, zero padding, ``groups=1``).
+
+A convolution is one linear map applied to every patch of the padded input. It is
+flowified as the composition **Pad -> Tile -> Kernel**; every shape-only quantity (which
+pixels are padding, how many windows cover each pixel, which pixels no window reaches) is
+known from ``input_shape`` and precomputed once.
+
+Notation: the padded grid has pixels :math:`p`; :math:`N_p` is the number of windows that
+contain :math:`p` (the *coverage*), :math:`k` the number of kernel taps, :math:`L_o` the
+number of output locations.
+
+* **Pad** (bound). Padding pixels with :math:`N_p\ge1` are added coordinates. Stochastic
+  mode fills them with :math:`\tau_{\text{pad}}\,\varepsilon` and adds
+  :math:`-\log\mathcal N(\tau_{\text{pad}}\varepsilon;0,\tau_{\text{pad}}^2)`; deterministic
+  mode uses zeros (a point evaluation). Padding pixels no window reaches are never created.
+  Inverse: crop.
+* **Tile**. A pixel with :math:`N_p>1` is duplicated into its :math:`N_p` window copies
+  :math:`x_p+\sqrt{N_p}\,w_j` with :math:`\sum_j w_j=0`, :math:`w\sim\mathcal N(0,\tau_t^2)`
+  on the :math:`(N_p-1)`-dimensional complement of the all-ones vector. The map
+  :math:`(x_p,\omega)\mapsto` copies has orthogonal columns of norm :math:`\sqrt{N_p}`, so
+  :math:`L=\tfrac{N_p}{2}\log N_p-\log q(\omega)`. The noise is drawn as i.i.d.
+  :math:`g\sim\mathcal N(0,\tau_t^2)` per patch element minus the mean of the pixel's copies.
+  Inverse: the mean of the copies.
+* **Dropped pixels** (:math:`N_p=0`, inside the image): exact, :math:`L=\log q(x_p\mid y)`
+  with a conditional diagonal Gaussian (:attr:`FlowConv.dropped_pixels`) whose mean is
+  affine in the output at the nearest output location (a ``C_in x C_out`` matrix shared
+  over positions). Inverse: its mean or a draw.
+* **Kernel**: the :class:`~flowconvert.linear.FlowLinear` :attr:`FlowConv.kernel` built
+  from ``weight.reshape(C_out, -1)``, applied to every patch (funnel, bijection or
+  augmentation, as in the linear case, with the dropped coordinates conditioned on the
+  output at the same location).
+
+Deterministic mode never unfolds: one convolution with the kernel's cached stack
+:math:`[W; M]` gives the output (first ``C_out`` channels) and the standardized residuals
+of the dropped kernel coordinates (the rest). ``forward(x)`` is the original convolution.
+
+>>> import torch
+>>> torch.manual_seed(0) and None
+>>> conv = torch.nn.Conv2d(2, 4, 3, padding=1)
+>>> flow = FlowConv.from_module(conv, (2, 5, 5))
+>>> x = torch.randn(3, 2, 5, 5)
+>>> y, ll = flow.call_and_ll(x)
+>>> torch.allclose(y, conv(x), atol=1e-5), ll.shape, flow.exact
+(True, torch.Size([3]), False)
+>>> torch.equal(flow(x), conv(x))
+True
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .core import FlowLayer
+from .densities import LOG_2PI, ConditionalDiagonalNormal, GaussianNoise, normal_log_prob, sum_except_batch
+from .errors import LayerConfigurationError, SingularWeightError
+from .linear import DEFAULT_RTOL, FlowLinear
+
+__all__ = ["FlowConv"]
+
+
+def _pair(v, dim: int, name: str, fill: int = 1) -> tuple[int, int]:
+    """Normalize an int / tuple argument to (height, width); 1-D gets height ``fill``."""
+    if isinstance(v, int):
+        t = (v,) * dim
+    else:
+        t = tuple(int(a) for a in v)
+        if len(t) == 1 and dim == 2:
+            t = t * 2
+    if len(t) != dim:
+        raise LayerConfigurationError(f"{name}={v!r} does not fit a {dim}-D convolution", code="FC203")
+    return (fill, t[0]) if dim == 1 else (t[0], t[1])
+
+
+class FlowConv(FlowLayer):
+    """Flowified 1-D or 2-D convolution (zero padding, any stride, dilation, kernel size, ``groups=1``).
+
+    Args:
+        weight: ``(C_out, C_in, k)`` or ``(C_out, C_in, kh, kw)`` weight (copied).
+        bias: optional ``(C_out,)`` bias.
+        input_shape: per-sample input shape, ``(C, L)`` or ``(C, H, W)``.
+        stride, padding, dilation, groups, padding_mode: as in ``nn.Conv1d`` / ``nn.Conv2d``;
+            ``padding`` may be an int, a tuple, ``"valid"`` or ``"same"``.
+        rtol: singular values of the kernel matrix at or below ``rtol * s_max`` are refused (FC201).
+
+    Attributes:
+        kernel: :class:`FlowLinear` of the ``C_out x C_in*k`` kernel matrix.
+        pad_noise: :class:`GaussianNoise` (per input channel) of the used padding pixels, or None.
+        tile_noise: :class:`GaussianNoise` (per input channel) of the duplication noise, or None.
+        dropped_pixels: :class:`ConditionalDiagonalNormal` (``C_in`` given ``C_out``) of pixels
+            no window covers, or None.
+        tile_logdet: :math:`C_\\text{in}\\sum_p \\tfrac{N_p}{2}\\log N_p`, the Tile stage's log-determinant.
+    """
+
+    def __init__(
+        self,
+        weight: Tensor,
+        bias: Tensor | None = None,
+        *,
+        input_shape: Sequence[int],
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+        rtol: float = DEFAULT_RTOL,
+    ):
+        super().__init__()
+        if weight.dim() not in (3, 4):
+            raise LayerConfigurationError(
+                f"FlowConv needs a Conv1d or Conv2d weight, got shape {tuple(weight.shape)}", code="FC203"
+            )
+        dim = weight.dim() - 2
+        if groups != 1:
+            raise LayerConfigurationError(
+                f"grouped convolution (groups={groups}) is not supported yet; only groups=1 is flowified",
+                code="FC203",
+            )
+        if padding_mode != "zeros":
+            raise LayerConfigurationError(
+                f"padding_mode={padding_mode!r} is not supported; only 'zeros' is flowified", code="FC203"
+            )
+        input_shape = tuple(int(s) for s in input_shape)
+        if len(input_shape) != dim + 1 or input_shape[0] != weight.shape[1]:
+            raise LayerConfigurationError(
+                f"input_shape {input_shape} does not fit a {dim}-D convolution with {weight.shape[1]} input "
+                f"channels (expected (C, L) for Conv1d or (C, H, W) for Conv2d)",
+                code="FC203",
+            )
+        weight = weight.detach()
+        C_out, C_in = int(weight.shape[0]), int(weight.shape[1])
+        kh, kw = (1, int(weight.shape[2])) if dim == 1 else (int(weight.shape[2]), int(weight.shape[3]))
+        H, W = (1, input_shape[1]) if dim == 1 else input_shape[1:]
+        sh, sw = _pair(stride, dim, "stride")
+        dh, dw = _pair(dilation, dim, "dilation")
+
+        # explicit per-side padding (top, bottom, left, right)
+        if isinstance(padding, str):
+            if padding == "valid":
+                pads = (0, 0, 0, 0)
+            elif padding == "same":
+                if (sh, sw) != (1, 1):
+                    raise LayerConfigurationError("padding='same' needs stride 1 (as in PyTorch)", code="FC203")
+                th, tw = dh * (kh - 1), dw * (kw - 1)
+                pads = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+            else:
+                raise LayerConfigurationError(f"unknown padding {padding!r}", code="FC203")
+            self._padding_arg = padding
+        else:
+            ph, pw = _pair(padding, dim, "padding", fill=0)
+            pads = (ph, ph, pw, pw)
+            self._padding_arg = tuple(int(p) for p in (padding if not isinstance(padding, int) else (padding,) * dim))
+        if min(pads) < 0:
+            raise LayerConfigurationError(f"negative padding {padding!r}", code="FC203")
+        pt, pb, pl, pr = pads
+        Hp, Wp = H + pt + pb, W + pl + pr
+        Ho = (Hp - dh * (kh - 1) - 1) // sh + 1
+        Wo = (Wp - dw * (kw - 1) - 1) // sw + 1
+        if Ho < 1 or Wo < 1:
+            raise LayerConfigurationError(
+                f"input of shape {input_shape} is smaller than the (dilated) kernel", code="FC203"
+            )
+
+        self.dim = dim
+        self.input_shape = input_shape
+        self.in_channels, self.out_channels = C_in, C_out
+        self._orig_stride = (sw,) if dim == 1 else (sh, sw)
+        self._orig_dilation = (dw,) if dim == 1 else (dh, dw)
+        self._weight_shape = tuple(weight.shape)
+        self._hw, self._k, self._s, self._d = (H, W), (kh, kw), (sh, sw), (dh, dw)
+        self._pads = pads
+        self._padded = (Hp, Wp)
+        self._out_hw = (Ho, Wo)
+        self.n_locations = Ho * Wo
+        self.output_shape = (C_out, Wo) if dim == 1 else (C_out, Ho, Wo)
+
+        try:
+            self.kernel = FlowLinear(weight.reshape(C_out, -1), bias, rtol=rtol)
+        except SingularWeightError as err:
+            raise SingularWeightError(
+                f"convolution kernel as a {C_out} x {C_in * kh * kw} matrix: {err.message}", code="FC201"
+            ) from None
+        dtype, device = weight.dtype, weight.device
+
+        # -- shape-only precomputation (float64, then cast) ----------------------------------
+        f64 = torch.float64
+        fold_args = dict(kernel_size=(kh, kw), dilation=(dh, dw), padding=0, stride=(sh, sw))
+        ones = torch.ones(1, kh * kw, Ho * Wo, dtype=f64)
+        cov = F.fold(ones, (Hp, Wp), **fold_args)[0, 0]  # (Hp, Wp) coverage counts
+        inside = torch.zeros(Hp, Wp, dtype=torch.bool)
+        inside[pt : pt + H, pl : pl + W] = True
+        used = cov >= 1
+        pad_idx = torch.nonzero((~inside & used).reshape(-1)).reshape(-1)
+        drop_mask = inside & ~used
+        self.n_pad = int(pad_idx.numel())
+        self.n_dropped = int(drop_mask.sum())
+        self.tiles = bool((cov > 1).any())
+        covu = cov[used]
+        self.tile_logdet = C_in * float((0.5 * covu * covu.log()).sum())
+        self._tile_extra = int((covu - 1).sum())  # sum over used pixels of (N_p - 1)
+        self._fold_args = fold_args
+
+        self.register_buffer("_pad_idx", pad_idx.to(device), persistent=False)
+        inv_cov = torch.where(used, 1.0 / cov.clamp_min(1), torch.zeros((), dtype=f64))
+        self.register_buffer("_inv_cov", inv_cov.to(dtype=dtype, device=device), persistent=False)
+        cov_patch = F.unfold(cov[None, None], **fold_args)[0]  # (k, Lo)
+        self.register_buffer(
+            "_sqrt_cov", cov_patch.sqrt().repeat(C_in, 1).to(dtype=dtype, device=device), persistent=False
+        )
+        # dropped pixels: flat index in the unpadded grid, and the output location they condition on
+        di, dj = torch.nonzero(drop_mask, as_tuple=True)
+        oi = torch.floor((di - dh * (kh - 1) / 2) / sh + 0.5).clamp(0, Ho - 1).long()
+        oj = torch.floor((dj - dw * (kw - 1) / 2) / sw + 0.5).clamp(0, Wo - 1).long()
+        self.register_buffer("_drop_idx", ((di - pt) * W + (dj - pl)).to(device), persistent=False)
+        self.register_buffer("_drop_loc", (oi * Wo + oj).to(device), persistent=False)
+
+        self.pad_noise = GaussianNoise(C_in).to(dtype=dtype, device=device) if self.n_pad else None
+        self.tile_noise = GaussianNoise(C_in).to(dtype=dtype, device=device) if self.tiles else None
+        self.dropped_pixels = (
+            ConditionalDiagonalNormal(C_in, C_out).to(dtype=dtype, device=device) if self.n_dropped else None
+        )
+        self.exact = self.n_pad == 0 and not self.tiles and self.kernel.kind != "augment"
+
+        Ck, Lo = C_in * kh * kw, Ho * Wo
+        self._noise_sizes = (
+            C_in * self.n_pad,
+            Ck * Lo if self.tiles else 0,
+            self.kernel.added_features * Lo,
+        )
+        self._inverse_noise_sizes = (self.kernel.dropped_features * Lo, C_in * self.n_dropped)
+
+    @classmethod
+    def from_module(cls, module: nn.Conv1d | nn.Conv2d, input_shape: Sequence[int], **kwargs) -> "FlowConv":
+        """Build from an ``nn.Conv1d`` / ``nn.Conv2d`` and the per-sample input shape (weights are copied)."""
+        if not isinstance(module, (nn.Conv1d, nn.Conv2d)):
+            raise LayerConfigurationError(f"expected nn.Conv1d or nn.Conv2d, got {type(module).__name__}", code="FC203")
+        return cls(
+            module.weight,
+            module.bias,
+            input_shape=input_shape,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            padding_mode=module.padding_mode,
+            **kwargs,
+        )
+
+    # -- the original function ---------------------------------------------------------
+    @property
+    def weight(self) -> Tensor:
+        """The convolution weight (a view of the kernel's weight, kept in sync after training)."""
+        return self.kernel.weight.view(self._weight_shape)
+
+    @property
+    def bias(self) -> Tensor:
+        return self.kernel.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        conv = F.conv1d if self.dim == 1 else F.conv2d
+        weight = self.weight
+        if parametrize.is_parametrized(self.kernel):  # inside network_training: follow the factors
+            weight = self.kernel._factors()[0].reshape(self._weight_shape)
+        return conv(x, weight, self.kernel.bias, self._orig_stride, self._padding_arg, self._orig_dilation)
+
+    # -- noise ---------------------------------------------------------------------------
+    def noise_shape(self, input_shape: Sequence[int]) -> tuple[int, ...] | None:
+        n = sum(self._noise_sizes)
+        return (n,) if n else None
+
+    def inverse_noise_shape(self, output_shape: Sequence[int]) -> tuple[int, ...] | None:
+        n = sum(self._inverse_noise_sizes)
+        return (n,) if n else None
+
+    def network_parameters(self) -> list[nn.Parameter]:
+        # The kernel is a FlowLayer of its own: network_training finds it and trains its factors.
+        return []
+
+    def prepare_for_export(self) -> None:
+        """Compute the kernel's caches now (see :meth:`FlowLinear.prepare_for_export`)."""
+        prepare = getattr(self.kernel, "prepare_for_export", None)
+        if prepare is not None:
+            prepare()
+
+    # -- helpers ------------------------------------------------------------------------
+    def _as4d(self, x: Tensor) -> Tensor:
+        C, (H, W) = self.in_channels, self._hw
+        return x.reshape(x.shape[0], C, H, W)
+
+    def _split(self, noise: Tensor, sizes: Sequence[int]) -> list[Tensor | None]:
+        flat = noise.reshape(noise.shape[0], -1)
+        if flat.shape[1] != sum(sizes):
+            raise ValueError(f"noise has {flat.shape[1]} values per sample, the layer needs {sum(sizes)}")
+        return [p if n else None for p, n in zip(flat.split(list(sizes), 1), sizes)]
+
+    def _pad(self, x4: Tensor, eps: Tensor | None) -> Tensor:
+        """Zero-pad; fill the used padding pixels with ``tau_pad * eps`` when ``eps`` is given."""
+        pt, pb, pl, pr = self._pads
+        xp = F.pad(x4, (pl, pr, pt, pb)) if any(self._pads) else x4
+        if eps is not None:
+            B, C = x4.shape[:2]
+            vals = eps.reshape(B, C, self.n_pad) * self.pad_noise.log_scale.exp()[:, None]
+            xp = xp.reshape(B, C, -1).index_copy(2, self._pad_idx, vals).reshape(xp.shape)
+        return xp
+
+    def _windows(self, xp: Tensor) -> Tensor:
+        """View of the padded input as ``(B, C, kh, kw, Ho, Wo)`` windows (no copy)."""
+        (kh, kw), (sh, sw), (dh, dw) = self._k, self._s, self._d
+        v = xp.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)  # (B, C, Ho, Wo, span_h, span_w)
+        return v[..., ::dh, ::dw].permute(0, 1, 4, 5, 2, 3)
+
+    def _unfold(self, xp: Tensor) -> Tensor:
+        """Patches ``(B, C*k, L_o)`` in the kernel matrix's column order (a strided copy)."""
+        return self._windows(xp).reshape(xp.shape[0], self._sqrt_cov.shape[0], self.n_locations)
+
+    def _fold(self, cols: Tensor) -> Tensor:
+        """Adjoint of :meth:`_unfold`: sum the patch entries ``(B, C*k, L_o)`` into the padded grid."""
+        B, C = cols.shape[0], self.in_channels
+        (kh, kw), (sh, sw), (dh, dw), (Ho, Wo) = self._k, self._s, self._d, self._out_hw
+        c6 = cols.reshape(B, C, kh, kw, Ho, Wo)
+        out = cols.new_zeros(B, C, *self._padded)
+        for a in range(kh):
+            for b in range(kw):
+                out[:, :, a * dh : a * dh + sh * (Ho - 1) + 1 : sh, b * dw : b * dw + sw * (Wo - 1) + 1 : sw] += c6[:, :, a, b]
+        return out
+
+    def _tiled(self, patches6: Tensor, eps: Tensor, inplace: bool = False) -> tuple[Tensor, Tensor]:
+        """Patches with duplication noise ``(B, C*k, L_o)``, and ``|w / tau|^2`` per sample.
+
+        ``patches6`` is the clean window view; ``eps`` holds i.i.d. standard normals per patch
+        element; ``w / tau`` is ``eps`` minus the mean over the copies of the same pixel (the
+        copies of a pixel share its channel's ``tau``), and each copy gets ``sqrt(N_p) w``.
+        """
+        B = eps.shape[0]
+        e = eps.reshape(patches6.shape)
+        mean = self._fold(e.reshape(B, -1, self.n_locations)) * self._inv_cov
+        w_std = e - self._windows(mean)
+        kk = self._k[0] * self._k[1]
+        scale = self._sqrt_cov * self.tile_noise.log_scale.exp().repeat_interleave(kk)[:, None]
+        flat = w_std.reshape(B, -1)
+        sq = torch.einsum("bi,bi->b", flat, flat)
+        scale = scale.reshape(patches6.shape[1:])
+        if inplace:  # w_std is ours: reuse its (contiguous) memory for the patches
+            patches = w_std.mul_(scale).add_(patches6)
+        else:
+            patches = w_std * scale + patches6  # contiguous like w_std
+        return patches.reshape(B, -1, self.n_locations), sq
+
+    def _constant(self, kernel_const: Tensor) -> Tensor:
+        """The contribution that does not depend on the input (deterministic-mode noise terms)."""
+        const = self.n_locations * kernel_const + self.tile_logdet
+        C = self.in_channels
+        if self.pad_noise is not None:
+            const = const + self.n_pad * (self.pad_noise.log_scale.sum() + 0.5 * LOG_2PI * C)
+        if self.tile_noise is not None:
+            const = const + self._tile_extra * (self.tile_noise.log_scale.sum() + 0.5 * LOG_2PI * C)
+        return const
+
+    def _dropped_ll(self, x4: Tensor, y: Tensor) -> Tensor:
+        B = x4.shape[0]
+        xd = x4.reshape(B, self.in_channels, -1)[:, :, self._drop_idx].mT
+        yd = y.reshape(B, self.out_channels, -1)[:, :, self._drop_loc].mT
+        q = self.dropped_pixels
+        return sum_except_batch(normal_log_prob(xd, q.mean(yd), q.log_scale))
+
+    def _needs_graph(self) -> bool:
+        if self.kernel._needs_graph():
+            return True
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+
+    def _out(self, y: Tensor) -> Tensor:
+        return y.reshape(y.shape[0], *self.output_shape)
+
+    # -- the contract --------------------------------------------------------------------
+    def call_and_ll(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        x4 = self._as4d(x)
+        if noise is not None and self.noise_shape(()) is None:
+            noise = None
+        if self._needs_graph():
+            return self._call_graph(x4, noise)
+        kernel = self.kernel
+        kernel._refresh()
+        B = x4.shape[0]
+        C_out = self.out_channels
+        (kh, kw), funnel = self._k, kernel.kind == "funnel"
+        if noise is None:
+            # deterministic: one convolution with [W; M], never unfold
+            weight = kernel._stack if funnel else kernel.weight
+            bias = kernel._stack_bias if funnel else kernel.bias
+            weight = weight.view(-1, self.in_channels, kh, kw)
+            pt, pb, pl, pr = self._pads
+            if pt == pb and pl == pr:
+                out = F.conv2d(x4, weight, bias, self._s, (pt, pl), self._d)
+            else:
+                out = F.conv2d(F.pad(x4, (pl, pr, pt, pb)), weight, bias, self._s, 0, self._d)
+            out = out.reshape(B, -1, self.n_locations)
+            ll = self._constant(kernel._row_const).expand(B)
+            if funnel:
+                y, res = out[:, :C_out], out[:, C_out:]
+                ll = ll - 0.5 * sum_except_batch(res * res)
+            else:
+                y = out
+        else:
+            eps_pad, eps_tile, eps_aug = self._split(noise, self._noise_sizes)
+            xp = self._pad(x4, eps_pad)
+            ll = self._constant(kernel._row_const)
+            if eps_pad is not None:
+                ll = ll + 0.5 * sum_except_batch(eps_pad * eps_pad)
+            if eps_tile is not None:  # unfold once, with the duplication noise added in the same pass
+                inplace = not (torch.is_grad_enabled() and (x4.requires_grad or eps_tile.requires_grad))
+                patches, sq = self._tiled(self._windows(xp), eps_tile, inplace=inplace)
+                ll = ll + 0.5 * sq
+            else:
+                patches = self._unfold(xp)
+            if funnel:
+                out = torch.matmul(kernel._stack, patches) + kernel._stack_bias[:, None]
+                y, res = out[:, :C_out], out[:, C_out:]
+                ll = ll - 0.5 * sum_except_batch(res * res)
+            else:
+                y = torch.matmul(kernel.weight, patches) + kernel.bias[:, None]
+                if eps_aug is not None:
+                    u = eps_aug.reshape(B, -1, self.n_locations)
+                    y = y + torch.matmul(kernel._noise_map, u)
+                    ll = ll + 0.5 * sum_except_batch(eps_aug * eps_aug)
+            ll = ll.expand(B)
+        if self.dropped_pixels is not None:
+            ll = ll + self._dropped_ll(x4, y)
+        return self._out(y), ll
+
+    def _call_graph(self, x4: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Differentiable path (training): gradients reach the factors, densities and noise scales."""
+        kernel = self.kernel
+        B, C = x4.shape[:2]
+        (kh, kw), Lo = self._k, self.n_locations
+        W, _, U_perp, V_perp = kernel._factors()
+        eps_pad = eps_tile = eps_aug = None
+        if noise is not None:
+            eps_pad, eps_tile, eps_aug = self._split(noise, self._noise_sizes)
+        xp = self._pad(x4, eps_pad)
+        ll = self._constant(kernel.log_s.sum()).expand(B)
+        if eps_pad is not None:
+            ll = ll + 0.5 * sum_except_batch(eps_pad * eps_pad)
+        if eps_tile is not None:
+            patches, sq = self._tiled(self._windows(xp), eps_tile)
+            ll = ll + 0.5 * sq
+            apply = lambda mat, b=None: F.linear(patches.mT, mat, b).mT
+        else:
+            # clean input: the linear maps are convolutions, nothing is unfolded
+            apply = lambda mat, b=None: F.conv2d(xp, mat.reshape(-1, C, kh, kw), b, self._s, 0, self._d).reshape(
+                B, -1, Lo
+            )
+        y = apply(W, kernel.bias)  # (B, C_out, L_o)
+        if kernel.kind == "funnel":
+            q = kernel.dropped
+            d = apply(V_perp.mT)
+            ll = ll + sum_except_batch(normal_log_prob(d.mT, q.mean(y.mT), q.log_scale))
+        elif kernel.kind == "augment":
+            if eps_aug is None:
+                eps_aug = x4.new_zeros(B, kernel.added_features * Lo)
+            u = kernel.noise.scale(eps_aug.reshape(B, -1, Lo).mT)  # (B, L_o, added)
+            y = y + F.linear(u, U_perp).mT
+            ll = ll - kernel.noise.log_prob(u)
+        if self.dropped_pixels is not None:
+            ll = ll + self._dropped_ll(x4, y)
+        return self._out(y), ll
+
+    def inverse(self, y: Tensor, sample: bool = False, noise: Tensor | None = None) -> Tensor:
+        B = y.shape[0]
+        C, (H, W), Lo = self.in_channels, self._hw, self.n_locations
+        y3 = y.reshape(B, self.out_channels, Lo)
+        eps_k = eps_px = None
+        if sample and noise is not None and self.inverse_noise_shape(()) is not None:
+            eps_k, eps_px = self._split(noise, self._inverse_noise_sizes)
+        if eps_k is not None:
+            eps_k = eps_k.reshape(B, Lo, -1)
+        patches = self.kernel.inverse(y3.mT, sample=sample, noise=eps_k).mT  # (B, C*k, L_o)
+        xp = self._fold(patches) * self._inv_cov  # mean of the copies
+        pt, _, pl, _ = self._pads
+        x = xp[:, :, pt : pt + H, pl : pl + W].reshape(B, C, H * W)
+        if self.dropped_pixels is not None:
+            q = self.dropped_pixels
+            yd = y3[:, :, self._drop_loc].mT  # (B, n_dropped, C_out)
+            if sample:
+                xd = q.sample(yd, None if eps_px is None else eps_px.reshape(B, self.n_dropped, C))
+            else:
+                xd = q.mean(yd)
+            x = x.index_copy(2, self._drop_idx, xd.mT)
+        return x.reshape(B, *self.input_shape)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, out_channels={self.out_channels}, kernel_size={self._weight_shape[2:]}, "
+            f"stride={self._orig_stride}, padding={self._padding_arg}, dilation={self._orig_dilation}, "
+            f"input_shape={self.input_shape}, kernel={self.kernel.kind}, exact={self.exact}"
+        )
