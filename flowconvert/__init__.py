@@ -18,12 +18,12 @@ from .errors import (
     TracingError,
 )
 from .linear import FlowLinear
-from .conv import FlowConv
 from .activations import FlowLeakyReLU
 from .merging import FlowCat, FlowDuplicate, FlowSplit, FlowSum
 from .pooling import FlowAvgPool, FlowMaxPool
 from .elementwise import FlowBatchNorm, FlowELU, FlowPReLU, FlowScalarAffine, FlowSigmoid, FlowSoftplus, FlowTanh
 from .shapes import FlowIdentity, Permute, Reshape
+from .export import ExportResult, export_onnx
 from .dequantization import Dequantize, nats_to_bits_per_dim
 from .evaluation import bits_per_dim, log_likelihood
 from .calibration import CalibrationReport, calibrate
@@ -33,7 +33,6 @@ __all__ = [
     "FlowLayer",
     "network_training",
     "FlowLinear",
-    "FlowConv",
     "FlowLeakyReLU",
     "FlowDuplicate",
     "FlowSum",
@@ -63,6 +62,8 @@ __all__ = [
     "SingularWeightError",
     "TracingError",
     "ExportError",
+    "export_onnx",
+    "ExportResult",
     "Dequantize",
     "nats_to_bits_per_dim",
     "bits_per_dim",

@@ -81,6 +81,39 @@ register_diagnostic(
     "Use padding_mode='zeros', or convert the padding to an explicit F.pad with zeros.",
 )
 
+# Export and verification (raised by flowconvert.export_onnx).
+register_diagnostic(
+    "FC401",
+    "the model could not be exported to ONNX",
+    "torch.export could not trace the flow's likelihood or inverse pass, or an operation it "
+    "traced has no ONNX translation, so no graph could be written.",
+    "Run the flow once in eager mode to check it works; data-dependent Python control flow "
+    "and calls outside torch must be removed from the flow layers before export.",
+)
+register_diagnostic(
+    "FC402",
+    "the exported graph contains a linear-algebra operation",
+    "Decompositions and solves (SVD, solve, det, inverse, matrix_exp) depend only on the "
+    "weights; in the graph they are slow, and most have no ONNX or onnxruntime kernel.",
+    "Precompute the weight-only tensor in the layer's prepare_for_export() and read it "
+    "from a buffer in call_and_ll/inverse.",
+)
+register_diagnostic(
+    "FC403",
+    "the exported file fails the ONNX checker",
+    "onnx.checker (full check, with shape inference) rejected the model, so runtimes may "
+    "refuse to load it or compute something else.",
+    "Try another opset (opset=...), and report the checker message with the model.",
+)
+register_diagnostic(
+    "FC404",
+    "onnxruntime and PyTorch disagree on the exported graph",
+    "Running the exported graph in onnxruntime on the example inputs (same noise) gave "
+    "outputs that differ from the PyTorch flow by more than the tolerance.",
+    "Check the named output first; export in float64, or raise atol/rtol if the "
+    "difference is rounding in a large model.",
+)
+
 
 class FlowConversionError(Exception):
     """Base class of every flowconvert error.

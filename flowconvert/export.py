@@ -1,0 +1,522 @@
+r"""Export a converted model to ONNX: the likelihood pass or the inverse, verified in onnxruntime.
+
+:func:`export_onnx` traces a frozen copy of the flow with ``torch.export`` (through
+``torch.onnx.export(..., dynamo=True)``) into one of two graphs:
+
+* ``graph="likelihood"``: model inputs -> model outputs, then ``log_prob`` of shape ``(batch,)``;
+* ``graph="inverse"``: model outputs -> reconstructed model inputs,
+
+with the noise of the flow handled in one of three ways:
+
+* ``noise="zero"`` (default): deterministic. For the likelihood this is the exact
+  log-density of an exact flow (a point evaluation for a bound); the inverse uses the
+  conditional means of whatever the forward pass dropped.
+* ``noise="input"``: every noise tensor is an extra graph input (``noise_<layer>``) of
+  standard-normal draws, so a run is reproducible and comparable with PyTorch.
+* ``noise="random"``: the graph draws its noise (``RandomNormalLike``): samples from the
+  inverse, single-sample lower bounds from the likelihood.
+
+The batch dimension of every input is dynamic (``batch``). Before tracing, every layer's
+:meth:`~flowconvert.core.FlowLayer.prepare_for_export` precomputes what depends only on
+the weights, so the graph holds no linear algebra (checked). Verification, on by default:
+``onnx.checker`` (full), a run in onnxruntime, and parity with PyTorch at the example batch
+and a second batch size (elementwise for ``zero``/``input``; for ``random``, means over many
+draws within their standard error). A failed check raises :class:`~flowconvert.ExportError`
+naming the output and the difference.
+
+Besides converted models, a single flow layer can be exported; it is then a one-layer flow
+with a standard-normal base density on its output (:class:`LayerFlow`):
+
+>>> import tempfile, os, torch
+>>> from flowconvert import FlowLinear
+>>> layer = FlowLinear.from_module(torch.nn.Linear(4, 2))
+>>> path = os.path.join(tempfile.mkdtemp(), "layer.onnx")
+>>> result = export_onnx(layer, path, torch.randn(8, 4))          # doctest: +SKIP
+>>> result.input_names, result.output_names                        # doctest: +SKIP
+(['x'], ['y', 'log_prob'])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .core import FlowLayer
+from .densities import LOG_2PI, sum_except_batch
+from .errors import ExportError
+from .verification import (
+    ParityCheck,
+    check_graph,
+    compare_exact,
+    compare_statistical,
+    linear_algebra_ops,
+    op_counts,
+    render_report,
+)
+
+__all__ = ["export_onnx", "ExportResult", "LayerFlow", "GRAPHS", "NOISE_MODES"]
+
+GRAPHS = ("likelihood", "inverse")
+NOISE_MODES = ("zero", "input", "random")
+LOG_PROB = "log_prob"
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_onnx` wrote and how well it matched PyTorch.
+
+    ``input_shapes`` / ``output_shapes`` map each graph input/output name to its shape,
+    with ``"batch"`` for the dynamic dimension. ``noise_inputs`` maps the graph inputs that
+    carry noise (``noise="input"``) to the flow's layer names. ``max_abs_diff`` maps each
+    output to the largest difference between onnxruntime and PyTorch over all checks (of
+    means over draws for ``noise="random"``); ``parity`` holds every check.
+    """
+
+    path: Path
+    graph: str
+    noise: str
+    input_names: list[str]
+    output_names: list[str]
+    input_shapes: dict[str, tuple] = field(default_factory=dict)
+    output_shapes: dict[str, tuple] = field(default_factory=dict)
+    input_dtypes: dict[str, str] = field(default_factory=dict)
+    output_dtypes: dict[str, str] = field(default_factory=dict)
+    noise_inputs: dict[str, str] = field(default_factory=dict)
+    opset: int = 0
+    op_counts: dict[str, int] = field(default_factory=dict)
+    linear_algebra_ops: list[str] = field(default_factory=list)
+    initializer_count: int = 0
+    parameter_count: int = 0
+    max_abs_diff: dict[str, float] = field(default_factory=dict)
+    parity: list[ParityCheck] = field(default_factory=list)
+    report_path: Path | None = None
+    model_name: str = ""
+    exact: bool = True
+    versions: str = ""
+
+    @property
+    def verified(self) -> bool:
+        """True when parity was checked and every check passed."""
+        return bool(self.parity) and all(c.passed for c in self.parity)
+
+    def report(self) -> str:
+        """The Markdown export report."""
+        return render_report(self)
+
+
+class LayerFlow(nn.Module):
+    """One flow layer seen as a flow: a standard-normal base density on its output.
+
+    Implements the noise protocol of a converted model (``noise_shapes``,
+    ``inverse_noise_shapes``, ``forward_with_log_prob``, ``inverse``), with a single noise
+    entry named ``"layer"`` when the layer consumes noise.
+    """
+
+    def __init__(self, layer: FlowLayer, input_shape: Sequence[int]):
+        super().__init__()
+        self.layer = layer
+        self.input_shape = tuple(int(s) for s in input_shape)
+        ref = next(iter(layer.buffers()), None)
+        ref = next(iter(layer.parameters()), ref)
+        dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.get_default_dtype()
+        with torch.no_grad():
+            y = layer(torch.zeros(1, *self.input_shape, dtype=dtype))
+        self.output_shape = tuple(y.shape[1:])
+
+    @property
+    def exact(self) -> bool:
+        return bool(self.layer.exact)
+
+    def noise_shapes(self) -> dict[str, tuple[int, ...]]:
+        shape = self.layer.noise_shape(self.input_shape)
+        return {} if shape is None else {"layer": tuple(shape)}
+
+    def inverse_noise_shapes(self) -> dict[str, tuple[int, ...]]:
+        shape = self.layer.inverse_noise_shape(self.output_shape)
+        return {} if shape is None else {"layer": tuple(shape)}
+
+    def forward_with_log_prob(self, x: Tensor, deterministic: bool = True, noise: Mapping[str, Tensor] | None = None):
+        if noise is not None:
+            eps = noise.get("layer")
+        else:
+            eps = None if deterministic else self.layer.draw_noise(x)
+        y, ll = self.layer.call_and_ll(x, eps)
+        base = sum_except_batch(-0.5 * y * y) - 0.5 * LOG_2PI * math.prod(self.output_shape)
+        return y, ll + base
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        return self.forward_with_log_prob(x)[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer(x)
+
+    def inverse(self, y: Tensor, sample: bool = True, noise: Mapping[str, Tensor] | None = None) -> Tensor:
+        eps = None if noise is None else noise.get("layer")
+        return self.layer.inverse(y, sample=sample, noise=eps)
+
+
+class _FlowGraph(nn.Module):
+    """The function that gets traced: flat tensors in, flat tensors out."""
+
+    def __init__(self, flow: nn.Module, graph: str, noise: str, n_data: int, noise_shapes: Mapping[str, tuple]):
+        super().__init__()
+        self.flow = flow
+        self.graph = graph
+        self.noise = noise
+        self.n_data = n_data
+        self.noise_keys = list(noise_shapes)
+        self.noise_shapes = [tuple(s) for s in noise_shapes.values()]
+
+    def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
+        data = args[: self.n_data]
+        if self.noise == "zero":
+            noise = None
+        elif self.noise == "input":
+            noise = dict(zip(self.noise_keys, args[self.n_data :]))
+        else:
+            ref = data[0]
+            # randn_like of an expanded zero exports to RandomNormalLike with a dynamic batch
+            # (torch.randn with a symbolic size does not)
+            noise = {
+                key: torch.randn_like(ref.new_zeros(()).expand(ref.shape[0], *shape))
+                for key, shape in zip(self.noise_keys, self.noise_shapes)
+            }
+        if self.graph == "likelihood":
+            if noise is None:
+                outputs, log_prob = self.flow.forward_with_log_prob(*data, deterministic=True)
+            else:
+                outputs, log_prob = self.flow.forward_with_log_prob(*data, deterministic=False, noise=noise)
+            return (*_as_tuple(outputs), log_prob)
+        if noise is None:
+            return _as_tuple(self.flow.inverse(*data, sample=False))
+        return _as_tuple(self.flow.inverse(*data, sample=True, noise=noise))
+
+
+def export_onnx(
+    flow: nn.Module,
+    path,
+    example_inputs,
+    *,
+    graph: str = "likelihood",
+    noise: str = "zero",
+    opset: int | None = None,
+    verify: bool = True,
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+    second_batch: int | None = None,
+    draws: int | None = None,
+    seed: int = 0,
+    report: bool | str | Path = False,
+) -> ExportResult:
+    """Export ``flow`` to the ONNX file ``path`` and check it in onnxruntime.
+
+    Args:
+        flow: a converted model (``FlowModel``) or a single :class:`~flowconvert.FlowLayer`.
+        path: the ``.onnx`` file to write.
+        example_inputs: a tensor or a tuple of tensors, *inputs of the model* in both graphs
+            (for ``graph="inverse"`` the example outputs are computed from them).
+        graph: ``"likelihood"`` or ``"inverse"``.
+        noise: ``"zero"``, ``"input"`` or ``"random"`` (see the module docstring).
+        opset: ONNX opset (default: the exporter's).
+        verify: run the checks (checker, onnxruntime, parity); the linear-algebra scan and the
+            checker always run.
+        atol, rtol: parity tolerance, elementwise ``atol + rtol * |reference|``.
+        second_batch: the second batch size of the parity check (default: example batch + 3).
+        draws: draws per example of the statistical check (``noise="random"``; default so
+            that about 2048 rows are evaluated, at least 64 draws).
+        seed: seed of the noise fed to both runtimes in ``noise="input"`` checks.
+        report: write the Markdown export report: ``True`` for ``<path>.md`` next to the
+            model, or a path.
+
+    Returns:
+        :class:`ExportResult`.
+
+    Raises:
+        ExportError: tracing or translation failed (``FC401``), the graph holds linear
+            algebra (``FC402``), the checker rejected it (``FC403``), or onnxruntime
+            disagrees with PyTorch (``FC404``; the message names the output and the difference).
+    """
+    if graph not in GRAPHS:
+        raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
+    if noise not in NOISE_MODES:
+        raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
+    path = Path(path)
+    inputs = tuple(t.detach() for t in _as_tuple(example_inputs))
+    if not inputs or not all(isinstance(t, Tensor) and t.dim() >= 1 for t in inputs):
+        raise ValueError("example_inputs must be a tensor or a tuple of tensors with a batch dimension")
+    if isinstance(flow, FlowLayer):
+        flow = LayerFlow(flow, inputs[0].shape[1:])
+    for name in ("noise_shapes", "inverse_noise_shapes", "forward_with_log_prob", "inverse"):
+        if not callable(getattr(flow, name, None)):
+            raise TypeError(f"export_onnx needs a converted model or a FlowLayer; {type(flow).__name__} has no {name}()")
+
+    with _eval_mode(flow), torch.no_grad():
+        outputs = _as_tuple(flow.forward_with_log_prob(*inputs, deterministic=True)[0])
+    model_in, model_out = _model_names(flow, len(inputs), len(outputs))
+    if graph == "likelihood":
+        data, data_names, out_names = inputs, model_in, [*model_out, LOG_PROB]
+        shapes = dict(flow.noise_shapes())
+    else:
+        data, data_names, out_names = outputs, model_out, model_in
+        shapes = dict(flow.inverse_noise_shapes())
+    noise_names = _noise_input_names(shapes, taken=set(data_names) | set(out_names))
+
+    # -- capture -------------------------------------------------------------------------
+    frozen = _frozen_copy(flow)
+    module = _FlowGraph(frozen, graph, noise, len(data), shapes)
+    trace_args = _trace_args(data, shapes if noise == "input" else {})
+    graph_in = list(data_names) + (list(noise_names) if noise == "input" else [])
+    _capture(module, trace_args, path, graph_in, out_names, opset)
+
+    # -- static checks -------------------------------------------------------------------
+    proto = check_graph(path)
+    result = _describe(proto, path, graph, noise, flow, graph_in, out_names)
+    result.noise_inputs = dict(zip(noise_names, shapes)) if noise == "input" else {}
+
+    # -- parity --------------------------------------------------------------------------
+    if verify:
+        reference = _FlowGraph(flow, graph, "input" if noise != "zero" else "zero", len(data), shapes)
+        with _eval_mode(flow):
+            result.parity = _parity(
+                path, reference, data, graph_in, out_names, shapes, noise,
+                atol=atol, rtol=rtol, second_batch=second_batch, draws=draws, seed=seed,
+            )
+        for c in result.parity:
+            if c.statistic in ("values", "mean"):
+                result.max_abs_diff[c.output] = max(result.max_abs_diff.get(c.output, 0.0), c.max_abs_diff)
+    if report:
+        result.report_path = path.with_suffix(".md") if report is True else Path(report)
+        result.report_path.parent.mkdir(parents=True, exist_ok=True)
+        result.report_path.write_text(result.report())
+    failed = [c for c in result.parity if not c.passed]
+    if failed:
+        error = ExportError(
+            f"onnxruntime disagrees with PyTorch on {path.name} ({graph}, noise={noise}): "
+            + "; ".join(c.describe() for c in failed),
+            code="FC404",
+        )
+        error.result = result
+        raise error
+    return result
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _as_tuple(x) -> tuple:
+    if isinstance(x, Tensor):
+        return (x,)
+    return tuple(x)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module):
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _model_names(flow, n_in: int, n_out: int) -> tuple[list[str], list[str]]:
+    """Names of the model's inputs and outputs: the flow's own when it has them, else x/y."""
+
+    def pick(attr, n, stem):
+        names = getattr(flow, attr, None)
+        if isinstance(names, (list, tuple)) and len(names) == n and all(isinstance(s, str) for s in names):
+            return [_sanitize(s) for s in names]
+        return [stem] if n == 1 else [f"{stem}{i}" for i in range(n)]
+
+    ins, outs = pick("input_names", n_in, "x"), pick("output_names", n_out, "y")
+    if set(ins) & set(outs) or LOG_PROB in ins + outs or len(set(ins)) < n_in or len(set(outs)) < n_out:
+        ins = ["x"] if n_in == 1 else [f"x{i}" for i in range(n_in)]
+        outs = ["y"] if n_out == 1 else [f"y{i}" for i in range(n_out)]
+    return ins, outs
+
+
+def _sanitize(name: str) -> str:
+    return re.sub(r"\W", "_", name)
+
+
+def _noise_input_names(shapes: Mapping[str, tuple], taken: set[str]) -> list[str]:
+    names = []
+    for key in shapes:
+        base = "noise_" + (_sanitize(key).strip("_") or "layer")
+        name, i = base, 1
+        while name in taken:
+            name, i = f"{base}_{i}", i + 1
+        taken.add(name)
+        names.append(name)
+    return names
+
+
+def _frozen_copy(flow: nn.Module) -> nn.Module:
+    """A deep copy in eval mode, parameters frozen, weight-only caches computed once."""
+    frozen = copy.deepcopy(flow).eval()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        for m in frozen.modules():
+            prepare = getattr(m, "prepare_for_export", None)
+            if callable(prepare):
+                prepare()
+    return frozen
+
+
+def _trace_args(data: tuple[Tensor, ...], noise_shapes: Mapping[str, tuple]) -> tuple[Tensor, ...]:
+    """Example arguments for tracing; a batch of 1 is doubled so the batch dimension stays symbolic."""
+    if data[0].shape[0] == 1:
+        data = tuple(torch.cat([t, t]) for t in data)
+    batch = data[0].shape[0]
+    ref = data[0]
+    noise = tuple(torch.zeros(batch, *shape, dtype=ref.dtype, device=ref.device) for shape in noise_shapes.values())
+    return (*data, *noise)
+
+
+def _capture(module: nn.Module, args, path: Path, input_names, output_names, opset) -> None:
+    batch = torch.export.Dim("batch", min=1)
+    dynamic_shapes = (tuple({0: batch} for _ in args),)
+    nbytes = sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with torch.no_grad(), _quiet():
+            program = torch.onnx.export(
+                module,
+                tuple(args),
+                dynamo=True,
+                dynamic_shapes=dynamic_shapes,
+                input_names=list(input_names),
+                output_names=list(output_names),
+                opset_version=opset,
+                optimize=True,
+                verbose=False,
+            )
+            program.save(str(path), external_data=nbytes > 1_500_000_000)
+    except ExportError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()
+        raise ExportError(
+            f"could not export {type(module.flow).__name__} ({module.graph}, noise={module.noise}): "
+            f"{type(exc).__name__}: {first[0] if first else ''}",
+            code="FC401",
+        ) from exc
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporter's progress lines and warnings (errors still propagate)."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "torch.fx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _dim(d) -> int | str:
+    return d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+
+
+def _describe(proto, path, graph, noise, flow, input_names, output_names) -> ExportResult:
+    import onnx
+
+    def info(values):
+        shapes, dtypes = {}, {}
+        for v in values:
+            t = v.type.tensor_type
+            shapes[v.name] = tuple(_dim(d) for d in t.shape.dim)
+            dtypes[v.name] = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else "?"
+        return shapes, dtypes
+
+    in_shapes, in_dtypes = info(proto.graph.input)
+    out_shapes, out_dtypes = info(proto.graph.output)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    inner = flow.layer if isinstance(flow, LayerFlow) else flow
+    import onnxruntime
+
+    return ExportResult(
+        path=path,
+        graph=graph,
+        noise=noise,
+        input_names=[v.name for v in proto.graph.input],
+        output_names=[v.name for v in proto.graph.output],
+        input_shapes=in_shapes,
+        output_shapes=out_shapes,
+        input_dtypes=in_dtypes,
+        output_dtypes=out_dtypes,
+        opset=opset,
+        op_counts=op_counts(proto),
+        linear_algebra_ops=linear_algebra_ops(proto),
+        initializer_count=len(proto.graph.initializer),
+        parameter_count=int(sum(np.prod(t.dims, dtype=np.int64) for t in proto.graph.initializer)),
+        model_name=type(inner).__name__,
+        exact=bool(getattr(flow, "exact", True)),
+        versions=f"torch {torch.__version__}, onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}",
+    )
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1  # verification batches are small; no thread spin-up
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _numpy(t: Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def _parity(path, reference, data, input_names, output_names, shapes, noise, *, atol, rtol, second_batch, draws, seed):
+    session = _session(path)
+    gen = torch.Generator().manual_seed(seed)
+    batch = data[0].shape[0]
+    ref = data[0]
+
+    def draw(n):
+        return tuple(torch.randn((n, *s), generator=gen, dtype=torch.float64).to(ref.dtype) for s in shapes.values())
+
+    def rows(n):
+        idx = torch.arange(n) % batch
+        idx = idx[torch.randperm(n, generator=gen)]
+        return tuple(t[idx] for t in data)
+
+    checks: list[ParityCheck] = []
+    if noise == "random":
+        r = draws or max(64, -(-2048 // batch))
+        tiled = tuple(t.repeat(r, *([1] * (t.dim() - 1))) for t in data)
+        feeds = dict(zip(input_names, map(_numpy, tiled)))
+        got = session.run(output_names, feeds)
+        with torch.no_grad():
+            expected = [_numpy(t) for t in reference(*tiled, *draw(r * batch))]
+        return compare_statistical(output_names, got, expected, draws=r, atol=atol, rtol=rtol)
+
+    b2 = second_batch or batch + 3
+    for args in (data, rows(b2)):
+        n = args[0].shape[0]
+        eps = draw(n) if noise == "input" else ()
+        feeds = dict(zip(input_names, map(_numpy, (*args, *eps))))
+        got = session.run(output_names, feeds)
+        with torch.no_grad():
+            expected = [_numpy(t) for t in reference(*args, *eps)]
+        checks += compare_exact(output_names, got, expected, batch=n, atol=atol, rtol=rtol)
+    return checks
