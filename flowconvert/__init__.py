@@ -18,6 +18,7 @@ from .errors import (
     TracingError,
 )
 from .linear import FlowLinear
+from .conv import FlowConv
 from .activations import FlowLeakyReLU
 from .merging import FlowCat, FlowDuplicate, FlowSplit, FlowSum
 from .pooling import FlowAvgPool, FlowMaxPool
@@ -33,6 +34,7 @@ __all__ = [
     "FlowLayer",
     "network_training",
     "FlowLinear",
+    "FlowConv",
     "FlowLeakyReLU",
     "FlowDuplicate",
     "FlowSum",
