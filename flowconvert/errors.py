@@ -165,3 +165,179 @@ class ConversionError(FlowConversionError):
 
 class ExportError(FlowConversionError):
     """ONNX export or its verification failed (``FC4xx``)."""
+
+
+# Operations that are not invertible or have no flow layer (reported by the audit).
+register_diagnostic(
+    "FC101",
+    "ReLU is not invertible",
+    "ReLU maps all negative inputs to 0, so it has no inverse: many inputs give the same "
+    "output and the change of log-density is -infinity there.",
+    "Replace nn.ReLU with nn.LeakyReLU(negative_slope=0.01) and fine-tune.",
+)
+register_diagnostic(
+    "FC102",
+    "GELU/SiLU-type activation is not monotone",
+    "GELU, SiLU and Mish dip below zero for negative inputs and come back up, so two "
+    "different inputs give the same output; they have no inverse.",
+    "Replace the activation with nn.LeakyReLU(negative_slope=0.01) (strictly increasing) and fine-tune.",
+)
+register_diagnostic(
+    "FC103",
+    "per-sample normalization is not invertible",
+    "LayerNorm, GroupNorm and InstanceNorm subtract each sample's mean and divide by its "
+    "spread, so inputs that differ only by a shift or a scale give the same output; the "
+    "lost mean and scale are not modelled.",
+    "Remove the normalization (or use BatchNorm, which is affine in eval mode, folded into "
+    "the preceding layer) and fine-tune.",
+)
+register_diagnostic(
+    "FC104",
+    "softmax is not invertible",
+    "Softmax does not change when the same constant is added to all its inputs, so it has "
+    "no inverse (its outputs also sum to one: one dimension is lost).",
+    "Convert the network up to the logits: remove the final Softmax/LogSoftmax from the "
+    "module and apply it outside the flow.",
+)
+register_diagnostic(
+    "FC105",
+    "pooling is not supported",
+    "Max pooling keeps the largest value of each window and discards the rest, so it has "
+    "no inverse; average and adaptive pooling are fixed linear maps without a flow layer yet.",
+    "Replace the pooling with a strided convolution, e.g. nn.Conv2d(C, C, kernel_size=2, "
+    "stride=2), and fine-tune.",
+)
+register_diagnostic(
+    "FC106",
+    "saturating activation is not invertible",
+    "ReLU6, Hardtanh, Hardsigmoid and clamp map whole ranges of inputs to the same "
+    "boundary value, so they have no inverse.",
+    "Replace the activation with nn.LeakyReLU(negative_slope=0.01) and fine-tune.",
+)
+register_diagnostic(
+    "FC107",
+    "invertible activation without a flow layer yet",
+    "This activation is strictly monotone, hence invertible in principle, but flowconvert "
+    "has no flowified version of it yet.",
+    "Replace it with nn.LeakyReLU(negative_slope=0.01) and fine-tune, or add a rule to "
+    "flowconvert.registry that builds a FlowLayer for it.",
+)
+register_diagnostic(
+    "FC108",
+    "BatchNorm must be folded first",
+    "BatchNorm in eval mode is an affine map of each channel, invertible when no scale is "
+    "zero, but flowconvert converts it only as part of the preceding layer.",
+    "Fold it into the preceding layer before converting: "
+    "torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn) or fuse_linear_bn_eval(linear, bn).",
+)
+register_diagnostic(
+    "FC110",
+    "unsupported module",
+    "flowconvert has no conversion rule for this module type, so it cannot tell whether it "
+    "is invertible or what its likelihood contribution is.",
+    "Rewrite it with supported layers (Linear, Conv1d/Conv2d, LeakyReLU, flatten/view/"
+    "reshape/permute, Identity, Dropout), or register a rule with "
+    "flowconvert.registry.REGISTRY.add_module(...).",
+)
+register_diagnostic(
+    "FC111",
+    "unsupported function",
+    "flowconvert has no conversion rule for this function, so it cannot tell whether it is "
+    "invertible or what its likelihood contribution is.",
+    "Use a supported spelling (F.linear, F.conv1d/conv2d, F.leaky_relu, torch.flatten, ...), "
+    "or register a rule with flowconvert.registry.REGISTRY.add_function(...).",
+)
+register_diagnostic(
+    "FC112",
+    "unsupported tensor method",
+    "flowconvert has no conversion rule for this tensor method, so it cannot tell whether it "
+    "is invertible or what its likelihood contribution is.",
+    "Use a supported method (view, reshape, flatten, squeeze, unsqueeze, permute, transpose, "
+    "contiguous), or register a rule with flowconvert.registry.REGISTRY.add_method(...).",
+)
+register_diagnostic(
+    "FC113",
+    "operation mixes samples of the batch",
+    "The operation moves values between samples (for example x.view(-1), a hard-coded batch "
+    "size, or a permute of the batch dimension), so one sample's output would depend on the "
+    "others and there is no per-sample density.",
+    "Keep the batch dimension first and untouched: write x.view(x.size(0), -1) or "
+    "torch.flatten(x, 1).",
+)
+register_diagnostic(
+    "FC114",
+    "random operation in the forward pass",
+    "The operation draws random numbers at inference time (for example dropout with "
+    "training=True), so the network is not a fixed function to invert.",
+    "Make it deterministic at inference: pass training=self.training to F.dropout, or use "
+    "nn.Dropout (which flowconvert treats as the identity).",
+)
+register_diagnostic(
+    "FC120",
+    "flow layer could not be built",
+    "The conversion rule for this node failed while building its flow layer.",
+    "Check the layer's configuration against the supported ones in the documentation; if it "
+    "should be supported, report it with the message above.",
+)
+
+# Graph structure and tracing (reported by the audit).
+register_diagnostic(
+    "FC301",
+    "data-dependent control flow",
+    "A Python `if` or `while` on a tensor value makes the computation depend on the data, "
+    "so torch.fx cannot record one fixed graph of operations to turn into a flow.",
+    "Express the branch with tensor operations (torch.where), or decide it from the "
+    "module's configuration rather than from the input values.",
+)
+register_diagnostic(
+    "FC302",
+    "Python loop or conversion over a traced value",
+    "The forward pass iterates over a tensor, calls len()/int()/range() on a traced size, "
+    "or converts a tensor to a Python number, which torch.fx cannot record.",
+    "Loop over a fixed number known from the configuration (e.g. range(self.num_blocks)), "
+    "and keep sizes symbolic (x.view(x.size(0), -1)) instead of converting them to int.",
+)
+register_diagnostic(
+    "FC303",
+    "model could not be traced",
+    "torch.fx could not record the forward pass as a graph of operations.",
+    "Make the forward pass traceable by torch.fx.symbolic_trace (see the torch.fx "
+    "limitations), for example by moving untraceable helper code out of forward.",
+)
+register_diagnostic(
+    "FC304",
+    "value is used more than once (fan-out)",
+    "A flow must consume every value exactly once; using a value twice (a residual or skip "
+    "connection, or x * x) duplicates it, which needs an augmentation layer that is not "
+    "supported yet.",
+    "Remove the skip connection, or convert the part of the network without it.",
+)
+register_diagnostic(
+    "FC305",
+    "operation merges several data values",
+    "Combining two values computed from the input (x + y, torch.cat, x * y) is a many-to-one "
+    "map of the pair; flowconvert does not support merges yet.",
+    "Remove the merge, or convert the branches as separate models.",
+)
+register_diagnostic(
+    "FC306",
+    "data value is never used",
+    "A value computed from the input does not reach any output, so the flow would lose "
+    "those dimensions without modelling them.",
+    "Delete the unused computation from forward (or return it as an extra output).",
+)
+register_diagnostic(
+    "FC307",
+    "output does not depend on the input",
+    "An output of the model is a constant or a size, not a value computed from the input, "
+    "so it cannot carry a base density.",
+    "Return only tensors computed from the input; move constants and sizes out of forward.",
+)
+register_diagnostic(
+    "FC309",
+    "model fails on the example inputs",
+    "Running the model on the example inputs raised an error, so the shapes of its values "
+    "are unknown.",
+    "Pass example inputs the model accepts, with a leading batch dimension "
+    "(e.g. torch.randn(1, 64) for a model taking 64 features).",
+)
