@@ -25,12 +25,24 @@ from .pooling import FlowAvgPool, FlowMaxPool
 from .elementwise import FlowBatchNorm, FlowELU, FlowPReLU, FlowScalarAffine, FlowSigmoid, FlowSoftplus, FlowTanh
 from .shapes import FlowIdentity, Permute, Reshape
 from .export import ExportResult, export_onnx
+from .conversion import audit, convert
+from .flow import FlowModel
+from .registry import REGISTRY, Registry
+from .report import NodeReport, Problem, Report
 from .dequantization import Dequantize, nats_to_bits_per_dim
 from .evaluation import bits_per_dim, log_likelihood
 from .calibration import CalibrationReport, calibrate
 from .training import History, fit
 
 __all__ = [
+    "audit",
+    "convert",
+    "FlowModel",
+    "Report",
+    "NodeReport",
+    "Problem",
+    "Registry",
+    "REGISTRY",
     "FlowLayer",
     "network_training",
     "FlowLinear",

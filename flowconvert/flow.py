@@ -1,0 +1,294 @@
+r"""The converted model: :class:`FlowModel`, a chain of flow layers with generated fx graphs.
+
+With a base density per output, the log-density of an input is
+
+.. math:: \log p(x) = \sum_{\text{outputs } z} \log p_{\text{base}}(z) + \sum_{\text{layers}} L_{\text{layer}},
+
+where every layer reports its contribution through ``layer.call_and_ll(x, noise)``
+(:mod:`flowconvert.core`). The model keeps three generated :class:`torch.fx.GraphModule`
+programs over the same layers, readable with ``print(...)``:
+
+* :attr:`FlowModel.function_graph`: the original function, ``layer(x)`` node by node;
+* :attr:`FlowModel.likelihood_graph` (also :attr:`FlowModel.code`): threads
+  ``call_and_ll`` through the graph and sums the contributions with the base densities;
+* :attr:`FlowModel.inverse_graph`: the layers in reverse order, ``layer.inverse(y, sample, noise)``.
+
+Noise is explicit. :meth:`FlowModel.noise_shapes` names every layer whose stochastic forward
+consumes standard-normal noise (augmenting layers) with its per-sample shape, and
+:meth:`FlowModel.inverse_noise_shapes` every layer whose sampled inverse does (funnels).
+``noise=None`` draws fresh noise (stochastic mode) or uses none (deterministic mode);
+a dict ``{name: tensor of shape (batch, *shape)}`` is used verbatim.
+
+For a model with *bound* layers (``flow.exact is False``), the deterministic log-density is
+a point evaluation of the bound at zero noise, not a bound on ``log p(x)``; the stochastic one
+is an unbiased one-sample lower bound, tightened by ``num_samples=K``
+(:math:`\log \frac1K\sum_k e^{L_k}`).
+
+>>> import torch, flowconvert as fc
+>>> torch.manual_seed(0) and None
+>>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LeakyReLU(0.1), torch.nn.Linear(4, 2))
+>>> flow = fc.convert(net, torch.randn(1, 4))
+>>> x = torch.randn(5, 4)
+>>> torch.equal(flow(x), net(x)), flow.log_prob(x).shape, flow.exact
+(True, torch.Size([5]), True)
+>>> flow.inverse_noise_shapes()
+{'_2': (2,)}
+>>> flow.inverse(flow(x), sample=True).shape, flow.sample(3).shape
+(torch.Size([5, 4]), torch.Size([3, 4]))
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor, fx, nn
+
+from .core import FlowLayer
+
+__all__ = ["FlowModel", "FlowPlan", "Step"]
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One layer application: ``layer`` (key in ``flow.layers``) maps value ``source`` to value ``name``."""
+
+    name: str
+    layer: str
+    source: str
+    in_shape: Shape
+    out_shape: Shape
+    root: int = 0  # index of the model input this value descends from
+
+
+@dataclass
+class FlowPlan:
+    """Plain-data description of a flow: inputs, steps in graph order, the output structure.
+
+    ``outputs`` is the model's return structure with value names where tensors were;
+    ``output_names`` lists them in flattening order, ``output_shapes`` their per-sample shapes,
+    ``base_keys`` the key of each one's base density in ``flow.bases``.
+    """
+
+    inputs: list[tuple[str, Shape]]
+    steps: list[Step]
+    outputs: Any
+    output_names: list[str]
+    output_shapes: list[Shape]
+    base_keys: list[str] = field(default_factory=list)  # key in ``flow.bases`` per output
+
+
+def _get_attr(g: fx.Graph, target: str, name: str) -> fx.Node:
+    return g.create_node("get_attr", target, name=name)
+
+
+class FlowModel(nn.Module):
+    """A normalizing flow built from a traced network (see :func:`flowconvert.convert`).
+
+    ``flow(*inputs)`` is the original network's output; ``layers`` (a ModuleDict of flow
+    layers, keyed by graph-node name) and ``bases`` (one base density per output) hold all
+    parameters and buffers.
+    """
+
+    def __init__(self, plan: FlowPlan, layers: Mapping[str, FlowLayer], bases: Mapping[str, nn.Module]):
+        super().__init__()
+        self.plan = plan
+        self.layers = nn.ModuleDict(dict(layers))
+        self.bases = nn.ModuleDict(dict(bases))
+        self._build_graphs()
+
+    # -- generated programs ------------------------------------------------------------------
+    def _build_graphs(self) -> None:
+        plan = self.plan
+        graphs = {
+            "function_graph": self._function_graph(plan),
+            "likelihood_graph": self._likelihood_graph(plan),
+            "inverse_graph": self._inverse_graph(plan),
+        }
+        for name, graph in graphs.items():
+            graph.lint()
+            # Not registered as submodules: the layers are owned by self.layers/self.bases,
+            # so the state dict stays free of duplicates. Rebuilt after unpickling.
+            object.__setattr__(self, name, fx.GraphModule(self, graph, class_name=name.title().replace("_", "")))
+
+    @staticmethod
+    def _function_graph(plan: FlowPlan) -> fx.Graph:
+        g = fx.Graph()
+        env = {name: g.placeholder(name) for name, _ in plan.inputs}
+        for step in plan.steps:
+            env[step.name] = g.create_node("call_module", f"layers.{step.layer}", (env[step.source],), name=step.name)
+        g.output(fx.node.map_aggregate(plan.outputs, env.__getitem__))
+        return g
+
+    def _noise_placeholders(self, g: fx.Graph, shapes: Mapping[str, Shape]) -> dict[str, fx.Node]:
+        return {key: g.placeholder(f"noise_{key}", default_value=None) for key in shapes}
+
+    def _likelihood_graph(self, plan: FlowPlan) -> fx.Graph:
+        g = fx.Graph()
+        env = {name: g.placeholder(name) for name, _ in plan.inputs}
+        noise = self._noise_placeholders(g, self.noise_shapes())
+        terms: list[fx.Node] = []
+        for step in plan.steps:
+            layer = _get_attr(g, f"layers.{step.layer}", f"{step.layer}_layer")
+            pair = g.create_node("call_method", "call_and_ll", (layer, env[step.source], noise.get(step.layer)), name=f"{step.name}_and_ll")
+            env[step.name] = g.create_node("call_function", operator.getitem, (pair, 0), name=step.name)
+            terms.append(g.create_node("call_function", operator.getitem, (pair, 1), name=f"ll_{step.name}"))
+        for out in plan.output_names:
+            base = _get_attr(g, f"bases.{self._base_key(out)}", f"base_{out}")
+            terms.append(g.create_node("call_method", "log_prob", (base, env[out]), name=f"log_base_{out}"))
+        log_prob = g.create_node("call_function", builtins.sum, (terms,), name="log_prob")
+        g.output((fx.node.map_aggregate(plan.outputs, env.__getitem__), log_prob))
+        return g
+
+    def _inverse_graph(self, plan: FlowPlan) -> fx.Graph:
+        g = fx.Graph()
+        env = {name: g.placeholder(name) for name in plan.output_names}
+        sample = g.placeholder("sample", default_value=True)
+        noise = self._noise_placeholders(g, self.inverse_noise_shapes())
+        for step in reversed(plan.steps):
+            layer = _get_attr(g, f"layers.{step.layer}", f"{step.layer}_layer")
+            env[step.source] = g.create_node(
+                "call_method", "inverse", (layer, env[step.name], sample, noise.get(step.layer)), name=step.source
+            )
+        values = tuple(env[name] for name, _ in plan.inputs)
+        g.output(values[0] if len(values) == 1 else values)
+        return g
+
+    def _base_key(self, output_name: str) -> str:
+        return self.plan.base_keys[self.plan.output_names.index(output_name)]
+
+    # -- pickling: graphs are derived data ---------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for name in ("function_graph", "likelihood_graph", "inverse_graph"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._build_graphs()
+
+    # -- shapes and noise -----------------------------------------------------------------------
+    @property
+    def code(self) -> str:
+        """Python source of the likelihood program (``print(flow.code)``)."""
+        return self.likelihood_graph.code
+
+    @property
+    def exact(self) -> bool:
+        """True when every layer's contribution is exact (otherwise log_prob is a bound)."""
+        return all(layer.exact for layer in self.layers.values())
+
+    @property
+    def input_shapes(self) -> list[Shape]:
+        """Per-sample shapes of the inputs."""
+        return [shape for _, shape in self.plan.inputs]
+
+    @property
+    def output_shapes(self) -> list[Shape]:
+        """Per-sample shapes of the outputs (the latent variables)."""
+        return list(self.plan.output_shapes)
+
+    def noise_shapes(self) -> dict[str, Shape]:
+        """``{layer name: per-sample shape}`` of the noise each stochastic forward consumes, in graph order."""
+        shapes = {}
+        for step in self.plan.steps:
+            shape = self.layers[step.layer].noise_shape(step.in_shape)
+            if shape is not None:
+                shapes[step.layer] = tuple(shape)
+        return shapes
+
+    def inverse_noise_shapes(self) -> dict[str, Shape]:
+        """``{layer name: per-sample shape}`` of the noise each sampled inverse consumes, in graph order."""
+        shapes = {}
+        for step in self.plan.steps:
+            shape = self.layers[step.layer].inverse_noise_shape(step.out_shape)
+            if shape is not None:
+                shapes[step.layer] = tuple(shape)
+        return shapes
+
+    @staticmethod
+    def _noise_kwargs(
+        shapes: Mapping[str, Shape], noise: Mapping[str, Tensor] | None, draw: bool, like: Tensor
+    ) -> dict[str, Tensor]:
+        if noise is not None:
+            unknown = set(noise) - set(shapes)
+            missing = set(shapes) - set(noise)
+            if unknown or missing:
+                raise ValueError(
+                    f"noise must have exactly the keys {sorted(shapes)}"
+                    + (f"; unknown {sorted(unknown)}" if unknown else "")
+                    + (f"; missing {sorted(missing)}" if missing else "")
+                )
+            return {f"noise_{k}": noise[k] for k in shapes}
+        if not draw:
+            return {}
+        batch = like.shape[0]
+        return {f"noise_{k}": torch.randn((batch, *s), dtype=like.dtype, device=like.device) for k, s in shapes.items()}
+
+    # -- the public API --------------------------------------------------------------------------
+    def forward(self, *inputs: Tensor) -> Any:
+        """The original network's outputs (no likelihood)."""
+        return self.function_graph(*inputs)
+
+    def forward_with_log_prob(
+        self, *inputs: Tensor, deterministic: bool = True, noise: Mapping[str, Tensor] | None = None
+    ) -> tuple[Any, Tensor]:
+        """``(outputs, log_prob)`` in one pass; ``log_prob`` has shape ``(batch,)``, in nats.
+
+        ``noise=None``: draw standard-normal noise for every entry of :meth:`noise_shapes`
+        when ``deterministic=False``, use none (zero noise) when ``deterministic=True``.
+        A dict ``{name: (batch, *shape) tensor}`` is used verbatim.
+        """
+        kwargs = self._noise_kwargs(self.noise_shapes(), noise, not deterministic, inputs[0])
+        return self.likelihood_graph(*inputs, **kwargs)
+
+    def log_prob(
+        self, *inputs: Tensor, deterministic: bool = False, num_samples: int = 1,
+        noise: Mapping[str, Tensor] | None = None,
+    ) -> Tensor:
+        """Log-density of the inputs, shape ``(batch,)``, in nats.
+
+        Exact when :attr:`exact`; otherwise a stochastic lower bound, and with
+        ``num_samples=K > 1`` the importance-weighted bound :math:`\\log\\frac1K\\sum_k e^{L_k}`
+        with fresh noise for every k. ``deterministic=True`` evaluates at zero noise.
+        """
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if num_samples == 1 or noise is not None:
+            return self.forward_with_log_prob(*inputs, deterministic=deterministic, noise=noise)[1]
+        lps = torch.stack(
+            [self.forward_with_log_prob(*inputs, deterministic=deterministic)[1] for _ in range(num_samples)]
+        )
+        return torch.logsumexp(lps, 0) - math.log(num_samples)
+
+    def inverse(self, *outputs: Tensor, sample: bool = True, noise: Mapping[str, Tensor] | None = None) -> Any:
+        """Inputs from outputs (outputs in flattening order; a single tuple is unpacked).
+
+        ``sample=True`` draws what the forward pass dropped (from ``noise`` when given, keys
+        and shapes as :meth:`inverse_noise_shapes`); ``sample=False`` uses conditional means.
+        Returns a tensor for single-input models, a tuple otherwise.
+        """
+        if len(outputs) == 1 and isinstance(outputs[0], (tuple, list)):
+            outputs = tuple(outputs[0])
+        if len(outputs) != len(self.plan.output_names):
+            raise ValueError(f"expected {len(self.plan.output_names)} outputs, got {len(outputs)}")
+        kwargs = self._noise_kwargs(self.inverse_noise_shapes(), noise, sample, outputs[0])
+        return self.inverse_graph(*outputs, sample=sample, **kwargs)
+
+    @torch.no_grad()
+    def sample(self, n: int, noise: Mapping[str, Tensor] | None = None) -> Any:
+        """``n`` draws from the model: base samples mapped through the sampled inverse."""
+        z = [self.bases[self._base_key(name)].sample(n) for name in self.plan.output_names]
+        return self.inverse(*z, sample=True, noise=noise)
+
+    def extra_repr(self) -> str:
+        ins = ", ".join(str(s) for s in self.input_shapes)
+        outs = ", ".join(str(s) for s in self.output_shapes)
+        return f"inputs=[{ins}], outputs=[{outs}], exact={self.exact}"
