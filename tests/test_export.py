@@ -321,3 +321,20 @@ def test_bad_arguments(tmp_path):
         export_onnx(layer, tmp_path / "a.onnx", _inputs((3,), 2), noise="gaussian")
     with pytest.raises(TypeError):
         export_onnx(nn.Linear(3, 3), tmp_path / "a.onnx", _inputs((3,), 2))
+
+
+def test_cli_export(tmp_path, capsys):
+    cli = pytest.importorskip("flowconvert.cli")
+    if "export" not in cli.COMMANDS:
+        pytest.skip("the export subcommand is not registered")
+    out = tmp_path / "m.onnx"
+    target = f"{__file__}:_cli_model"
+    status = cli.main(["export", target, "--input-shape", "3,5", "-o", str(out), "--graph", "inverse", "--report"])
+    assert status == 0, capsys.readouterr().err
+    assert out.exists() and out.with_suffix(".md").exists()
+    assert "onnxruntime vs PyTorch" in capsys.readouterr().out
+
+
+def _cli_model() -> nn.Module:
+    torch.manual_seed(0)
+    return _mlp(5, 3)
