@@ -59,7 +59,7 @@ def _models():
         from benchmarks import model as shared  # type: ignore
 
         make_mlp = getattr(shared, "mlp", None) or getattr(shared, "make_mlp", None) or mlp
-        make_cnn = getattr(shared, "cnn", None) or getattr(shared, "make_cnn", None) or cnn
+        make_cnn = getattr(shared, "CNN", None) or getattr(shared, "cnn", None) or cnn
     except ImportError:
         make_mlp, make_cnn = mlp, cnn
     return {"MLP 784-512-256-128-64-32-8": (make_mlp, (784,)), "CNN 1x28x28": (make_cnn, (1, 28, 28))}

@@ -20,6 +20,7 @@ from .errors import (
 from .linear import FlowLinear
 from .conv import FlowConv
 from .activations import FlowLeakyReLU
+from .grouped import FlowGroupedConv
 from .merging import FlowCat, FlowDuplicate, FlowSplit, FlowSum
 from .pooling import FlowAvgPool, FlowMaxPool
 from .elementwise import FlowBatchNorm, FlowELU, FlowPReLU, FlowScalarAffine, FlowSigmoid, FlowSoftplus, FlowTanh
@@ -48,6 +49,7 @@ __all__ = [
     "FlowLinear",
     "FlowConv",
     "FlowLeakyReLU",
+    "FlowGroupedConv",
     "FlowDuplicate",
     "FlowSum",
     "FlowCat",

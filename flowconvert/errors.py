@@ -202,10 +202,11 @@ register_diagnostic(
 register_diagnostic(
     "FC105",
     "pooling is not supported",
-    "Max pooling keeps the largest value of each window and discards the rest, so it has "
-    "no inverse; average and adaptive pooling are fixed linear maps without a flow layer yet.",
-    "Replace the pooling with a strided convolution, e.g. nn.Conv2d(C, C, kernel_size=2, "
-    "stride=2), and fine-tune.",
+    "Adaptive max pooling, LP pooling and 3-D pooling have no flow layer: adaptive max "
+    "windows overlap or differ in size, and LP pooling mixes a window's values non-linearly. "
+    "(MaxPool1d/2d and AvgPool1d/2d over windows that tile the input are supported.)",
+    "Use nn.MaxPool2d(k) / nn.AvgPool2d(k) with kernel == stride on sizes divisible by k, an "
+    "adaptive average pool to a size that divides the input, or a strided convolution.",
 )
 register_diagnostic(
     "FC106",
@@ -229,6 +230,31 @@ register_diagnostic(
     "zero, but flowconvert converts it only as part of the preceding layer.",
     "Fold it into the preceding layer before converting: "
     "torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn) or fuse_linear_bn_eval(linear, bn).",
+)
+register_diagnostic(
+    "FC130",
+    "in-place operation",
+    "An in-place tensor method overwrites its argument; when that is a model input or a value "
+    "read elsewhere, the traced graph no longer describes one function of the input, and the "
+    "flow cannot recover the overwritten value.",
+    "Write the operation out of place (x = x + 1 instead of x.add_(1), torch.relu(x) instead "
+    "of x.relu_()); nn.ReLU(inplace=True) and similar modules are fine.",
+)
+register_diagnostic(
+    "FC131",
+    "attention or product of data values",
+    "Attention and other products of two values computed from the input (x * y, x @ y, "
+    "bilinear layers) are not injective in general and have no flow layer.",
+    "Convert the part of the network before the attention block, or replace the product by "
+    "layers with a flow version (linear maps, invertible activations, sums).",
+)
+register_diagnostic(
+    "FC132",
+    "indexing that drops data",
+    "Selecting part of a value (x[:, 0], x[..., :k], narrow, index_select, gather) discards "
+    "the rest without modelling it, so the flow would lose those coordinates.",
+    "Use torch.split / torch.chunk and consume every piece (each piece then goes on through "
+    "the flow), or a learned reducing layer such as nn.Linear.",
 )
 register_diagnostic(
     "FC110",
@@ -307,17 +333,20 @@ register_diagnostic(
 register_diagnostic(
     "FC304",
     "value is used more than once (fan-out)",
-    "A flow must consume every value exactly once; using a value twice (a residual or skip "
-    "connection, or x * x) duplicates it, which needs an augmentation layer that is not "
-    "supported yet.",
-    "Remove the skip connection, or convert the part of the network without it.",
+    "A flow must consume every value exactly once; a value with several consumers is "
+    "duplicated by an augmentation layer (FlowDuplicate, a bound). This code is reported "
+    "when the duplication is not possible, e.g. for a piece of a split that is read twice.",
+    "Read each piece of a split or chunk once (assign it to a variable), or restructure the "
+    "graph so that every value has tensor consumers only.",
 )
 register_diagnostic(
     "FC305",
     "operation merges several data values",
-    "Combining two values computed from the input (x + y, torch.cat, x * y) is a many-to-one "
-    "map of the pair; flowconvert does not support merges yet.",
-    "Remove the merge, or convert the branches as separate models.",
+    "Two values computed from the input are combined in a way that has no flow layer: "
+    "a + b and torch.cat of data values are supported, but broadcasting sums, concatenation "
+    "with constants and other many-to-one maps are not.",
+    "Add values of the same shape, concatenate only data values, or convert the branches as "
+    "separate models.",
 )
 register_diagnostic(
     "FC306",

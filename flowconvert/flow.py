@@ -57,7 +57,12 @@ Shape = tuple[int, ...]
 
 @dataclass(frozen=True)
 class Step:
-    """One layer application: ``layer`` (key in ``flow.layers``) maps value ``source`` to value ``name``."""
+    """One layer application: ``layer`` (key in ``flow.layers``) maps value ``source`` to value ``name``.
+
+    Layers with several inputs or outputs (:mod:`flowconvert.merging`) also list them:
+    ``sources`` (all input values, in argument order; ``source`` is the first) and ``names``
+    (all output values, in output order; then ``name`` names the tuple itself).
+    """
 
     name: str
     layer: str
@@ -65,6 +70,17 @@ class Step:
     in_shape: Shape
     out_shape: Shape
     root: int = 0  # index of the model input this value descends from
+    sources: tuple[str, ...] = ()
+    names: tuple[str, ...] = ()
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The input values, in argument order."""
+        return self.sources or (self.source,)
+
+    @property
+    def multi_output(self) -> bool:
+        return bool(self.names)
 
 
 @dataclass
@@ -86,6 +102,12 @@ class FlowPlan:
 
 def _get_attr(g: fx.Graph, target: str, name: str) -> fx.Node:
     return g.create_node("get_attr", target, name=name)
+
+
+def _unpack_outputs(g: fx.Graph, step: Step, env: dict[str, fx.Node]) -> None:
+    """Name each output of a multi-output step (``env[step.name]`` holds the tuple)."""
+    for i, v in enumerate(step.names):
+        env[v] = g.create_node("call_function", operator.getitem, (env[step.name], i), name=v)
 
 
 class FlowModel(nn.Module):
@@ -122,7 +144,9 @@ class FlowModel(nn.Module):
         g = fx.Graph()
         env = {name: g.placeholder(name) for name, _ in plan.inputs}
         for step in plan.steps:
-            env[step.name] = g.create_node("call_module", f"layers.{step.layer}", (env[step.source],), name=step.name)
+            args = tuple(env[v] for v in step.inputs)
+            env[step.name] = g.create_node("call_module", f"layers.{step.layer}", args, name=step.name)
+            _unpack_outputs(g, step, env)
         g.output(fx.node.map_aggregate(plan.outputs, env.__getitem__))
         return g
 
@@ -136,8 +160,13 @@ class FlowModel(nn.Module):
         terms: list[fx.Node] = []
         for step in plan.steps:
             layer = _get_attr(g, f"layers.{step.layer}", f"{step.layer}_layer")
-            pair = g.create_node("call_method", "call_and_ll", (layer, env[step.source], noise.get(step.layer)), name=f"{step.name}_and_ll")
+            args = (layer, *(env[v] for v in step.inputs))
+            if step.sources:  # several inputs: noise by keyword
+                pair = g.create_node("call_method", "call_and_ll", args, {"noise": noise.get(step.layer)}, name=f"{step.name}_and_ll")
+            else:
+                pair = g.create_node("call_method", "call_and_ll", (*args, noise.get(step.layer)), name=f"{step.name}_and_ll")
             env[step.name] = g.create_node("call_function", operator.getitem, (pair, 0), name=step.name)
+            _unpack_outputs(g, step, env)
             terms.append(g.create_node("call_function", operator.getitem, (pair, 1), name=f"ll_{step.name}"))
         for out in plan.output_names:
             base = _get_attr(g, f"bases.{self._base_key(out)}", f"base_{out}")
@@ -153,9 +182,19 @@ class FlowModel(nn.Module):
         noise = self._noise_placeholders(g, self.inverse_noise_shapes())
         for step in reversed(plan.steps):
             layer = _get_attr(g, f"layers.{step.layer}", f"{step.layer}_layer")
-            env[step.source] = g.create_node(
-                "call_method", "inverse", (layer, env[step.name], sample, noise.get(step.layer)), name=step.source
-            )
+            if not (step.sources or step.names):
+                env[step.source] = g.create_node(
+                    "call_method", "inverse", (layer, env[step.name], sample, noise.get(step.layer)), name=step.source
+                )
+                continue
+            outs = tuple(env[v] for v in (step.names or (step.name,)))
+            kwargs = {"sample": sample, "noise": noise.get(step.layer)}
+            if not step.sources:
+                env[step.source] = g.create_node("call_method", "inverse", (layer, *outs), kwargs, name=step.source)
+                continue
+            back = g.create_node("call_method", "inverse", (layer, *outs), kwargs, name=f"{step.name}_inverse")
+            for i, v in enumerate(step.sources):
+                env[v] = g.create_node("call_function", operator.getitem, (back, i), name=v)
         values = tuple(env[name] for name, _ in plan.inputs)
         g.output(values[0] if len(values) == 1 else values)
         return g

@@ -5,8 +5,10 @@ or a tensor method name (``call_method``). Its ``build(ctx)`` receives a
 :class:`NodeContext` (the node, its module, its arguments with weights resolved, and the
 per-sample input/output shapes from shape propagation) and returns a
 :class:`~flowconvert.core.FlowLayer`, or raises :class:`Rejection` with a diagnostic code.
-Rules are only consulted for nodes with exactly one data input; merges are the graph
-analysis' business.
+Nodes with several data inputs (merges such as ``a + b`` or ``torch.cat``) are built by
+the same rules: ``ctx.num_data`` and ``ctx.in_shapes`` describe the data arguments, each
+of which is :data:`DATA_ARG` in ``ctx.args``. A rule's layer may have several inputs or
+outputs (:mod:`flowconvert.merging`).
 
 Adding support for a node kind is one decorated function:
 
@@ -37,7 +39,11 @@ from torch import Tensor, fx, nn
 
 from .activations import FlowLeakyReLU
 from .core import FlowLayer
+from .elementwise import FlowBatchNorm, FlowELU, FlowPReLU, FlowScalarAffine, FlowSigmoid, FlowSoftplus, FlowTanh
+from .errors import LayerConfigurationError
 from .linear import FlowLinear
+from .merging import FlowCat, FlowSplit, FlowSum
+from .pooling import FlowAvgPool, FlowMaxPool
 from .shapes import FlowIdentity, Permute, Reshape
 from .tracing import DATA
 
@@ -77,6 +83,15 @@ class NodeContext:
     kwargs: dict
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...] | None
+    #: per-sample shapes of every data argument, in argument order (several for merges)
+    in_shapes: tuple[tuple[int, ...], ...] = ()
+    #: conversion options, e.g. ``{"relu": "leaky", "negative_slope": 0.01}``
+    options: dict = field(default_factory=dict)
+
+    @property
+    def num_data(self) -> int:
+        """How many data arguments the node has (2 for ``a + b``; a list counts each entry)."""
+        return len(self.in_shapes) if self.in_shapes else 1
 
     def arg(self, index: int, name: str, default: Any = None) -> Any:
         """Argument by position (counting the data input) or by keyword."""
@@ -251,13 +266,22 @@ def _flow_conv():
 
 @REGISTRY.add_module(nn.Conv1d, nn.Conv2d)
 def _conv_module(ctx: NodeContext) -> FlowLayer:
+    if ctx.module.groups > 1:
+        from .grouped import FlowGroupedConv
+
+        return FlowGroupedConv.from_module(ctx.module, ctx.in_shape)
     return _flow_conv().from_module(ctx.module, ctx.in_shape)
 
 
 @REGISTRY.add_function(F.conv1d, F.conv2d)
 def _conv_function(ctx: NodeContext) -> FlowLayer:
     ctx.require_data_first()
-    return _flow_conv()(
+    groups = ctx.arg(6, "groups", 1)
+    if groups > 1:
+        from .grouped import FlowGroupedConv as cls
+    else:
+        cls = _flow_conv()
+    return cls(
         ctx.tensor(1, "weight"),
         ctx.tensor(2, "bias"),
         input_shape=ctx.in_shape,
@@ -338,10 +362,241 @@ def _dropout_function(ctx: NodeContext) -> FlowLayer:
     return FlowIdentity()
 
 
+# -- ReLU: refused, or substituted by LeakyReLU under convert(..., relu="leaky") ---------------
+@REGISTRY.add_module(nn.ReLU)
+@REGISTRY.add_function(F.relu, torch.relu)
+@REGISTRY.add_method("relu")
+def _relu(ctx: NodeContext) -> FlowLayer:
+    if ctx.options.get("relu") != "leaky":
+        raise Rejection("FC101", f"ReLU `{ctx.node.name}` cannot be part of a flow")
+    if ctx.node.op != "call_module":
+        ctx.require_data_first()
+    slope = float(ctx.options.get("negative_slope", 0.01))
+    layer = FlowLeakyReLU(slope)
+    layer.substitution = f"ReLU replaced by LeakyReLU(negative_slope={slope:g})"
+    return layer
+
+
+# -- elementwise bijections (flowconvert.elementwise) --------------------------------------------
+@REGISTRY.add_module(nn.Tanh)
+@REGISTRY.add_function(torch.tanh, F.tanh)
+@REGISTRY.add_method("tanh")
+def _tanh(ctx: NodeContext) -> FlowLayer:
+    if ctx.node.op != "call_module":
+        ctx.require_data_first()
+    return FlowTanh()
+
+
+@REGISTRY.add_module(nn.Sigmoid)
+@REGISTRY.add_function(torch.sigmoid, F.sigmoid)
+@REGISTRY.add_method("sigmoid")
+def _sigmoid(ctx: NodeContext) -> FlowLayer:
+    if ctx.node.op != "call_module":
+        ctx.require_data_first()
+    return FlowSigmoid()
+
+
+@REGISTRY.add_module(nn.ELU, nn.SELU)
+def _elu_module(ctx: NodeContext) -> FlowLayer:
+    return FlowELU.from_module(ctx.module)
+
+
+@REGISTRY.add_function(F.elu)
+def _elu_function(ctx: NodeContext) -> FlowLayer:
+    ctx.require_data_first()
+    return FlowELU(ctx.arg(1, "alpha", 1.0))
+
+
+@REGISTRY.add_function(F.selu, torch.selu)
+def _selu_function(ctx: NodeContext) -> FlowLayer:
+    ctx.require_data_first()
+    return FlowELU.selu()
+
+
+@REGISTRY.add_module(nn.Softplus)
+def _softplus_module(ctx: NodeContext) -> FlowLayer:
+    return FlowSoftplus.from_module(ctx.module)
+
+
+@REGISTRY.add_function(F.softplus)
+def _softplus_function(ctx: NodeContext) -> FlowLayer:
+    ctx.require_data_first()
+    return FlowSoftplus(ctx.arg(1, "beta", 1.0), ctx.arg(2, "threshold", 20.0))
+
+
+@REGISTRY.add_module(nn.PReLU)
+def _prelu_module(ctx: NodeContext) -> FlowLayer:
+    return FlowPReLU.from_module(ctx.module)
+
+
+@REGISTRY.add_function(F.prelu, torch.prelu)
+def _prelu_function(ctx: NodeContext) -> FlowLayer:
+    ctx.require_data_first()
+    return FlowPReLU(ctx.tensor(1, "weight"))
+
+
+@REGISTRY.add_module(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+def _batch_norm_module(ctx: NodeContext) -> FlowLayer:
+    return FlowBatchNorm.from_module(ctx.module)
+
+
+@REGISTRY.add_function(F.batch_norm)
+def _batch_norm_function(ctx: NodeContext) -> FlowLayer:
+    ctx.require_data_first()
+    mean, var = ctx.tensor(1, "running_mean"), ctx.tensor(2, "running_var")
+    if ctx.arg(5, "training", False) or mean is None or var is None:
+        raise Rejection("FC211", "F.batch_norm is called with training=True or without running statistics")
+    return FlowBatchNorm(mean, var, ctx.tensor(3, "weight"), ctx.tensor(4, "bias"), ctx.arg(7, "eps", 1e-5))
+
+
+# -- arithmetic: with a constant (affine bijection), or of two data values (a + b funnel) -------
+_ARITHMETIC = {
+    operator.add: "add", torch.add: "add", "add": "add",
+    operator.sub: "sub", torch.sub: "sub", "sub": "sub", torch.subtract: "sub", "subtract": "sub",
+    operator.mul: "mul", torch.mul: "mul", "mul": "mul", torch.multiply: "mul", "multiply": "mul",
+    operator.truediv: "div", torch.div: "div", "div": "div", torch.true_divide: "div", "true_divide": "div",
+    torch.divide: "div", "divide": "div",
+}
+
+
+@REGISTRY.add_function(*(k for k in _ARITHMETIC if not isinstance(k, str)))
+@REGISTRY.add_method(*(k for k in _ARITHMETIC if isinstance(k, str)))
+def _arithmetic(ctx: NodeContext) -> FlowLayer:
+    op = _ARITHMETIC[ctx.node.target]
+    a, b = ctx.arg(0, "input"), ctx.arg(1, "other")
+    if ctx.kwargs.get("alpha", 1) != 1 or ctx.kwargs.get("rounding_mode") is not None:
+        raise Rejection(_unsupported_code(ctx.node), f"{describe_target(ctx.node)} with alpha/rounding_mode is not supported")
+    if a is DATA_ARG and b is DATA_ARG:
+        if op in ("mul", "div"):
+            raise Rejection("FC131", f"`{ctx.node.name}` multiplies or divides two data values")
+        if len(set(ctx.in_shapes)) != 1 or ctx.out_shape != ctx.in_shapes[0]:
+            raise Rejection("FC305", f"`{ctx.node.name}` adds values of different shapes {list(ctx.in_shapes)} (broadcasting)")
+        return FlowSum(ctx.in_shapes[0], subtract=op == "sub")
+    if a is DATA_ARG:
+        const = b
+    elif b is DATA_ARG:
+        const = a
+        if op == "sub":
+            op = "rsub"
+        elif op == "div":
+            raise Rejection(_unsupported_code(ctx.node), f"`{ctx.node.name}` divides a constant by a data value (a reciprocal)")
+    else:
+        raise Rejection(_unsupported_code(ctx.node), "no data argument")
+    if not isinstance(const, (int, float, Tensor)) or isinstance(const, bool):
+        raise Rejection(_unsupported_code(ctx.node), f"`{ctx.node.name}`: constant of type {type(const).__name__}")
+    if ctx.out_shape != ctx.in_shape:
+        raise Rejection(_unsupported_code(ctx.node), f"`{ctx.node.name}`: the constant broadcasts {ctx.in_shape} to {ctx.out_shape}")
+    return FlowScalarAffine(op, const)
+
+
+@REGISTRY.add_function(operator.neg, torch.neg, torch.negative)
+@REGISTRY.add_method("neg", "negative")
+def _neg(ctx: NodeContext) -> FlowLayer:
+    ctx.require_data_first()
+    return FlowScalarAffine("neg")
+
+
+# -- concatenation and splitting along a feature dimension ----------------------------------------
+def _feature_dim(ctx: NodeContext, dim: int, ndim: int) -> int:
+    d = int(dim) % ndim
+    if d == 0:
+        raise Rejection("FC215", f"`{ctx.node.name}` concatenates or splits along the batch dimension")
+    return d
+
+
+@REGISTRY.add_function(torch.cat, torch.concat, torch.concatenate)
+def _cat(ctx: NodeContext) -> FlowLayer:
+    parts = ctx.arg(0, "tensors")
+    if not isinstance(parts, (tuple, list)) or any(p is not DATA_ARG for p in parts):
+        raise Rejection("FC305", f"`{ctx.node.name}` concatenates data with constants (that adds coordinates without a density)")
+    ndim = len(ctx.in_shapes[0]) + 1
+    dim = _feature_dim(ctx, ctx.arg(1, "dim", ctx.kwargs.get("axis", 0)), ndim)
+    return FlowCat(dim, [shape[dim - 1] for shape in ctx.in_shapes])
+
+
+@REGISTRY.add_function(torch.split, torch.chunk)
+@REGISTRY.add_method("split", "chunk")
+def _split(ctx: NodeContext) -> FlowLayer:
+    ctx.require_data_first()
+    ndim = len(ctx.in_shape) + 1
+    chunk = ctx.node.target in (torch.chunk, "chunk")
+    how = ctx.arg(1, "chunks" if chunk else "split_size_or_sections")
+    if how is None and not chunk:
+        how = ctx.kwargs.get("split_size")
+    dim = _feature_dim(ctx, ctx.arg(2, "dim", 0), ndim)
+    length = ctx.in_shape[dim - 1]
+    return FlowSplit.from_chunk(dim, how, length) if chunk else FlowSplit.from_split(dim, how, length)
+
+
+@REGISTRY.add_function(operator.getitem)
+def _getitem(ctx: NodeContext) -> FlowLayer:
+    ctx.require_data_first()
+    index = ctx.arg(1, "index")
+    items = index if isinstance(index, tuple) else (index,)
+    keeps_all = all(i is None or i is Ellipsis or (isinstance(i, slice) and i == slice(None)) for i in items)
+    if not keeps_all:
+        raise Rejection("FC132", f"`{ctx.node.name}` indexes a data value with {index!r}")
+    if ctx.out_shape is None:
+        raise Rejection("FC132", f"`{ctx.node.name}` does not return a tensor")
+    return Reshape(ctx.in_shape, ctx.out_shape)
+
+
+# -- pooling over tiling windows (flowconvert.pooling) ---------------------------------------------
+@REGISTRY.add_module(nn.MaxPool1d, nn.MaxPool2d)
+def _max_pool_module(ctx: NodeContext) -> FlowLayer:
+    return FlowMaxPool.from_module(ctx.module, ctx.in_shape)
+
+
+@REGISTRY.add_module(nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+def _avg_pool_module(ctx: NodeContext) -> FlowLayer:
+    return FlowAvgPool.from_module(ctx.module, ctx.in_shape)
+
+
+@REGISTRY.add_function(F.max_pool1d, F.max_pool2d)
+def _max_pool_function(ctx: NodeContext) -> FlowLayer:
+    ctx.require_data_first()
+    module = (nn.MaxPool1d if len(ctx.in_shape) == 2 else nn.MaxPool2d)(
+        ctx.arg(1, "kernel_size"), ctx.arg(2, "stride", None), ctx.arg(3, "padding", 0), ctx.arg(4, "dilation", 1),
+        ctx.arg(6, "return_indices", False), ctx.arg(5, "ceil_mode", False),
+    )
+    return FlowMaxPool.from_module(module, ctx.in_shape)
+
+
+@REGISTRY.add_function(F.avg_pool1d, F.avg_pool2d)
+def _avg_pool_function(ctx: NodeContext) -> FlowLayer:
+    ctx.require_data_first()
+    args = (ctx.arg(1, "kernel_size"), ctx.arg(2, "stride", None), ctx.arg(3, "padding", 0), ctx.arg(4, "ceil_mode", False))
+    if len(ctx.in_shape) == 2:
+        module = nn.AvgPool1d(*args)
+    else:
+        module = nn.AvgPool2d(*args, divisor_override=ctx.arg(6, "divisor_override", None))
+    return FlowAvgPool.from_module(module, ctx.in_shape)
+
+
+@REGISTRY.add_function(F.adaptive_avg_pool1d, F.adaptive_avg_pool2d)
+def _adaptive_avg_pool_function(ctx: NodeContext) -> FlowLayer:
+    ctx.require_data_first()
+    return FlowAvgPool.adaptive_from_size(ctx.in_shape, ctx.arg(1, "output_size"))
+
+
 # -- refusals, with the reason in the diagnostic catalogue -----------------------------------
 REGISTRY.reject(
-    "FC101", "ReLU",
-    modules=[nn.ReLU], functions=[F.relu, torch.relu, F.relu_, torch.relu_], methods=["relu", "relu_"],
+    "FC130", "in-place operation",
+    functions=[F.relu_, torch.relu_, F.elu_, F.leaky_relu_, torch.sigmoid_, torch.tanh_],
+    methods=["relu_", "add_", "sub_", "mul_", "div_", "neg_", "sigmoid_", "tanh_", "copy_", "fill_", "zero_",
+             "masked_fill_", "index_add_", "scatter_", "exp_", "pow_", "addcmul_", "addcdiv_", "clamp_", "clip_"],
+)
+REGISTRY.reject(
+    "FC131", "attention or product of data values",
+    modules=[nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.Bilinear],
+    functions=[F.scaled_dot_product_attention, F.multi_head_attention_forward, torch.matmul, operator.matmul,
+               torch.bmm, torch.einsum, F.bilinear],
+    methods=["matmul", "bmm"],
+)
+REGISTRY.reject(
+    "FC132", "indexing that drops data",
+    functions=[torch.narrow, torch.select, torch.index_select, torch.gather, torch.masked_select],
+    methods=["narrow", "select", "index_select", "gather", "masked_select"],
 )
 REGISTRY.reject(
     "FC102", "non-monotone activation",
@@ -361,26 +616,19 @@ REGISTRY.reject(
 )
 REGISTRY.reject(
     "FC105", "pooling",
-    modules=[nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-             nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    modules=[nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
              nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d],
-    functions=[F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-               F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+    functions=[F.max_pool3d, F.avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
                torch.max_pool1d, torch.max_pool2d, torch.avg_pool1d],
 )
 REGISTRY.reject(
     "FC106", "saturating activation",
     modules=[nn.ReLU6, nn.Hardtanh, nn.Hardsigmoid, nn.Threshold],
     functions=[F.relu6, F.hardtanh, F.hardsigmoid, F.threshold, torch.clamp, torch.clip],
-    methods=["clamp", "clip", "clamp_", "clip_"],
+    methods=["clamp", "clip"],
 )
 REGISTRY.reject(
     "FC107", "activation",
-    modules=[nn.Tanh, nn.Sigmoid, nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.PReLU, nn.LogSigmoid],
-    functions=[torch.tanh, torch.sigmoid, F.tanh, F.sigmoid, F.elu, F.selu, F.celu, F.softplus, F.prelu, F.logsigmoid],
-    methods=["tanh", "sigmoid"],
-)
-REGISTRY.reject(
-    "FC108", "BatchNorm",
-    modules=[nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d], functions=[F.batch_norm],
+    modules=[nn.CELU, nn.LogSigmoid],
+    functions=[F.celu, F.logsigmoid],
 )

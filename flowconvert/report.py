@@ -72,6 +72,10 @@ class NodeReport:
     node_location: str | None = None
     shape: tuple[int, ...] | None = None
     problems: list[Problem] = field(default_factory=list)
+    #: what the conversion did beyond a plain flow layer (a substitution, a duplication)
+    note: str | None = None
+    #: True when the value has several consumers and is duplicated (an augmentation: a bound)
+    fanout: bool = False
 
     @property
     def code(self) -> str | None:
@@ -101,7 +105,7 @@ class NodeReport:
             name=self.name, op=self.op, target=self.target, status=self.status, likelihood=self.likelihood,
             code=self.code, reason=self.reason, hint=self.hint, location=self.location,
             shape=list(self.shape) if self.shape is not None else None,
-            problems=[p.to_dict() for p in self.problems],
+            problems=[p.to_dict() for p in self.problems], note=self.note,
         )
 
 
@@ -116,6 +120,8 @@ class Report:
     output_shapes: list[tuple[int, ...]] = field(default_factory=list)
     density_parameters: int = 0
     base: str = "standard"
+    #: with substitutions (``relu="leaky"``): largest |flow output - original output| on the example inputs
+    max_output_deviation: float | None = None
 
     # -- summary -----------------------------------------------------------------------
     @property
@@ -130,7 +136,12 @@ class Report:
     @property
     def exact(self) -> bool:
         """True when every converted layer is exact (a bound otherwise)."""
-        return all(n.likelihood != "bound" for n in self.nodes)
+        return all(n.likelihood != "bound" and not n.fanout for n in self.nodes)
+
+    @property
+    def substitutions(self) -> list[NodeReport]:
+        """Nodes whose layer approximates the original operation (e.g. ReLU -> LeakyReLU)."""
+        return [n for n in self.nodes if n.note and "replaced" in n.note]
 
     @property
     def likelihood(self) -> str:
@@ -164,7 +175,23 @@ class Report:
             ("latent shapes", shapes(self.output_shapes)),
             ("latent size", str(self.latent_size)),
             (f"density parameters ({self.base} base)", str(self.density_parameters)),
-        ]
+        ] + self._substitution_items()
+
+    def _substitution_items(self) -> list[tuple[str, str]]:
+        subs = self.substitutions
+        if not subs:
+            return []
+        kinds = sorted({n.note.split(";")[0] for n in subs})
+        items = [("substitutions", f"{len(subs)} node{'s' * (len(subs) != 1)}: {', '.join(kinds)} (outputs differ from the original)")]
+        if self.max_output_deviation is not None:
+            items.append(("max output deviation", f"{self.max_output_deviation:.3g} (on the example inputs)"))
+        return items
+
+    def _note_lines(self) -> list[str]:
+        notes = [n for n in self.nodes if n.note]
+        if not notes:
+            return []
+        return ["", "Notes:"] + [f"  {n.name}: {n.note}" for n in notes]
 
     # -- renderings ----------------------------------------------------------------------
     _COLUMNS = ("node", "op", "target", "status", "likelihood", "code", "location")
@@ -194,6 +221,7 @@ class Report:
                 lines.append(wrap("what:", p.message))
                 lines.append(wrap("why:", p.why))
                 lines.append(wrap("hint:", p.hint))
+        lines += self._note_lines()
         lines += ["", "Summary:"]
         items = self._summary_items()
         width = max(len(k) for k, _ in items)
@@ -210,6 +238,9 @@ class Report:
         lines.extend(f"- **{k}**: {esc(v)}" for k, v in self._summary_items())
         lines += ["", "| " + " | ".join(self._COLUMNS) + " |", "|" + "---|" * len(self._COLUMNS)]
         lines.extend("| " + " | ".join(f"`{esc(c)}`" if i == 0 and c else esc(c) for i, c in enumerate(r)) + " |" for r in self._rows())
+        notes = [n for n in self.nodes if n.note]
+        if notes:
+            lines += ["", "### Notes", ""] + [f"- `{n.name}`: {esc(n.note)}" for n in notes]
         if self.problems:
             lines += ["", "### Problems", "", "| code | title | count |", "|---|---|---|"]
             lines.extend(f"| {c} | {esc(DIAGNOSTICS[c].title if c in DIAGNOSTICS else c)} | {k} |" for c, k in self.counts.items())
@@ -228,6 +259,8 @@ class Report:
             latent_size=self.latent_size,
             density_parameters=self.density_parameters,
             base=self.base,
+            substitutions=[dict(node=n.name, note=n.note) for n in self.substitutions],
+            max_output_deviation=self.max_output_deviation,
             input_shapes=[list(s) for s in self.input_shapes],
             output_shapes=[list(s) for s in self.output_shapes],
             problem_counts=self.counts,

@@ -64,6 +64,19 @@ class ResidualBlock(nn.Module):
         return h + x  # residual-line
 
 
+class ConstantPadding(nn.Module):
+    """Concatenates data with a constant: coordinates without a density."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.pad = nn.Parameter(torch.zeros(1, 2))
+
+    def forward(self, x):
+        h = self.fc(x)
+        return torch.cat([h, self.pad.expand(h.size(0), 2)], 1)  # cat-line
+
+
 class ThreeProblems(nn.Module):
     def __init__(self):
         super().__init__()
@@ -86,7 +99,7 @@ CASES = [
     (WithActivation(nn.LeakyReLU(0.0)), "act", "FC202", "activation-line", "negative_slope=0.01"),
     (WithNorm(), "norm", "FC103", "norm-line", "Remove the normalization"),
     (DataDependentIf(), "<trace>", "FC301", "if-line", "torch.where"),
-    (ResidualBlock(), "add", "FC305", "residual-line", "Remove the merge"),
+    (ConstantPadding(), "cat", "FC305", "cat-line", "concatenate only data values"),
 ]
 
 
@@ -111,11 +124,13 @@ def test_relu_explanation_in_practitioner_words():
     assert "Replace nn.ReLU with nn.LeakyReLU(negative_slope=0.01) and fine-tune" in text
 
 
-def test_residual_reports_fan_out_at_the_residual_line_too():
+def test_residual_converts_with_a_duplicate_and_a_sum():
     report = fc.audit(ResidualBlock(), torch.randn(1, 4))
-    assert report.counts == {"FC304": 1, "FC305": 1}
+    assert report.convertible and report.likelihood == "bound"  # the duplication of x is an augmentation
     x = next(n for n in report.nodes if n.name == "x")
-    assert x.code == "FC304" and x.location.endswith(f"test_report.py:{line_of('residual-line')}")
+    assert x.fanout and "duplicated" in x.note and "x: used 2 times" in str(report)
+    add = next(n for n in report.nodes if n.name == "add")
+    assert add.status == "converted" and add.likelihood == "exact"
 
 
 def test_three_problems_are_all_reported_grouped_by_kind():
