@@ -77,6 +77,13 @@ def _pair(v, dim: int, name: str, fill: int = 1) -> tuple[int, int]:
     return (fill, t[0]) if dim == 1 else (t[0], t[1])
 
 
+def _sum_squares(t: Tensor) -> Tensor:
+    """Per-sample sum of squares of any-strided ``t`` (one pass when no gradient is recorded)."""
+    if torch.is_grad_enabled() and t.requires_grad:
+        return sum_except_batch(t * t)
+    return torch.linalg.vector_norm(t, dim=tuple(range(1, t.dim()))).square()
+
+
 class FlowConv(FlowLayer):
     """Flowified 1-D or 2-D convolution (zero padding, any stride, dilation, kernel size, ``groups=1``).
 
@@ -212,6 +219,7 @@ class FlowConv(FlowLayer):
         self.register_buffer(
             "_sqrt_cov", cov_patch.sqrt().repeat(C_in, 1).to(dtype=dtype, device=device), persistent=False
         )
+        self.register_buffer("_sqrt_cov_img", cov.sqrt().to(dtype=dtype, device=device), persistent=False)
         # dropped pixels: flat index in the unpadded grid, and the output location they condition on
         di, dj = torch.nonzero(drop_mask, as_tuple=True)
         oi = torch.floor((di - dh * (kh - 1) / 2) / sh + 0.5).clamp(0, Ho - 1).long()
@@ -329,27 +337,31 @@ class FlowConv(FlowLayer):
                 out[:, :, a * dh : a * dh + sh * (Ho - 1) + 1 : sh, b * dw : b * dw + sw * (Wo - 1) + 1 : sw] += c6[:, :, a, b]
         return out
 
-    def _tiled(self, patches6: Tensor, eps: Tensor, inplace: bool = False) -> tuple[Tensor, Tensor]:
+    def _tiled(self, xp: Tensor, eps: Tensor, inplace: bool = False) -> tuple[Tensor, Tensor]:
         """Patches with duplication noise ``(B, C*k, L_o)``, and ``|w / tau|^2`` per sample.
 
-        ``patches6`` is the clean window view; ``eps`` holds i.i.d. standard normals per patch
-        element; ``w / tau`` is ``eps`` minus the mean over the copies of the same pixel (the
-        copies of a pixel share its channel's ``tau``), and each copy gets ``sqrt(N_p) w``.
+        ``eps`` holds i.i.d. standard normals per patch element; ``w / tau`` is ``eps`` minus
+        the mean :math:`m_p` over the copies of the same pixel (copies share their channel's
+        ``tau``), and each copy gets ``sqrt(N_p) w``. Since ``sqrt(N_p) tau m_p`` is a per-pixel
+        quantity, the patches are ``windows(xp - sqrt(N) tau m) + sqrt(N) tau eps``, and
+        ``|w / tau|^2 = sum eps^2 - sum_p N_p m_p^2``: no patch-sized temporary besides the result.
         """
-        B = eps.shape[0]
-        e = eps.reshape(patches6.shape)
-        mean = self._fold(e.reshape(B, -1, self.n_locations)) * self._inv_cov
-        w_std = e - self._windows(mean)
+        B, C = eps.shape[0], self.in_channels
+        e = eps.reshape(B, -1, self.n_locations)
+        sums = self._fold(e)  # per-pixel sums of the copies' noise
+        mean = sums * self._inv_cov
+        sq = _sum_squares(e) - sum_except_batch(sums * mean)
+        tau = self.tile_noise.log_scale.exp()
+        img = xp - (self._sqrt_cov_img * tau[:, None, None]) * mean
         kk = self._k[0] * self._k[1]
-        scale = self._sqrt_cov * self.tile_noise.log_scale.exp().repeat_interleave(kk)[:, None]
-        flat = w_std.reshape(B, -1)
-        sq = torch.einsum("bi,bi->b", flat, flat)
-        scale = scale.reshape(patches6.shape[1:])
-        if inplace:  # w_std is ours: reuse its (contiguous) memory for the patches
-            patches = w_std.mul_(scale).add_(patches6)
+        scale = self._sqrt_cov * tau.repeat_interleave(kk)[:, None]  # (C*k, L_o)
+        shape6 = (B, C, *self._k, *self._out_hw)
+        if inplace:
+            patches = e * scale
+            patches.view(shape6).add_(self._windows(img))
         else:
-            patches = w_std * scale + patches6  # contiguous like w_std
-        return patches.reshape(B, -1, self.n_locations), sq
+            patches = ((e * scale).view(shape6) + self._windows(img)).reshape(e.shape)
+        return patches, sq
 
     def _constant(self, kernel_const: Tensor) -> Tensor:
         """The contribution that does not depend on the input (deterministic-mode noise terms)."""
@@ -390,21 +402,22 @@ class FlowConv(FlowLayer):
         (kh, kw), funnel = self._k, kernel.kind == "funnel"
         if noise is None:
             # deterministic: one convolution with [W; M], never unfold
-            weight = kernel._stack if funnel else kernel.weight
-            bias = kernel._stack_bias if funnel else kernel.bias
-            weight = weight.view(-1, self.in_channels, kh, kw)
             pt, pb, pl, pr = self._pads
             if pt == pb and pl == pr:
-                out = F.conv2d(x4, weight, bias, self._s, (pt, pl), self._d)
+                xin, padding = x4, (pt, pl)
             else:
-                out = F.conv2d(F.pad(x4, (pl, pr, pt, pb)), weight, bias, self._s, 0, self._d)
-            out = out.reshape(B, -1, self.n_locations)
+                xin, padding = F.pad(x4, (pl, pr, pt, pb)), 0
             ll = self._constant(kernel._row_const).expand(B)
             if funnel:
-                y, res = out[:, :C_out], out[:, C_out:]
-                ll = ll - 0.5 * sum_except_batch(res * res)
+                # channels-last runs the wide (C_in k output channels) convolution markedly faster on CPU
+                cl = torch.channels_last
+                weight = kernel._stack.view(-1, self.in_channels, kh, kw).contiguous(memory_format=cl)
+                out = F.conv2d(xin.contiguous(memory_format=cl), weight, kernel._stack_bias, self._s, padding, self._d)
+                y = out[:, :C_out].contiguous().reshape(B, C_out, -1)
+                ll = ll - 0.5 * _sum_squares(out[:, C_out:])
             else:
-                y = out
+                weight = kernel.weight.view(-1, self.in_channels, kh, kw)
+                y = F.conv2d(xin, weight, kernel.bias, self._s, padding, self._d)
         else:
             eps_pad, eps_tile, eps_aug = self._split(noise, self._noise_sizes)
             xp = self._pad(x4, eps_pad)
@@ -413,16 +426,18 @@ class FlowConv(FlowLayer):
                 ll = ll + 0.5 * sum_except_batch(eps_pad * eps_pad)
             if eps_tile is not None:  # unfold once, with the duplication noise added in the same pass
                 inplace = not (torch.is_grad_enabled() and (x4.requires_grad or eps_tile.requires_grad))
-                patches, sq = self._tiled(self._windows(xp), eps_tile, inplace=inplace)
+                patches, sq = self._tiled(xp, eps_tile, inplace=inplace)
                 ll = ll + 0.5 * sq
             else:
                 patches = self._unfold(xp)
             if funnel:
-                out = torch.matmul(kernel._stack, patches) + kernel._stack_bias[:, None]
-                y, res = out[:, :C_out], out[:, C_out:]
-                ll = ll - 0.5 * sum_except_batch(res * res)
+                out = torch.matmul(kernel._stack, patches)
+                out += kernel._stack_bias[:, None]
+                y = out[:, :C_out]
+                ll = ll - 0.5 * _sum_squares(out[:, C_out:])
             else:
-                y = torch.matmul(kernel.weight, patches) + kernel.bias[:, None]
+                y = torch.matmul(kernel.weight, patches)
+                y += kernel.bias[:, None]
                 if eps_aug is not None:
                     u = eps_aug.reshape(B, -1, self.n_locations)
                     y = y + torch.matmul(kernel._noise_map, u)
@@ -446,7 +461,7 @@ class FlowConv(FlowLayer):
         if eps_pad is not None:
             ll = ll + 0.5 * sum_except_batch(eps_pad * eps_pad)
         if eps_tile is not None:
-            patches, sq = self._tiled(self._windows(xp), eps_tile)
+            patches, sq = self._tiled(xp, eps_tile)
             ll = ll + 0.5 * sq
             apply = lambda mat, b=None: F.linear(patches.mT, mat, b).mT
         else:
