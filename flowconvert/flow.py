@@ -128,6 +128,7 @@ class FlowModel(nn.Module):
     # -- generated programs ------------------------------------------------------------------
     def _build_graphs(self) -> None:
         plan = self.plan
+        self._collect_noise_shapes()
         graphs = {
             "function_graph": self._function_graph(plan),
             "likelihood_graph": self._likelihood_graph(plan),
@@ -205,7 +206,7 @@ class FlowModel(nn.Module):
     # -- pickling: graphs are derived data ---------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for name in ("function_graph", "likelihood_graph", "inverse_graph"):
+        for name in ("function_graph", "likelihood_graph", "inverse_graph", "_noise_shapes", "_inverse_noise_shapes"):
             state.pop(name, None)
         return state
 
@@ -236,21 +237,25 @@ class FlowModel(nn.Module):
 
     def noise_shapes(self) -> dict[str, Shape]:
         """``{layer name: per-sample shape}`` of the noise each stochastic forward consumes, in graph order."""
-        shapes = {}
-        for step in self.plan.steps:
-            shape = self.layers[step.layer].noise_shape(step.in_shape)
-            if shape is not None:
-                shapes[step.layer] = tuple(shape)
-        return shapes
+        return dict(self._noise_shapes)
 
     def inverse_noise_shapes(self) -> dict[str, Shape]:
         """``{layer name: per-sample shape}`` of the noise each sampled inverse consumes, in graph order."""
-        shapes = {}
+        return dict(self._inverse_noise_shapes)
+
+    def _collect_noise_shapes(self) -> None:
+        """Noise shapes depend only on each layer's configuration: computed once per build."""
+        forward, inverse = {}, {}
         for step in self.plan.steps:
-            shape = self.layers[step.layer].inverse_noise_shape(step.out_shape)
+            layer = self.layers[step.layer]
+            shape = layer.noise_shape(step.in_shape)
             if shape is not None:
-                shapes[step.layer] = tuple(shape)
-        return shapes
+                forward[step.layer] = tuple(shape)
+            shape = layer.inverse_noise_shape(step.out_shape)
+            if shape is not None:
+                inverse[step.layer] = tuple(shape)
+        object.__setattr__(self, "_noise_shapes", forward)
+        object.__setattr__(self, "_inverse_noise_shapes", inverse)
 
     @staticmethod
     def _noise_kwargs(
@@ -285,7 +290,7 @@ class FlowModel(nn.Module):
         when ``deterministic=False``, use none (zero noise) when ``deterministic=True``.
         A dict ``{name: (batch, *shape) tensor}`` is used verbatim.
         """
-        kwargs = self._noise_kwargs(self.noise_shapes(), noise, not deterministic, inputs[0])
+        kwargs = self._noise_kwargs(self._noise_shapes, noise, not deterministic, inputs[0])
         return self.likelihood_graph(*inputs, **kwargs)
 
     def log_prob(
@@ -318,7 +323,7 @@ class FlowModel(nn.Module):
             outputs = tuple(outputs[0])
         if len(outputs) != len(self.plan.output_names):
             raise ValueError(f"expected {len(self.plan.output_names)} outputs, got {len(outputs)}")
-        kwargs = self._noise_kwargs(self.inverse_noise_shapes(), noise, sample, outputs[0])
+        kwargs = self._noise_kwargs(self._inverse_noise_shapes, noise, sample, outputs[0])
         return self.inverse_graph(*outputs, sample=sample, **kwargs)
 
     @torch.no_grad()
