@@ -219,8 +219,13 @@ class FlowLinear(FlowLayer):
             return y, rows * self._row_const - 0.5 * sum_except_batch(res * res)
         ll = (rows * self._row_const).expand(batch)
         if self.kind == "augment" and noise is not None:
-            y = y + F.linear(noise, self._noise_map)
-            ll = ll + 0.5 * sum_except_batch(noise * noise)
+            if torch.is_grad_enabled() and (x.requires_grad or noise.requires_grad):
+                y = y + F.linear(noise, self._noise_map)
+                ll = ll + 0.5 * sum_except_batch(noise * noise)
+            else:  # y is ours: accumulate U_perp tau eps into it, no temporaries
+                y.view(-1, self.out_features).addmm_(noise.reshape(-1, self.added_features), self._noise_map.mT)
+                flat = noise.reshape(batch, -1)
+                ll = ll + 0.5 * torch.linalg.vecdot(flat, flat)
         return y, ll
 
     def _call_graph(self, x: Tensor, noise: Tensor | None, rows: int) -> tuple[Tensor, Tensor]:
