@@ -619,7 +619,7 @@ REGISTRY.reject(
     modules=[nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
              nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d],
     functions=[F.max_pool3d, F.avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
-               torch.max_pool1d, torch.max_pool2d, torch.avg_pool1d],
+               torch.max_pool1d, torch.max_pool2d],
 )
 REGISTRY.reject(
     "FC106", "saturating activation",
