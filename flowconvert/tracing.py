@@ -264,7 +264,8 @@ def capture(
         raise _tracing_error(exc) from exc
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     for node in gm.graph.nodes:
-        node.meta["fc_location"] = node_location(node)
+        # inputs and the output are made by the tracer itself, not by a line of forward
+        node.meta["fc_location"] = None if node.op in ("placeholder", "output") else node_location(node)
     batch = int(inputs[0].shape[0])
     with torch.no_grad():
         _propagate(gm, work, inputs)
