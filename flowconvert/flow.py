@@ -313,6 +313,15 @@ class FlowModel(nn.Module):
         )
         return torch.logsumexp(lps, 0) - math.log(num_samples)
 
+    def bits_per_dim(self, data: Any, **kwargs: Any) -> float:
+        """Mean bits per dimension on ``data``: :func:`flowconvert.bits_per_dim` of this model.
+
+        Takes the same keywords (``dequantize``, ``num_samples``, ``deterministic``, ``batch_size``).
+        """
+        from .evaluation import bits_per_dim
+
+        return bits_per_dim(self, data, **kwargs)
+
     def inverse(self, *outputs: Tensor, sample: bool = True, noise: Mapping[str, Tensor] | None = None) -> Any:
         """Inputs from outputs (outputs in flattening order; a single tuple is unpacked).
 

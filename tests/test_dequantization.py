@@ -74,3 +74,17 @@ def test_deterministic_evaluation_ignores_num_samples():
     a = fc.log_likelihood(flow, x, deterministic=True)
     b = fc.log_likelihood(flow, x, deterministic=True, num_samples=5)
     assert torch.equal(a, b)
+
+
+def test_flow_model_bits_per_dim_method_matches_the_function():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.LeakyReLU(0.5), torch.nn.Linear(4, 3))
+    flow = fc.convert(net, torch.rand(2, 6), base="diagonal")
+    x = torch.randint(0, 5, (40, 6)).float()
+    deq = fc.Dequantize(5)
+    torch.manual_seed(1)
+    via_method = flow.bits_per_dim(x, dequantize=deq, batch_size=16)
+    torch.manual_seed(1)
+    via_function = fc.bits_per_dim(flow, x, dequantize=deq, batch_size=16)
+    assert via_method == via_function
+    assert flow.bits_per_dim(x / 4, deterministic=True) == fc.bits_per_dim(flow, x / 4, deterministic=True)
