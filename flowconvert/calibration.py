@@ -208,9 +208,8 @@ class _PixelPart(_ConditionalPart):
         self.moments = _Moments(self.q.context_features, self.q.features)
 
     def record(self, x: Tensor, y: Tensor, part: int) -> None:
-        conv, B = self.conv, x.shape[0]
-        xd = x.detach().reshape(B, conv.in_channels, -1)[:, :, conv._drop_idx].mT
-        yd = y.detach().reshape(B, conv.out_channels, -1)[:, :, conv._drop_loc].mT
+        conv = self.conv
+        xd, yd = conv.dropped_pixel_pairs(x.detach(), y.detach())
         self.rows_per_sample = xd.shape[1]
         self.moments.add(yd.reshape(-1, conv.out_channels), xd.reshape(-1, conv.in_channels), part)
 
@@ -314,21 +313,8 @@ def _is_conv(module: nn.Module) -> bool:
 
 
 def _conv_patches(conv: nn.Module, x: Tensor, noise: Tensor | None) -> Tensor:
-    """The patches the convolution's kernel sees, ``(B * L_o, C_in k)``.
-
-    Uses ``conv.kernel_patches(x, noise)`` when the layer provides it (noise included);
-    otherwise the noise-free patches of the zero-padded input, so in stochastic mode the
-    kernel's statistics then leave out the padding/overlap noise.
-    """
-    import torch.nn.functional as F
-
-    provided = getattr(conv, "kernel_patches", None)
-    if callable(provided):
-        patches = provided(x, noise)
-    else:
-        x4 = x.reshape(x.shape[0], conv.in_channels, *conv._hw)
-        pt, pb, pl, pr = conv._pads
-        patches = F.unfold(F.pad(x4, (pl, pr, pt, pb)), **conv._fold_args)
+    """The patches the convolution's kernel sees (padding and duplication noise included), ``(B * L_o, C_in k)``."""
+    patches = conv.kernel_patches(x, noise)
     return patches.mT.reshape(-1, patches.shape[1])
 
 

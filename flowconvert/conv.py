@@ -374,10 +374,31 @@ class FlowConv(FlowLayer):
             const = const + self._tile_extra * (self.tile_noise.log_scale.sum() + 0.5 * LOG_2PI * C)
         return const
 
-    def _dropped_ll(self, x4: Tensor, y: Tensor) -> Tensor:
-        B = x4.shape[0]
-        xd = x4.reshape(B, self.in_channels, -1)[:, :, self._drop_idx].mT
+    def kernel_patches(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
+        """The patches the kernel multiplies, ``(B, C_in * k, L_o)``, in the kernel's column order.
+
+        ``noise`` is the layer's forward noise (as for :meth:`call_and_ll`); its padding and
+        duplication parts are included. ``noise=None``: the patches of the zero-padded input.
+        """
+        x4 = self._as4d(x)
+        eps_pad = eps_tile = None
+        if noise is not None and self.noise_shape(()) is not None:
+            eps_pad, eps_tile, _ = self._split(noise, self._noise_sizes)
+        xp = self._pad(x4, eps_pad)
+        if eps_tile is not None:
+            return self._tiled(xp, eps_tile)[0]
+        return self._unfold(xp)
+
+    def dropped_pixel_pairs(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """``(pixels, context)`` of the pixels no window reaches: ``(B, n_dropped, C_in)`` input values
+        and ``(B, n_dropped, C_out)`` outputs at the location :attr:`dropped_pixels` conditions on."""
+        B = x.shape[0]
+        xd = x.reshape(B, self.in_channels, -1)[:, :, self._drop_idx].mT
         yd = y.reshape(B, self.out_channels, -1)[:, :, self._drop_loc].mT
+        return xd, yd
+
+    def _dropped_ll(self, x4: Tensor, y: Tensor) -> Tensor:
+        xd, yd = self.dropped_pixel_pairs(x4, y)
         q = self.dropped_pixels
         return sum_except_batch(normal_log_prob(xd, q.mean(yd), q.log_scale))
 

@@ -353,3 +353,17 @@ def test_noise_shapes():
     assert layer.inverse_noise_shape(layer.output_shape) == ((C * 9 - layer.out_channels) * H * W,)
     _, exact, _ = make("2x2_s2_bijection")
     assert exact.noise_shape(None) is None and exact.inverse_noise_shape(None) is None
+
+
+def test_kernel_patches_are_what_the_kernel_multiplies():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    layer = FlowConv.from_module(conv, (2, 5, 5))
+    x = torch.randn(4, 2, 5, 5)
+    clean = layer.kernel_patches(x)
+    assert torch.equal(clean, F.unfold(F.pad(x, (1, 1, 1, 1)), 3))
+    noise = layer.draw_noise(x)
+    y, _ = layer.call_and_ll(x, noise)
+    patches = layer.kernel_patches(x, noise)  # padding and duplication noise included
+    W, b = layer.kernel.weight, layer.kernel.bias
+    assert torch.allclose(F.linear(patches.mT, W, b).mT.reshape(y.shape), y, atol=1e-5)
