@@ -153,11 +153,19 @@ class FlowLinear(FlowLayer):
             return True
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
 
+    def _version_key(self) -> tuple:
+        """Versions of every tensor the caches depend on (cheap: no recursive module walk)."""
+        tensors = [*self._parameters.values(), self.weight]
+        for density in (self.dropped, self.noise):
+            if density is not None:
+                tensors.extend(density._parameters.values())
+        return (*(t._version for t in tensors), self.weight.dtype, self.weight.device)
+
     def _refresh(self) -> None:
         """Recompute the cached weight-only tensors when any parameter changed."""
         if self._frozen and self._pinv.numel():
             return
-        key = tuple(p._version for p in self.parameters()) + (self.weight._version, self.weight.dtype, self.weight.device)
+        key = self._version_key()
         if key == self._cache_key and self._pinv.numel():
             return
         with torch.no_grad():
@@ -206,18 +214,19 @@ class FlowLinear(FlowLayer):
         return F.linear(x, weight, self.bias)
 
     def call_and_ll(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        rows = x[0].numel() // self.in_features  # how many vectors the map acts on per sample
+        batch = x.shape[0]
+        rows = x.numel() // max(batch * self.in_features, 1)  # vectors the map acts on per sample
         if self._needs_graph():
             return self._call_graph(x, noise, rows)
         self._refresh()
-        batch = x.shape[0]
+        const = self._row_const if rows == 1 else rows * self._row_const
         y = F.linear(x, self.weight, self.bias)  # the original layer, bit for bit
         if self.kind == "funnel":
             # the residual rows M, e of the cached stack [W; M]: together with y, n x n multiply-adds
             m = self.out_features
-            res = F.linear(x, self._stack[m:], self._stack_bias[m:])
-            return y, rows * self._row_const - 0.5 * sum_except_batch(res * res)
-        ll = (rows * self._row_const).expand(batch)
+            res = F.linear(x, self._stack[m:], self._stack_bias[m:]).reshape(batch, -1)
+            return y, torch.add(const, torch.linalg.vecdot(res, res), alpha=-0.5)
+        ll = const.expand(batch)
         if self.kind == "augment" and noise is not None:
             if torch.is_grad_enabled() and (x.requires_grad or noise.requires_grad):
                 y = y + F.linear(noise, self._noise_map)
