@@ -163,6 +163,12 @@ class Registry:
     functions: dict[Any, Rule] = field(default_factory=dict)
     methods: dict[str, Rule] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        return (
+            f"Registry({len(self.modules)} module rules, {len(self.functions)} function rules, "
+            f"{len(self.methods)} method rules)"
+        )
+
     # -- registration -------------------------------------------------------------------
     def add_module(self, *types: type) -> Callable[[Builder], Builder]:
         """Decorator: ``build(ctx)`` for ``call_module`` nodes of exactly these types."""

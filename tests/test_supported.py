@@ -64,3 +64,12 @@ def test_likelihood_column_matches_the_rules():
 def test_relu_row_states_the_substitution_policy():
     (row,) = [r for r in doc_rows() if "nn.ReLU" in r[1]]
     assert row[0] == "refused (FC101) / substitution" and 'relu="leaky"' in row[3]
+
+
+def test_readme_table_is_the_documented_table():
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    table = lambda path: [line for line in path.read_text().splitlines() if line.startswith("| ") and " | " in line]
+    doc_table = table(DOC)
+    assert doc_table and all(row in table(readme) for row in doc_table)
+    readme_rows = [row for row in table(readme) if row.count(" | ") == 3]
+    assert readme_rows == doc_table
