@@ -6,7 +6,14 @@ True
 """
 
 from .core import FlowLayer, network_training
-from .densities import ConditionalDiagonalNormal, DiagonalNormal, GaussianNoise, StandardNormal
+from .densities import (
+    ConditionalDiagonalNormal,
+    ConditionalNormal,
+    DiagonalNormal,
+    ElementwiseConditionalNormal,
+    GaussianNoise,
+    StandardNormal,
+)
 from .errors import (
     DIAGNOSTICS,
     ConversionError,
@@ -68,7 +75,9 @@ __all__ = [
     "FlowIdentity",
     "StandardNormal",
     "DiagonalNormal",
+    "ConditionalNormal",
     "ConditionalDiagonalNormal",
+    "ElementwiseConditionalNormal",
     "GaussianNoise",
     "DIAGNOSTICS",
     "Diagnostic",

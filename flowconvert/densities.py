@@ -25,7 +25,9 @@ __all__ = [
     "sum_except_batch",
     "StandardNormal",
     "DiagonalNormal",
+    "ConditionalNormal",
     "ConditionalDiagonalNormal",
+    "ElementwiseConditionalNormal",
     "GaussianNoise",
 ]
 
@@ -89,7 +91,36 @@ class DiagonalNormal(nn.Module):
         return self.loc + eps * self.log_scale.exp()
 
 
-class ConditionalDiagonalNormal(nn.Module):
+class ConditionalNormal(nn.Module):
+    r"""Base of the conditional diagonal Gaussians :math:`q(d\mid y) = \mathcal N(\mu(y), \operatorname{diag} e^{2\lambda})`.
+
+    Subclasses define :meth:`mean` (how :math:`\mu` depends on :math:`y`) and, when their
+    ``log_scale`` needs broadcasting against ``y``, :meth:`log_scale_for`; the density and
+    the draws are shared.
+    """
+
+    log_scale: nn.Parameter
+
+    def mean(self, y: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def log_scale_for(self, y: Tensor) -> Tensor:
+        """``log_scale`` shaped to broadcast against :meth:`mean` ``(y)``."""
+        return self.log_scale
+
+    def log_prob(self, d: Tensor, y: Tensor) -> Tensor:
+        """``log q(d | y)`` summed over all but the batch dimension."""
+        return sum_except_batch(normal_log_prob(d, self.mean(y), self.log_scale_for(y)))
+
+    def sample(self, y: Tensor, eps: Tensor | None = None) -> Tensor:
+        """A draw given ``y`` (from ``eps``, standard normal of the mean's shape, drawn if ``None``)."""
+        mu = self.mean(y)
+        if eps is None:
+            eps = torch.randn_like(mu)
+        return mu + eps.reshape(mu.shape) * self.log_scale_for(y).exp()
+
+
+class ConditionalDiagonalNormal(ConditionalNormal):
     r"""Density of dropped coordinates given kept ones: :math:`q(d\mid y) = \mathcal N(A y + c, \operatorname{diag}\sigma^2)`.
 
     ``weight`` is :math:`A` (``features x context``), ``bias`` is :math:`c`, ``log_scale`` is
@@ -113,16 +144,27 @@ class ConditionalDiagonalNormal(nn.Module):
         """Conditional mean :math:`A y + c` over the last dimension."""
         return nn.functional.linear(y, self.weight, self.bias)
 
-    def log_prob(self, d: Tensor, y: Tensor) -> Tensor:
-        """``log q(d | y)`` summed over all but the batch dimension."""
-        return sum_except_batch(normal_log_prob(d, self.mean(y), self.log_scale))
 
-    def sample(self, y: Tensor, eps: Tensor | None = None) -> Tensor:
-        """A draw (``eps`` standard normal, drawn if ``None``) of shape ``y.shape[:-1] + (features,)``."""
-        mu = self.mean(y)
-        if eps is None:
-            eps = torch.randn_like(mu)
-        return mu + eps * self.log_scale.exp()
+class ElementwiseConditionalNormal(ConditionalNormal):
+    r""":math:`q(d \mid y) = \mathcal N(\alpha \odot y + \beta, \operatorname{diag} e^{2\lambda})`, parameters of shape ``event_shape``.
+
+    Each dropped coordinate depends on the kept coordinate at the same position (the
+    funnel of ``a + b``). Starts as a standard normal independent of :math:`y`.
+
+    >>> q = ElementwiseConditionalNormal((2, 3))
+    >>> q.log_prob(torch.zeros(4, 2, 3), torch.randn(4, 2, 3)).shape
+    torch.Size([4])
+    """
+
+    def __init__(self, event_shape: Sequence[int]):
+        super().__init__()
+        self.event_shape = tuple(int(s) for s in event_shape)
+        self.weight = nn.Parameter(torch.zeros(self.event_shape))
+        self.bias = nn.Parameter(torch.zeros(self.event_shape))
+        self.log_scale = nn.Parameter(torch.zeros(self.event_shape))
+
+    def mean(self, y: Tensor) -> Tensor:
+        return self.weight * y + self.bias
 
 
 class GaussianNoise(nn.Module):

@@ -54,11 +54,11 @@ import torch
 from torch import Tensor, nn
 
 from .core import FlowLayer, zero_ll
-from .densities import GaussianNoise, normal_log_prob, sum_except_batch
+from .densities import ElementwiseConditionalNormal, GaussianNoise, normal_log_prob, sum_except_batch
 from .errors import LayerConfigurationError, register_diagnostic
 from .pooling import helmert
 
-__all__ = ["FlowDuplicate", "FlowSum", "FlowCat", "FlowSplit", "ElementwiseConditionalNormal"]
+__all__ = ["FlowDuplicate", "FlowSum", "FlowCat", "FlowSplit"]
 
 register_diagnostic(
     "FC215",
@@ -75,32 +75,6 @@ def _unpack(values: tuple) -> tuple:
     if len(values) == 1 and isinstance(values[0], (tuple, list)):
         return tuple(values[0])
     return values
-
-
-class ElementwiseConditionalNormal(nn.Module):
-    r""":math:`q(d \mid y) = \mathcal N(\alpha \odot y + \beta, \operatorname{diag} e^{2\lambda})` with parameters of shape ``event_shape``.
-
-    Starts as a standard normal independent of :math:`y`.
-    """
-
-    def __init__(self, event_shape: Sequence[int]):
-        super().__init__()
-        self.event_shape = tuple(int(s) for s in event_shape)
-        self.weight = nn.Parameter(torch.zeros(self.event_shape))
-        self.bias = nn.Parameter(torch.zeros(self.event_shape))
-        self.log_scale = nn.Parameter(torch.zeros(self.event_shape))
-
-    def mean(self, y: Tensor) -> Tensor:
-        return self.weight * y + self.bias
-
-    def log_prob(self, d: Tensor, y: Tensor) -> Tensor:
-        return sum_except_batch(normal_log_prob(d, self.mean(y), self.log_scale))
-
-    def sample(self, y: Tensor, eps: Tensor | None = None) -> Tensor:
-        mu = self.mean(y)
-        if eps is None:
-            eps = torch.randn_like(mu)
-        return mu + eps * self.log_scale.exp()
 
 
 class FlowDuplicate(FlowLayer):

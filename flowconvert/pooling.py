@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .core import FlowLayer
-from .densities import LOG_2PI, normal_log_prob, sum_except_batch
+from .densities import LOG_2PI, ConditionalNormal, normal_log_prob, sum_except_batch
 from .errors import LayerConfigurationError, register_diagnostic
 
 __all__ = ["FlowAvgPool", "FlowMaxPool", "ChannelConditionalNormal", "helmert"]
@@ -115,7 +115,7 @@ def from_windows(w: Tensor, kernel: Sequence[int]) -> Tensor:
     return w.reshape(B, C, Ho, Wo, kh, kw).permute(0, 1, 2, 4, 3, 5).reshape(B, C, Ho * kh, Wo * kw)
 
 
-class ChannelConditionalNormal(nn.Module):
+class ChannelConditionalNormal(ConditionalNormal):
     r"""Per-channel :math:`q(d \mid y) = \mathcal N(a_c y + b_c, \operatorname{diag}\sigma_c^2)` for ``features`` values per location.
 
     ``y`` has shape ``(B, C, *locations)`` and ``d`` has ``(B, C, *locations, features)``;
@@ -135,14 +135,8 @@ class ChannelConditionalNormal(nn.Module):
     def mean(self, y: Tensor) -> Tensor:
         return y.unsqueeze(-1) * self._view(self.weight, y) + self._view(self.bias, y)
 
-    def log_prob(self, d: Tensor, y: Tensor) -> Tensor:
-        return sum_except_batch(normal_log_prob(d, self.mean(y), self._view(self.log_scale, y)))
-
-    def sample(self, y: Tensor, eps: Tensor | None = None) -> Tensor:
-        mu = self.mean(y)
-        if eps is None:
-            eps = torch.randn_like(mu)
-        return mu + eps * self._view(self.log_scale, y).exp()
+    def log_scale_for(self, y: Tensor) -> Tensor:
+        return self._view(self.log_scale, y)
 
 
 class _WindowPool(FlowLayer):
