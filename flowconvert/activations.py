@@ -53,7 +53,7 @@ class FlowLeakyReLU(FlowLayer):
     def call_and_ll(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
         # -sign(min(x, 0)) is 1 exactly where x < 0; several times faster on CPU than
         # reducing the boolean mask (x < 0), and it stays in x's dtype
-        minus_negative = sum_except_batch(torch.clamp(x, max=0).sign())
+        minus_negative = sum_except_batch(torch.clamp(x, max=0).sign_())
         return F.leaky_relu(x, self.negative_slope), minus_negative * -self.log_slope
 
     def inverse(self, y: Tensor, sample: bool = False, noise: Tensor | None = None) -> Tensor:

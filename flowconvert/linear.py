@@ -149,24 +149,49 @@ class FlowLinear(FlowLayer):
         return W, pinv, U[:, r:], V[:, r:]
 
     def _needs_graph(self) -> bool:
-        if parametrize.is_parametrized(self):
+        if "parametrizations" in self._modules:  # inside network_training
             return True
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
 
+    # -- cache bookkeeping: the caches follow every in-place change of the tensors they are
+    # computed from (optimizer steps, load_state_dict, calibrate), tracked by version counters.
     def _version_key(self) -> tuple:
-        """Versions of every tensor the caches depend on (cheap: no recursive module walk)."""
-        tensors = [*self._parameters.values(), self.weight]
-        for density in (self.dropped, self.noise):
-            if density is not None:
-                tensors.extend(density._parameters.values())
-        return (*(t._version for t in tensors), self.weight.dtype, self.weight.device)
+        watched = self.__dict__.get("_watched")
+        if watched is None:  # the tensors the caches depend on, collected once
+            tensors = [*self._parameters.values(), self._buffers["weight"]]
+            for density in (self.dropped, self.noise):
+                if density is not None:
+                    tensors.extend(density._parameters.values())
+            watched = self.__dict__["_watched"] = tuple(tensors)
+        return tuple([t._version for t in watched])
+
+    def invalidate_cache(self) -> None:
+        """Forget the cached weight-only tensors (needed only after replacing a parameter object
+        of a density by hand; in-place changes are tracked automatically)."""
+        self.__dict__.pop("_watched", None)
+        self._cache_key = None
+
+    def _apply(self, fn, recurse=True):  # .to(), .double(), .cuda() replace tensors
+        self.invalidate_cache()
+        return super()._apply(fn, recurse)
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, (Tensor, nn.Module)):  # a tensor or density replaced: start over
+            self.__dict__.pop("_watched", None)
+            self.__dict__["_cache_key"] = None
+        super().__setattr__(name, value)
+
+    def register_parameter(self, name: str, param) -> None:
+        self.__dict__.pop("_watched", None)
+        self.__dict__["_cache_key"] = None
+        super().register_parameter(name, param)
 
     def _refresh(self) -> None:
         """Recompute the cached weight-only tensors when any parameter changed."""
-        if self._frozen and self._pinv.numel():
+        if self._frozen and "_fast" in self.__dict__:
             return
         key = self._version_key()
-        if key == self._cache_key and self._pinv.numel():
+        if key == self._cache_key and "_fast" in self.__dict__:
             return
         with torch.no_grad():
             W, pinv, U_perp, V_perp = self._factors()
@@ -179,6 +204,7 @@ class FlowLinear(FlowLayer):
                 e = -(q.weight @ self.bias + q.bias) * inv_sigma
                 self._stack = torch.cat([W, M]).contiguous()
                 self._stack_bias = torch.cat([self.bias, e])
+                self._residual = (self._stack[self.out_features:], self._stack_bias[self.out_features:])
                 const = logdet - q.log_scale.sum() - 0.5 * LOG_2PI * q.features
             elif self.kind == "augment":
                 tau = self.noise.log_scale.exp().expand(self.noise.features)
@@ -187,7 +213,20 @@ class FlowLinear(FlowLayer):
             else:
                 const = logdet
             self._row_const = const.reshape(())
+        # what the fast path reads, in one plain tuple (no nn.Module attribute lookups per call)
+        residual = self._residual if self.kind == "funnel" else (None, None)
+        self.__dict__["_fast"] = (self.weight, self.bias, self._row_const, *residual, self._noise_map)
         self._cache_key = key
+
+    def _cached(self) -> tuple:
+        """``(weight, bias, row_const, residual_weight, residual_bias, noise_map)``, refreshed when stale."""
+        if not self._frozen and self._version_key() != self._cache_key:
+            self._refresh()
+        fast = self.__dict__.get("_fast")
+        if fast is None:
+            self._refresh()
+            fast = self.__dict__["_fast"]
+        return fast
 
     def prepare_for_export(self) -> None:
         """Compute the caches now and stop re-checking them (on a copy about to be traced).
@@ -206,7 +245,7 @@ class FlowLinear(FlowLayer):
         with torch.no_grad():
             r = self.rank
             self.weight.copy_((self.U[:, :r] * self.log_s.exp()) @ self.V[:, :r].mT)
-        self._cache_key = None
+        self.invalidate_cache()
 
     # -- the contract --------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -218,21 +257,20 @@ class FlowLinear(FlowLayer):
         rows = x.numel() // max(batch * self.in_features, 1)  # vectors the map acts on per sample
         if self._needs_graph():
             return self._call_graph(x, noise, rows)
-        self._refresh()
-        const = self._row_const if rows == 1 else rows * self._row_const
-        y = F.linear(x, self.weight, self.bias)  # the original layer, bit for bit
-        if self.kind == "funnel":
+        weight, bias, row_const, res_weight, res_bias, noise_map = self._cached()
+        const = row_const if rows == 1 else rows * row_const
+        y = F.linear(x, weight, bias)  # the original layer, bit for bit
+        if res_weight is not None:  # funnel
             # the residual rows M, e of the cached stack [W; M]: together with y, n x n multiply-adds
-            m = self.out_features
-            res = F.linear(x, self._stack[m:], self._stack_bias[m:]).reshape(batch, -1)
+            res = F.linear(x, res_weight, res_bias).reshape(batch, -1)
             return y, torch.add(const, torch.linalg.vecdot(res, res), alpha=-0.5)
         ll = const.expand(batch)
         if self.kind == "augment" and noise is not None:
             if torch.is_grad_enabled() and (x.requires_grad or noise.requires_grad):
-                y = y + F.linear(noise, self._noise_map)
+                y = y + F.linear(noise, noise_map)
                 ll = ll + 0.5 * sum_except_batch(noise * noise)
             else:  # y is ours: accumulate U_perp tau eps into it, no temporaries
-                y.view(-1, self.out_features).addmm_(noise.reshape(-1, self.added_features), self._noise_map.mT)
+                y.view(-1, self.out_features).addmm_(noise.reshape(-1, self.added_features), noise_map.mT)
                 flat = noise.reshape(batch, -1)
                 ll = ll + 0.5 * torch.linalg.vecdot(flat, flat)
         return y, ll

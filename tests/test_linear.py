@@ -234,3 +234,16 @@ def test_forward_follows_factors_during_network_training():
     with network_training(flow):
         flow(torch.randn(3, 4, dtype=torch.float64)).sum().backward()
         assert flow.parametrizations.U.original.grad is not None and flow.log_s.grad is not None
+
+
+def test_cache_follows_dtype_moves_and_replaced_parameters():
+    _, flow = make("funnel", torch.float32)
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        flow.call_and_ll(x)
+        flow.double()  # buffers are replaced: the cache must be rebuilt in float64
+        y, ll = flow.call_and_ll(x.double())
+        assert ll.dtype == torch.float64
+        torch.testing.assert_close(ll, flow._call_graph(x.double(), None, 1)[1])
+        flow.bias = torch.nn.Parameter(flow.bias + 1.0, requires_grad=False)  # a new parameter object
+        torch.testing.assert_close(flow.call_and_ll(x.double())[1], flow._call_graph(x.double(), None, 1)[1])
