@@ -49,7 +49,7 @@ def register_command(name: str, help: str, configure: Callable[[argparse.Argumen
 
 
 # -- shared arguments and helpers ---------------------------------------------------------------
-def _shape(text: str) -> tuple[int, ...]:
+def parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
@@ -63,7 +63,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """TARGET, --input-shape, --weights, --dtype, --seed: what every model-taking command needs."""
     parser.add_argument("target", metavar="TARGET",
                         help="package.module:attr or path/to/file.py:attr (a module instance, class or zero-arg factory)")
-    parser.add_argument("--input-shape", type=_shape, action="append", required=True, metavar="SHAPE",
+    parser.add_argument("--input-shape", type=parse_shape, action="append", required=True, metavar="SHAPE",
                         help="example input shape, batch first, e.g. 1,64 (repeat for several inputs)")
     parser.add_argument("--weights", metavar="FILE", help="state dict to load (torch.load(weights_only=True))")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="dtype of the example inputs")

@@ -22,17 +22,9 @@ import sys
 __all__ = ["configure", "run"]
 
 
-def _shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        shape = ()
-    if not shape or any(s <= 0 for s in shape):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a shape like 1,64 (positive sizes, batch first)")
-    return shape
-
-
 def configure(parser: argparse.ArgumentParser) -> None:
+    from .cli import parse_shape  # the one shape parser of the command line (cli imports this module)
+
     parser.add_argument("target", metavar="TARGET|FLOW.pt",
                         help="package.module:attr or path/to/file.py:attr, or a flow saved by 'flowconvert convert'")
     parser.add_argument("-o", "--output", required=True, metavar="FILE", help="the .onnx file to write")
@@ -40,7 +32,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="likelihood: inputs -> outputs and log_prob; inverse: outputs -> inputs")
     parser.add_argument("--noise", choices=["zero", "input", "random"], default="zero",
                         help="zero: deterministic; input: noise tensors are graph inputs; random: drawn in the graph")
-    parser.add_argument("--input-shape", type=_shape, action="append", metavar="SHAPE",
+    parser.add_argument("--input-shape", type=parse_shape, action="append", metavar="SHAPE",
                         help="example input shape, batch first (required for a TARGET; repeat for several inputs)")
     parser.add_argument("--batch", type=int, default=4, help="example batch size for a saved flow (default 4)")
     parser.add_argument("--weights", metavar="FILE", help="state dict to load into TARGET")
