@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -12,6 +14,8 @@ from torch import nn
 import flowconvert as fc
 from flowconvert.export import LayerFlow, export_onnx
 from flowconvert.verification import LINEAR_ALGEBRA_OPS, linear_algebra_ops
+
+import zoo as converter_zoo
 
 GRAPHS = ("likelihood", "inverse")
 NOISES = ("zero", "input", "random")
@@ -38,11 +42,11 @@ def _cnn() -> nn.Module:
     )
 
 
-#: name -> (network factory, per-sample input shape)
+#: name -> (network factory, per-sample input shape): the converter's test zoo (tests/zoo.py:
+#: square, reducing and increasing MLPs, CNNs, functional and shape-op models) and a padded,
+#: strided CNN of this file's own
 ZOO = {
-    "mlp_square": (lambda: _mlp(4, 4, 4), (4,)),
-    "mlp_reducing": (lambda: _mlp(6, 4, 2), (6,)),
-    "mlp_increasing": (lambda: _mlp(2, 4, 5), (2,)),
+    **{entry.name: (lambda entry=entry: converter_zoo.make(entry), entry.shape[1:]) for entry in converter_zoo.ZOO},
     "cnn": (_cnn, (1, 8, 8)),
 }
 
@@ -118,14 +122,23 @@ def _check_against_pytorch(flow, result, graph, noise, data_shape):
         feeds.update({name: eps[key].numpy() for name, key in result.noise_inputs.items()})
         got = session.run(None, feeds)
         expected = _pytorch(flow, graph, noise, x, eps)
+        atol = [1e-4] * len(expected)
+        if graph == "inverse":
+            # An inverse amplifies float32 rounding by the network's conditioning (a LeakyReLU slope
+            # of 0.1 alone by 10), and then PyTorch itself is not within 1e-4 of the exact answer.
+            # Measure PyTorch's own float32 error against a float64 evaluation of the same flow and
+            # allow onnxruntime 3 times that where it exceeds 1e-4 / 3; elsewhere 1e-4 stands.
+            flow64 = copy.deepcopy(flow).double()
+            exact = _pytorch(flow64, graph, noise, x.double(), {k: v.double() for k, v in eps.items()})
+            atol = [max(1e-4, 3 * (e.double() - r).abs().max().item()) for e, r in zip(expected, exact)]
         assert len(got) == len(expected) == len(result.output_names)
-        for name, g, e in zip(result.output_names, got, expected):
+        for name, g, e, tol in zip(result.output_names, got, expected, atol):
             e = e.numpy()
             assert g.shape == e.shape, (name, batch)
             if name == "log_prob":
                 assert np.max(np.abs(g - e) / np.maximum(np.abs(e), 1.0)) <= 1e-4, (name, batch)
             else:
-                assert np.max(np.abs(g - e)) <= 1e-4, (name, batch)
+                assert np.max(np.abs(g - e)) <= tol, (name, batch, tol)
 
 
 # -- every model, graph and noise mode -------------------------------------------------------
@@ -168,7 +181,7 @@ def test_zoo_export_matches_pytorch(flows, model, graph, noise, tmp_path):
 
 
 @needs_convert
-@pytest.mark.parametrize("model", ["mlp_reducing", "cnn"])
+@pytest.mark.parametrize("model", ["reducing_mlp", "cnn"])
 def test_likelihood_graph_has_no_linear_algebra(flows, model, tmp_path):
     flow, shape = flows[model]
     result = export_onnx(flow, tmp_path / "m.onnx", _inputs(shape, 4), verify=False)
@@ -180,7 +193,7 @@ def test_likelihood_graph_has_no_linear_algebra(flows, model, tmp_path):
 
 @needs_convert
 def test_inverse_of_reducing_model_samples_dropped_coordinates(flows, tmp_path):
-    flow, shape = flows["mlp_reducing"]
+    flow, shape = flows["reducing_mlp"]
     with torch.no_grad():
         y = flow(_inputs(shape, 33))
     feeds = {"y": y.numpy()}
