@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 

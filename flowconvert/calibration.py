@@ -63,7 +63,7 @@ import torch
 from torch import Tensor, nn
 
 from ._data import iter_inputs
-from .densities import LOG_2PI, ConditionalDiagonalNormal, DiagonalNormal, GaussianNoise
+from .densities import LOG_2PI, DiagonalNormal, GaussianNoise
 from .dequantization import Dequantize
 from .linear import FlowLinear
 

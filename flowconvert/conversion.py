@@ -14,7 +14,6 @@ FC101 True
 
 from __future__ import annotations
 
-import math
 import operator
 from collections import Counter
 from typing import Any

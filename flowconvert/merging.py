@@ -51,10 +51,10 @@ import math
 from typing import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .core import FlowLayer, zero_ll
-from .densities import ElementwiseConditionalNormal, GaussianNoise, normal_log_prob, sum_except_batch
+from .densities import ElementwiseConditionalNormal, GaussianNoise
 from .errors import LayerConfigurationError, register_diagnostic
 from .pooling import helmert
 

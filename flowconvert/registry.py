@@ -28,7 +28,6 @@ The default rules live in :data:`REGISTRY`.
 
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -40,12 +39,10 @@ from torch import Tensor, fx, nn
 from .activations import FlowLeakyReLU
 from .core import FlowLayer
 from .elementwise import FlowBatchNorm, FlowELU, FlowPReLU, FlowScalarAffine, FlowSigmoid, FlowSoftplus, FlowTanh
-from .errors import LayerConfigurationError
 from .linear import FlowLinear
 from .merging import FlowCat, FlowSplit, FlowSum
 from .pooling import FlowAvgPool, FlowMaxPool
 from .shapes import FlowIdentity, Permute, Reshape
-from .tracing import DATA
 
 __all__ = ["Rule", "Rejection", "NodeContext", "Registry", "REGISTRY", "describe_target", "DATA_ARG"]
 

@@ -41,20 +41,19 @@ import contextlib
 import copy
 import io
 import inspect
-import operator
 import os
 import re
 import sys
 import sysconfig
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .errors import FlowConversionError, TracingError
+from .errors import TracingError
 
 __all__ = [
     "FlowTracer",

@@ -1,6 +1,5 @@
 """Grouped and depthwise convolution (block-diagonal per-patch maps) against SPEC section 8."""
 
-import math
 
 import pytest
 import torch

@@ -9,14 +9,12 @@ import torch
 from torch import nn
 
 import flowconvert as fc
+import source_lines
 from flowconvert.errors import DIAGNOSTICS
 
 
 def line_of(marker: str) -> int:
-    with open(__file__) as f:
-        hits = [i for i, line in enumerate(f, 1) if line.rstrip().endswith(f"# {marker}")]
-    assert len(hits) == 1, marker
-    return hits[0]
+    return source_lines.line_of(__file__, marker)
 
 
 class WithActivation(nn.Module):

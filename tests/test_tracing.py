@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import flowconvert as fc
+import source_lines
 from flowconvert.registry import REGISTRY
 from flowconvert.tracing import (
     DATA, METADATA, PARAMETER, ExampleInputError, FlowTracer, capture, node_location, user_location,
@@ -18,11 +19,7 @@ from zoo import ZOO, make
 
 
 def line_of(marker: str) -> int:
-    """Line number, in this file, of the line carrying ``marker`` in a trailing comment."""
-    with open(__file__) as f:
-        hits = [i for i, line in enumerate(f, 1) if line.rstrip().endswith(f"# {marker}")]
-    assert len(hits) == 1, marker
-    return hits[0]
+    return source_lines.line_of(__file__, marker)
 
 
 class Inner(nn.Module):

@@ -6,11 +6,10 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 import torch
 
 import flowconvert as fc
-from chainflow import Chain, mlp_chain
+from chainflow import mlp_chain
 
 
 def _data(n=1200, seed=0):

@@ -9,7 +9,6 @@ use ReLU convert with ``relu="leaky"``.
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
