@@ -30,21 +30,62 @@ Layers with several inputs or outputs (graph structure: fan-out, ``a + b``, ``to
 ``torch.split``; see :mod:`flowconvert.merging`) extend the contract: inputs are passed
 positionally, ``call_and_ll(*xs, noise=None)``; several outputs are returned as a tuple
 ``y``; ``inverse`` mirrors this (it takes the outputs positionally and returns a tuple of
-inputs). Such layers set ``num_inputs`` / ``num_outputs``.
+inputs). Such layers declare ``num_inputs`` / ``num_outputs`` (class or instance attributes,
+always present: the base class declares 1 and 1).
+
+**Density parts.** Everything a layer *models* (the density of coordinates it drops, the
+scale of noise it adds) is a submodule the layer declares in :meth:`FlowLayer.density_parts`,
+one :class:`DensityPart` each. Calibration, fitting, reports and saving iterate over these
+declarations; nothing is found by class name. :meth:`FlowLayer.observe` returns, for one
+input, the rows each part models, so that a part can be fitted without knowing the layer:
+
+>>> from flowconvert import FlowLinear
+>>> funnel = FlowLinear(torch.tensor([[1.0, 0.0, 0.0]]))
+>>> funnel.density_parts()
+(DensityPart(name='dropped', kind='conditional', features=2, context=1),)
+>>> d, y = funnel.observe(torch.randn(5, 3))["dropped"]
+>>> d.shape, y.shape
+(torch.Size([5, 2]), torch.Size([5, 1]))
+
+A conditional part may be replaced by any :class:`~flowconvert.densities.ConditionalDensity`
+of the same ``features`` and ``context`` (``setattr(layer, part.name, new)``); the layer's
+likelihood and inverse then use it. Layers may keep a fused fast path for the
+linear-Gaussian family, chosen by the part's type, never by the layer's.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations, parametrize
 
-__all__ = ["FlowLayer", "network_training"]
+__all__ = ["FlowLayer", "DensityPart", "Flow", "network_training"]
 
 Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class DensityPart:
+    """One modelling part of a flow layer, declared by :meth:`FlowLayer.density_parts`.
+
+    Attributes:
+        name: attribute of the layer that holds the density module (``getattr(layer, name)``).
+        kind: ``"conditional"``: the density of ``features`` dropped coordinates per row given
+            ``context`` kept ones (a :class:`~flowconvert.densities.ConditionalDensity`);
+            ``"noise"``: the scale of ``features`` added noise coordinates per row
+            (a :class:`~flowconvert.densities.GaussianNoise`), ``context == 0``.
+        features: coordinates per row the part models.
+        context: coordinates per row it is conditioned on (0 for noise).
+    """
+
+    name: str
+    kind: str
+    features: int
+    context: int = 0
 
 
 class FlowLayer(nn.Module):
@@ -60,6 +101,9 @@ class FlowLayer(nn.Module):
     exact: bool = True
     #: Names of square orthogonal factors that :func:`network_training` keeps orthogonal.
     orthogonal_factors: tuple[str, ...] = ()
+    #: How many data values ``call_and_ll`` takes and returns (merging layers declare more).
+    num_inputs: int = 1
+    num_outputs: int = 1
 
     def forward(self, x: Tensor) -> Tensor:
         return self.call_and_ll(x)[0]
@@ -94,6 +138,21 @@ class FlowLayer(nn.Module):
         """Standard-normal noise for a sampled inverse of ``y`` (None if the layer needs none)."""
         return _draw(y, self.inverse_noise_shape(tuple(y.shape[1:])))
 
+    # -- density parts -----------------------------------------------------------------
+    def density_parts(self) -> tuple[DensityPart, ...]:
+        """The parts of this layer that model something (see :class:`DensityPart`); ``()`` for none."""
+        return ()
+
+    def observe(self, *xs: Tensor, noise: Tensor | None = None) -> dict[str, tuple[Tensor, Tensor | None]]:
+        """The rows each declared part models when the layer is applied to ``xs``.
+
+        ``{part name: (rows, context rows)}``: for a conditional part the dropped coordinates
+        ``(N, features)`` and the kept output they are conditioned on ``(N, context)``; for a
+        noise part the signal the noise is added to ``(N, features)`` and ``None``. ``N``
+        counts rows over the batch (a convolution has one row per sample and location).
+        """
+        return {}
+
     # -- training of the network part --------------------------------------------------
     def network_parameters(self) -> list[nn.Parameter]:
         """Parameters that define the layer's function (frozen by default)."""
@@ -111,6 +170,37 @@ class FlowLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"exact={self.exact}"
+
+
+@runtime_checkable
+class Flow(Protocol):
+    """The protocol of a whole flow (:class:`~flowconvert.flow.FlowModel` and anything that
+    export, calibration and training accept in its place). One set of defaults:
+
+    * ``forward(*x)``: the original network's outputs;
+    * ``forward_with_log_prob(*x, deterministic=False, noise=None)`` and
+      ``log_prob(*x, deterministic=False, num_samples=1, noise=None)``: stochastic by default
+      (the one-sample bound for bound layers; identical to deterministic for exact flows);
+    * ``inverse(*z, sample=False, noise=None, temperature=1.0)``: conditional means by default;
+    * ``sample(n, temperature=1.0, noise=None)``: draws from the model.
+    """
+
+    exact: bool
+
+    def forward_with_log_prob(self, *inputs: Tensor, deterministic: bool = False,
+                              noise: Mapping[str, Tensor] | None = None) -> tuple[Any, Tensor]: ...
+
+    def log_prob(self, *inputs: Tensor, deterministic: bool = False, num_samples: int = 1,
+                 noise: Mapping[str, Tensor] | None = None) -> Tensor: ...
+
+    def inverse(self, *outputs: Tensor, sample: bool = False, noise: Mapping[str, Tensor] | None = None,
+                temperature: float = 1.0) -> Any: ...
+
+    def sample(self, n: int, temperature: float = 1.0, noise: Mapping[str, Tensor] | None = None) -> Any: ...
+
+    def noise_shapes(self) -> dict[str, Shape]: ...
+
+    def inverse_noise_shapes(self) -> dict[str, Shape]: ...
 
 
 def _draw(like: Tensor, shape: Shape | None) -> Tensor | None:
@@ -139,7 +229,7 @@ def network_training(module: nn.Module, orthogonal_map: str = "cayley") -> Itera
     and ``requires_grad`` is restored. Create the optimizer *inside* the block.
 
     >>> import torch
-    >>> from flowconvert import FlowLinear
+    >>> from flowconvert import FlowLinear, network_training
     >>> layer = FlowLinear.from_module(torch.nn.Linear(3, 3))
     >>> with network_training(layer) as params:
     ...     loss = -layer.call_and_ll(torch.randn(8, 3))[1].mean()

@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "ConditionalDensity",
+    "BaseDensity",
     "LOG_2PI",
     "normal_log_prob",
     "sum_except_batch",
@@ -49,7 +51,52 @@ def normal_log_prob(x: Tensor, loc: Tensor | float = 0.0, log_scale: Tensor | fl
     return -0.5 * z * z - log_scale - 0.5 * LOG_2PI
 
 
-class StandardNormal(nn.Module):
+class ConditionalDensity(nn.Module):
+    r"""The interface of every family of conditional densities :math:`q(d \mid y)`.
+
+    ``features`` coordinates ``d`` are modelled given ``context`` coordinates ``y``; both
+    have the same leading dimensions, the last one being ``features`` / ``context``
+    (``(N, features)`` and ``(N, context)`` for rows). Draws are explicit: ``eps`` is
+    standard normal of ``d``'s shape, and a sampled inverse at temperature :math:`T` passes
+    :math:`T\,\varepsilon`.
+
+    * ``log_prob(d, y)``: :math:`\log q(d\mid y)`, summed over every dimension but the first;
+    * ``sample(y, eps=None)``: the draw that ``eps`` maps to (``eps`` drawn when ``None``);
+    * ``mean(y)``: the point a deterministic inverse uses (the conditional mean for Gaussians;
+      for other families the image of ``eps = 0``).
+    """
+
+    features: int
+    context_features: int
+
+    def log_prob(self, d: Tensor, y: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def sample(self, y: Tensor, eps: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def mean(self, y: Tensor) -> Tensor:
+        shape = (*y.shape[:-1], self.features)
+        return self.sample(y, torch.zeros(shape, dtype=y.dtype, device=y.device))
+
+
+class BaseDensity(nn.Module):
+    """The interface of every base density on one output of shape ``event_shape``.
+
+    * ``log_prob(z)``: ``(B, *event_shape) -> (B,)``;
+    * ``sample(n, temperature=1.0)``: ``n`` draws, every standard-normal draw scaled by ``temperature``.
+    """
+
+    event_shape: tuple[int, ...]
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
+        raise NotImplementedError
+
+
+class StandardNormal(BaseDensity):
     """Standard normal base density on an event of shape ``event_shape``.
 
     >>> StandardNormal((2,)).sample(4).shape
@@ -65,11 +112,11 @@ class StandardNormal(nn.Module):
         """``(B, *event_shape) -> (B,)``."""
         return sum_except_batch(-0.5 * z * z) - 0.5 * LOG_2PI * math.prod(self.event_shape)
 
-    def sample(self, n: int) -> Tensor:
-        return torch.randn(n, *self.event_shape, dtype=self._anchor.dtype, device=self._anchor.device)
+    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
+        return temperature * torch.randn(n, *self.event_shape, dtype=self._anchor.dtype, device=self._anchor.device)
 
 
-class DiagonalNormal(nn.Module):
+class DiagonalNormal(BaseDensity):
     """Learnable diagonal Gaussian: parameters ``loc`` and ``log_scale`` of shape ``event_shape``.
 
     >>> d = DiagonalNormal((2,))
@@ -86,12 +133,12 @@ class DiagonalNormal(nn.Module):
     def log_prob(self, z: Tensor) -> Tensor:
         return sum_except_batch(normal_log_prob(z, self.loc, self.log_scale))
 
-    def sample(self, n: int) -> Tensor:
+    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
         eps = torch.randn(n, *self.event_shape, dtype=self.loc.dtype, device=self.loc.device)
-        return self.loc + eps * self.log_scale.exp()
+        return self.loc + temperature * eps * self.log_scale.exp()
 
 
-class ConditionalNormal(nn.Module):
+class ConditionalNormal(ConditionalDensity):
     r"""Base of the conditional diagonal Gaussians :math:`q(d\mid y) = \mathcal N(\mu(y), \operatorname{diag} e^{2\lambda})`.
 
     Subclasses define :meth:`mean` (how :math:`\mu` depends on :math:`y`) and, when their

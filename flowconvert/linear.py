@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .core import FlowLayer
+from .core import DensityPart, FlowLayer
 from .densities import LOG_2PI, ConditionalDiagonalNormal, GaussianNoise, normal_log_prob, sum_except_batch
 from .errors import SingularWeightError
 
@@ -127,6 +127,23 @@ class FlowLinear(FlowLayer):
 
     def inverse_noise_shape(self, output_shape: Sequence[int]) -> tuple[int, ...] | None:
         return (*output_shape[:-1], self.dropped_features) if self.kind == "funnel" else None
+
+    def density_parts(self) -> tuple[DensityPart, ...]:
+        if self.kind == "funnel":
+            return (DensityPart("dropped", "conditional", self.dropped_features, self.out_features),)
+        if self.kind == "augment":
+            return (DensityPart("noise", "noise", self.added_features),)
+        return ()
+
+    def observe(self, x: Tensor, noise: Tensor | None = None) -> dict[str, tuple[Tensor, Tensor | None]]:
+        with torch.no_grad():
+            rows = x.reshape(-1, self.in_features)
+            W, _, _, V_perp = self._factors()
+            if self.kind == "funnel":
+                return {"dropped": (rows @ V_perp, F.linear(rows, W, self.bias))}
+            if self.kind == "augment":
+                return {"noise": (F.linear(rows, W), None)}
+        return {}
 
     def network_parameters(self) -> list[nn.Parameter]:
         params = [self.log_s, self.bias]
