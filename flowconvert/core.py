@@ -48,7 +48,7 @@ input, the rows each part models, so that a part can be fitted without knowing t
 (torch.Size([5, 2]), torch.Size([5, 1]))
 
 A conditional part may be replaced by any :class:`~flowconvert.densities.ConditionalDensity`
-of the same ``features`` and ``context`` (``setattr(layer, part.name, new)``); the layer's
+of the same ``features`` and ``context`` (``layer.set_submodule(part.name, new)``); the layer's
 likelihood and inverse then use it. Layers may keep a fused fast path for the
 linear-Gaussian family, chosen by the part's type, never by the layer's.
 """
@@ -73,7 +73,8 @@ class DensityPart:
     """One modelling part of a flow layer, declared by :meth:`FlowLayer.density_parts`.
 
     Attributes:
-        name: attribute of the layer that holds the density module (``getattr(layer, name)``).
+        name: path of the density module inside the layer (``layer.get_submodule(name)``;
+            dotted for nested layers, e.g. ``"kernel.dropped"``).
         kind: ``"conditional"``: the density of ``features`` dropped coordinates per row given
             ``context`` kept ones (a :class:`~flowconvert.densities.ConditionalDensity`);
             ``"noise"``: the scale of ``features`` added noise coordinates per row
