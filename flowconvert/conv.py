@@ -56,8 +56,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .core import FlowLayer
-from .densities import LOG_2PI, ConditionalDiagonalNormal, GaussianNoise, normal_log_prob, sum_except_batch
+from .core import DensityPart, FlowLayer
+from .densities import LOG_2PI, ConditionalDiagonalNormal, GaussianNoise, sum_except_batch
 from .errors import LayerConfigurationError, SingularWeightError
 from .linear import DEFAULT_RTOL, FlowLinear
 
@@ -398,8 +398,47 @@ class FlowConv(FlowLayer):
 
     def _dropped_ll(self, x4: Tensor, y: Tensor) -> Tensor:
         xd, yd = self.dropped_pixel_pairs(x4, y)
-        q = self.dropped_pixels
-        return sum_except_batch(normal_log_prob(xd, q.mean(yd), q.log_scale))
+        return self.dropped_pixels.log_prob(xd, yd)  # any ConditionalDensity
+
+    # -- density parts -------------------------------------------------------------------
+    def density_parts(self) -> tuple[DensityPart, ...]:
+        """``kernel.dropped`` / ``kernel.noise`` (per output location), ``dropped_pixels``,
+        ``pad_noise`` and ``tile_noise`` (per input channel), those the layer has."""
+        k, parts = self.kernel, []
+        if k.kind == "funnel":
+            parts.append(DensityPart("kernel.dropped", "conditional", k.dropped_features, self.out_channels))
+        elif k.kind == "augment":
+            parts.append(DensityPart("kernel.noise", "noise", k.added_features))
+        if self.dropped_pixels is not None:
+            parts.append(DensityPart("dropped_pixels", "conditional", self.in_channels, self.out_channels))
+        if self.pad_noise is not None:
+            parts.append(DensityPart("pad_noise", "noise", self.in_channels))
+        if self.tile_noise is not None:
+            parts.append(DensityPart("tile_noise", "noise", self.in_channels))
+        return tuple(parts)
+
+    def observe(self, x: Tensor, noise: Tensor | None = None) -> dict[str, tuple[Tensor, Tensor | None]]:
+        """Rows per part: the kernel's per-location rows ``(B * L_o, ...)`` (patches with the
+        padding/duplication noise of ``noise`` included), the dropped pixels ``(B * n_dropped,
+        C_in)`` with the output at their location, and for the padding and duplication noise
+        the input pixels ``(B * H * W, C_in)`` they are compared with."""
+        out: dict[str, tuple[Tensor, Tensor | None]] = {}
+        with torch.no_grad():
+            x4 = self._as4d(x)
+            B, C = x4.shape[:2]
+            k = self.kernel
+            patches = self.kernel_patches(x4, noise).mT.reshape(-1, k.in_features)
+            if k.kind != "bijection":
+                out.update({f"kernel.{name}": rows for name, rows in k.observe(patches).items()})
+            if self.dropped_pixels is not None:
+                y = self.forward(x4) if noise is None else self.call_and_ll(x4, noise)[0]  # the output q conditions on
+                xd, yd = self.dropped_pixel_pairs(x4, y)
+                out["dropped_pixels"] = (xd.reshape(-1, C), yd.reshape(-1, self.out_channels))
+            pixels = x4.reshape(B, C, -1).mT.reshape(-1, C)
+            for name in ("pad_noise", "tile_noise"):
+                if getattr(self, name) is not None:
+                    out[name] = (pixels, None)
+        return out
 
     def _needs_graph(self) -> bool:
         if self.kernel._needs_graph():
@@ -490,9 +529,8 @@ class FlowConv(FlowLayer):
             )
         y = apply(W, kernel.bias)  # (B, C_out, L_o)
         if kernel.kind == "funnel":
-            q = kernel.dropped
             d = apply(V_perp.mT)
-            ll = ll + sum_except_batch(normal_log_prob(d.mT, q.mean(y.mT), q.log_scale))
+            ll = ll + kernel.dropped.log_prob(d.mT, y.mT)  # rows (B, L_o, k) given (B, L_o, C_out)
         elif kernel.kind == "augment":
             if eps_aug is None:
                 eps_aug = x4.new_zeros(B, kernel.added_features * Lo)

@@ -30,6 +30,7 @@ the blocks' noise in block order.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Sequence
 
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .conv import FlowConv
-from .core import FlowLayer
+from .core import DensityPart, FlowLayer
 from .errors import LayerConfigurationError
 
 __all__ = ["FlowGroupedConv"]
@@ -143,6 +144,22 @@ class FlowGroupedConv(FlowLayer):
         noises = self._cut(noise, self._block_noise_shapes(True)) if sample else [None] * self.groups
         parts = y.split(self.out_per_group, 1)
         return torch.cat([b.inverse(p, sample=sample, noise=e) for b, p, e in zip(self.blocks, parts, noises)], 1)
+
+    def density_parts(self) -> tuple[DensityPart, ...]:
+        """The blocks' parts, named ``blocks.<g>.<part>``."""
+        return tuple(
+            dataclasses.replace(part, name=f"blocks.{g}.{part.name}")
+            for g, block in enumerate(self.blocks) for part in block.density_parts()
+        )
+
+    def observe(self, x: Tensor, noise: Tensor | None = None) -> dict[str, tuple[Tensor, Tensor | None]]:
+        parts = x.split(self.in_per_group, 1)
+        noises = self._cut(noise, self._block_noise_shapes(False))
+        return {
+            f"blocks.{g}.{name}": rows
+            for g, (block, part, eps) in enumerate(zip(self.blocks, parts, noises))
+            for name, rows in block.observe(part, eps).items()
+        }
 
     def network_parameters(self) -> list[nn.Parameter]:
         return [p for b in self.blocks for p in b.network_parameters()]

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .core import DensityPart, FlowLayer
-from .densities import LOG_2PI, ConditionalDiagonalNormal, GaussianNoise, normal_log_prob, sum_except_batch
+from .densities import LOG_2PI, ConditionalDiagonalNormal, GaussianNoise, sum_except_batch
 from .errors import SingularWeightError
 
 __all__ = ["FlowLinear", "DEFAULT_RTOL"]
@@ -142,7 +142,8 @@ class FlowLinear(FlowLayer):
             if self.kind == "funnel":
                 return {"dropped": (rows @ V_perp, F.linear(rows, W, self.bias))}
             if self.kind == "augment":
-                return {"noise": (F.linear(rows, W), None)}
+                # the signal's first `added_features` output coordinates (scale reference for tau)
+                return {"noise": (F.linear(rows, W)[:, : self.added_features], None)}
         return {}
 
     def network_parameters(self) -> list[nn.Parameter]:
@@ -164,8 +165,16 @@ class FlowLinear(FlowLayer):
         pinv = (V[:, :r] / s) @ U[:, :r].mT
         return W, pinv, U[:, r:], V[:, r:]
 
+    def fused(self) -> bool:
+        """True when the fused linear-Gaussian pass applies: the dropped part (if any) is a
+        :class:`ConditionalDiagonalNormal` (chosen by the part's type; any other
+        :class:`~flowconvert.densities.ConditionalDensity` goes through its own ``log_prob``)."""
+        return self.dropped is None or type(self.dropped) is ConditionalDiagonalNormal
+
     def _needs_graph(self) -> bool:
         if "parametrizations" in self._modules:  # inside network_training
+            return True
+        if not self.fused():
             return True
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
 
@@ -177,7 +186,7 @@ class FlowLinear(FlowLayer):
             tensors = [*self._parameters.values(), self._buffers["weight"]]
             for density in (self.dropped, self.noise):
                 if density is not None:
-                    tensors.extend(density._parameters.values())
+                    tensors.extend(density.parameters())
             watched = self.__dict__["_watched"] = tuple(tensors)
         return tuple([t._version for t in watched])
 
@@ -213,7 +222,7 @@ class FlowLinear(FlowLayer):
             W, pinv, U_perp, V_perp = self._factors()
             logdet = self.log_s.sum()
             self._pinv = pinv.contiguous()
-            if self.kind == "funnel":
+            if self.kind == "funnel" and self.fused():
                 q = self.dropped
                 inv_sigma = torch.exp(-q.log_scale)
                 M = (V_perp.mT - q.weight @ W) * inv_sigma[:, None]
@@ -222,6 +231,9 @@ class FlowLinear(FlowLayer):
                 self._stack_bias = torch.cat([self.bias, e])
                 self._residual = (self._stack[self.out_features:], self._stack_bias[self.out_features:])
                 const = logdet - q.log_scale.sum() - 0.5 * LOG_2PI * q.features
+            elif self.kind == "funnel":
+                self._residual = (None, None)
+                const = logdet
             elif self.kind == "augment":
                 tau = self.noise.log_scale.exp().expand(self.noise.features)
                 self._noise_map = (U_perp * tau).contiguous()
@@ -296,9 +308,8 @@ class FlowLinear(FlowLayer):
         y = F.linear(x, W, self.bias)
         ll = (rows * self.log_s.sum()).expand(x.shape[0])
         if self.kind == "funnel":
-            q = self.dropped
             d = F.linear(x, V_perp.mT)
-            ll = ll + sum_except_batch(normal_log_prob(d, q.mean(y), q.log_scale))
+            ll = ll + self.dropped.log_prob(d, y)  # any ConditionalDensity
         elif self.kind == "augment":
             if noise is None:
                 noise = x.new_zeros(x.shape[:-1] + (self.added_features,))
