@@ -31,9 +31,9 @@ def test_calibration_reaches_the_analytic_optimum_and_gain():
     mean, cov, W, b = _known_funnel_case()
     flow = Chain(fc.FlowLinear(W, b), out_shape=(2,)).double()
     lin = flow.layers[0]
-    Vp = lin.V[:, lin.rank:]
-    # joint Gaussian of (y, d): y = W x + b, d = Vp^T x
-    P = torch.cat([W, Vp.mT])
+    E_S = torch.eye(5, dtype=torch.float64)[lin.dropped_index]
+    # joint Gaussian of (y, d): y = W x + b, d = x_S (the dropped input coordinates)
+    P = torch.cat([W, E_S])
     mu = P @ mean + torch.cat([b, torch.zeros(3, dtype=torch.float64)])
     S = P @ cov @ P.mT
     Syy, Sdy, Sdd = S[:2, :2], S[2:, :2], S[2:, 2:]
