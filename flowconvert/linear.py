@@ -161,7 +161,7 @@ def singular_message(shape: str, cond: float, logdet: float, rtol: float, block:
     return (
         f"weight of shape {shape} is ill-conditioned but invertible: the {block} has condition number "
         f"{cond:.3g} > 1/rtol = {1.0 / rtol:.3g} (log|det| = {logdet:.6g}, finite); its inverse would lose "
-        f"about {math.log10(cond):.0f} digits. Pass a smaller rtol (e.g. rtol={min(rtol, 0.1 / cond):.0e}) to accept it"
+        f"about {math.log10(cond):.0f} digits. Build the layer with a smaller rtol (e.g. rtol={min(rtol, 0.1 / cond):.0e}) to accept it"
     )
 
 

@@ -349,3 +349,27 @@ def test_wide_layer_converts_fast_and_small():
         y, ll = flow.call_and_ll(x)
     assert torch.equal(y, lin(x)) and torch.isfinite(ll).all()
     torch.testing.assert_close(flow(flow.inverse(y, sample=True)), y, atol=1e-3, rtol=1e-4)
+
+
+def test_ill_conditioned_is_not_called_singular():
+    """FC201 distinguishes singular (no finite log|det|) from ill-conditioned but invertible."""
+    torch.manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64)).Q
+    w = Q @ torch.diag(torch.tensor([1.0, 0.5, 0.1, 1.5e-7], dtype=torch.float64)) @ Q.T  # condition ~ 6.7e6
+    with pytest.raises(SingularWeightError) as err:
+        FlowLinear(w)
+    msg = err.value.message  # the specific text (str() adds the catalogue's why and hint)
+    assert err.value.code == "FC201" and "ill-conditioned but invertible" in msg and "-inf" not in msg
+    assert "1/rtol = 1e+06" in msg and "rtol=" in msg
+    # the rtol the message suggests accepts it, with the exact log|det|
+    layer = FlowLinear(w, rtol=1e-8)
+    torch.testing.assert_close(layer.logdet(), torch.linalg.slogdet(w)[1], atol=1e-9, rtol=0)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(layer.inverse(layer(x)), x, atol=1e-6, rtol=0)
+    # a rank-deficient weight is singular, whatever rtol
+    w2 = w.clone()
+    w2[3] = w2[0] + w2[1]
+    for rtol in (1e-6, 1e-12):
+        with pytest.raises(SingularWeightError) as err:
+            FlowLinear(w2, rtol=rtol)
+        assert "is singular" in err.value.message and "ill-conditioned" not in err.value.message
