@@ -96,8 +96,8 @@ def test_reducing_mlp_matches_the_funnel_formula():
             y2 = lin2(act(h1))
             expected = (
                 flow.bases["net_2"].log_prob(y2)
-                + f1.dropped.log_prob(xi[None] @ vp1, h1)
-                + f2.dropped.log_prob(act(h1) @ vp2, y2)
+                + f1.dropped.log_prob(xi[None][..., s1], h1)
+                + f2.dropped.log_prob(act(h1)[..., s2], y2)
                 + torch.linalg.slogdet(J)[1]
             )
         assert lp[i].item() == pytest.approx(expected.item(), abs=1e-8)
