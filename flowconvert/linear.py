@@ -310,7 +310,7 @@ class FlowLinear(FlowLayer):
         return (w._version, w.data_ptr(), w.dtype, w.device)
 
     def _fresh(self) -> None:
-        if self._cache_key != self._key() and not self._frozen:
+        if not self._frozen and self._cache_key != self._key():
             self.refresh()
 
     _frozen = False
