@@ -11,12 +11,18 @@ pass and the original again (each over enough calls to last about 20 ms); a rati
 within a repeat (against the faster of the two original timings) and the median over
 repeats is printed, so background load affects numerator and denominator alike.
 
-    python benchmarks/layers.py [--threads 2] [--repeats 30] [--batch 128] [--clock wall|cpu]
+Then, per layer of a few published sizes, the conversion time (``FlowLinear`` /
+``FlowConv`` construction: one LU of ``W^T`` to choose the kept block, one LU of the
+block), the values the flow layer holds relative to the weight, and the process's peak
+resident memory growth during the construction.
+
+    python benchmarks/layers.py [--threads 2] [--repeats 30] [--batch 128] [--clock wall|cpu] [--no-convert]
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 
@@ -33,17 +39,18 @@ def cases():
     for n, m in [(784, 512), (512, 512), (64, 256)]:
         lin = nn.Linear(n, m)
         flow = FlowLinear.from_module(lin)
-        if m < n:  # funnel: the stack [W; M] is n x n
-            floor = floor_s = n * n / (n * m)
+        if m < n:  # funnel: W x plus A y, (n - m) x m
+            floor = floor_s = (n * m + (n - m) * m) / (n * m)
         elif m == n:
             floor = floor_s = 1.0
-        else:  # augment: deterministic is the original; stochastic adds U_perp u, (m - n) x m
-            floor, floor_s = 1.0, (n + (m - n)) / n
+        else:  # augment: deterministic is the original; stochastic adds u to m - n outputs
+            floor = floor_s = 1.0  # the noise is added to m - n outputs: elementwise work only
         out.append((f"Linear {n}->{m} ({flow.kind})", lin, flow, (n,), floor, floor_s))
     c_in, c_out, k, hw = 32, 32, 3, 16
     conv = nn.Conv2d(c_in, c_out, k, padding=1)
     flow = FlowConv.from_module(conv, (c_in, hw, hw))
-    floor = c_in * k * k / c_out  # the stack [W; M] per location is C_in k^2 x C_in k^2
+    ck = c_in * k * k
+    floor = (ck * c_out + (ck - c_out) * c_out) / (ck * c_out)  # per location: the kernel plus A y
     out.append((f"Conv2d {c_in}->{c_out} {k}x{k} pad 1, {hw}x{hw} ({flow.kernel.kind})", conv, flow, (c_in, hw, hw), floor, floor))
     return out
 
@@ -68,6 +75,7 @@ def main(argv=None) -> None:
         "--clock", choices=("wall", "cpu"), default="wall",
         help="wall time (default), or this process's CPU time (steadier on a shared machine)",
     )
+    parser.add_argument("--no-convert", action="store_true", help="skip the conversion table")
     args = parser.parse_args(argv)
     global CLOCK
     CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
@@ -98,6 +106,42 @@ def main(argv=None) -> None:
                 t_o.append(o), r_d.append(d / o), r_s.append(s / o)
         med = statistics.median
         print(f"{name:<44} {med(t_o) * 1e3:8.3f} {med(r_d):8.2f} {floor_d:6.2f} {med(r_s):8.2f} {floor_s:6.2f}")
+    if not args.no_convert:
+        convert_table()
+
+def conversion_cases():
+    """(name, builder of the original, builder of the flow layer from it) at published sizes."""
+    return [
+        ("Linear 8192->1024", lambda: nn.Linear(8192, 1024), FlowLinear.from_module),
+        ("Linear 9216->4096 (AlexNet fc6)", lambda: nn.Linear(9216, 4096), FlowLinear.from_module),
+        ("Linear 4096->4096 (AlexNet fc7)", lambda: nn.Linear(4096, 4096), FlowLinear.from_module),
+        ("Conv2d 256->256 3x3, 14x14", lambda: nn.Conv2d(256, 256, 3, padding=1),
+         lambda m: FlowConv.from_module(m, (256, 14, 14))),
+    ]
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def convert_table() -> None:
+    print()
+    print("conversion of single layers (float32 weights)")
+    header = f"{'layer':<36} {'weights':>11} {'convert s':>10} {'held / weight':>14} {'peak RSS growth MB':>19}"
+    print(header)
+    print("-" * len(header))
+    torch.manual_seed(0)
+    for name, make, convert in conversion_cases():
+        module = make()
+        numel = module.weight.numel()
+        before = rss_mb()
+        start = time.perf_counter()
+        flow = convert(module)
+        elapsed = time.perf_counter() - start
+        held = sum(t.numel() for t in [*flow.parameters(), *flow.buffers()])
+        print(f"{name:<36} {numel:>11,} {elapsed:10.2f} {held / numel:14.2f} {rss_mb() - before:19.0f}")
+        del flow
+
 
 if __name__ == "__main__":
     main()

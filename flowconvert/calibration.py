@@ -184,7 +184,7 @@ class _ConditionalPart(_Part):
         n = self.layer.in_features
         xr = x.detach().reshape(-1, n)
         self.rows_per_sample = xr.shape[0] // max(x.shape[0], 1)
-        d = xr.double() @ self.layer.V[:, self.layer.rank :].double()
+        d = self.layer.observe(xr)["dropped"][0].double()
         self.moments.add(y.detach().reshape(-1, self.layer.out_features), d, part)
 
     def current(self) -> tuple[Tensor, Tensor]:

@@ -54,7 +54,6 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from .core import DensityPart, FlowLayer
 from .densities import LOG_2PI, ConditionalDiagonalNormal, GaussianNoise, sum_except_batch
@@ -193,6 +192,7 @@ class FlowConv(FlowLayer):
                 f"convolution kernel as a {C_out} x {C_in * kh * kw} matrix: {err.message}", code="FC201"
             ) from None
         dtype, device = weight.dtype, weight.device
+        self._init_dropped_taps(device)
 
         # -- shape-only precomputation (float64, then cast) ----------------------------------
         f64 = torch.float64
@@ -242,6 +242,28 @@ class FlowConv(FlowLayer):
         )
         self._inverse_noise_sizes = (self.kernel.dropped_features * Lo, C_in * self.n_dropped)
 
+    def _init_dropped_taps(self, device) -> None:
+        """Group the kernel's dropped patch entries by tap ``(a, b)``: each group is one strided slice
+        of the padded input and a channel selection. ``_drop_perm[j]`` is the position in
+        ``kernel.dropped_index`` of the ``j``-th entry in that grouped order."""
+        self._drop_taps: list[tuple[int, int, str]] = []
+        if self.kernel.kind != "funnel":
+            return
+        kh, kw = self._k
+        S = self.kernel.dropped_index.cpu()
+        chan, tap = S // (kh * kw), S % (kh * kw)
+        order = []
+        for t in range(kh * kw):
+            where = torch.nonzero(tap == t).reshape(-1)
+            if where.numel():
+                name = f"_drop_ch{t}"
+                self.register_buffer(name, chan[where].to(device), persistent=False)
+                self._drop_taps.append((t // kw, t % kw, name))
+                order.append(where)
+        perm = torch.cat(order)
+        self.register_buffer("_drop_perm", perm.to(device), persistent=False)
+        self.register_buffer("_drop_unperm", torch.argsort(perm).to(device), persistent=False)
+
     @classmethod
     def from_module(cls, module: nn.Conv1d | nn.Conv2d, input_shape: Sequence[int], **kwargs) -> "FlowConv":
         """Build from an ``nn.Conv1d`` / ``nn.Conv2d`` and the per-sample input shape (weights are copied)."""
@@ -271,10 +293,7 @@ class FlowConv(FlowLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         conv = F.conv1d if self.dim == 1 else F.conv2d
-        weight = self.weight
-        if parametrize.is_parametrized(self.kernel):  # inside network_training: follow the factors
-            weight = self.kernel._factors()[0].reshape(self._weight_shape)
-        return conv(x, weight, self.kernel.bias, self._orig_stride, self._padding_arg, self._orig_dilation)
+        return conv(x, self.weight, self.kernel.bias, self._orig_stride, self._padding_arg, self._orig_dilation)
 
     # -- noise ---------------------------------------------------------------------------
     def noise_shape(self, input_shape: Sequence[int]) -> tuple[int, ...] | None:
@@ -440,46 +459,63 @@ class FlowConv(FlowLayer):
                     out[name] = (pixels, None)
         return out
 
-    def _needs_graph(self) -> bool:
-        if self.kernel._needs_graph():
-            return True
-        return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-
     def _out(self, y: Tensor) -> Tensor:
         return y.reshape(y.shape[0], *self.output_shape)
 
+    def _dropped_patch_entries(self, x4: Tensor) -> Tensor:
+        """The kernel's dropped patch entries ``x_S`` at every location, ``(B, k, L_o)``, in the
+        tap-grouped order :attr:`_drop_perm` (strided slices of the padded input; no unfold)."""
+        pt, pb, pl, pr = self._pads
+        xp = F.pad(x4, (pl, pr, pt, pb)) if any(self._pads) else x4
+        (sh, sw), (dh, dw), (Ho, Wo) = self._s, self._d, self._out_hw
+        pieces = []
+        for a, b, name in self._drop_taps:
+            window = xp[:, :, a * dh : a * dh + sh * (Ho - 1) + 1 : sh, b * dw : b * dw + sw * (Wo - 1) + 1 : sw]
+            pieces.append(window.index_select(1, getattr(self, name)))
+        d = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
+        return d.reshape(x4.shape[0], -1, self.n_locations)
+
+    def _kernel_dropped_ll(self, d: Tensor, y: Tensor, permuted: bool) -> Tensor:
+        """``log q(x_S | y)`` summed over locations; ``d`` ``(B, k, L_o)``, ``y`` ``(B, C_out, L_o)``.
+
+        ``permuted``: ``d``'s rows are in the order :attr:`_drop_perm` (deterministic pass). The
+        linear-Gaussian family is evaluated on its standardized residual with ``A y`` a 1x1
+        convolution (a matmul over channels); any other family gets rows ``(B, L_o, k)`` in the
+        kernel's order."""
+        q = self.kernel.dropped
+        if type(q) is not ConditionalDiagonalNormal:
+            if permuted:
+                d = d.index_select(1, self._drop_unperm)
+            return q.log_prob(d.mT, y.mT)
+        A, c, log_s = q.weight, q.bias, q.log_scale
+        if permuted:
+            perm = self._drop_perm
+            A, c, log_s = A[perm], c[perm], log_s[perm]
+        r = (d - torch.matmul(A, y) - c[:, None]) * torch.exp(-log_s)[:, None]
+        const = self.n_locations * (log_s.sum() + 0.5 * LOG_2PI * q.features)
+        return -const - 0.5 * _sum_squares(r)
+
     # -- the contract --------------------------------------------------------------------
     def call_and_ll(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """One code path with and without gradients; the deterministic mode never unfolds."""
         x4 = self._as4d(x)
         if noise is not None and self.noise_shape(()) is None:
             noise = None
-        if self._needs_graph():
-            return self._call_graph(x4, noise)
         kernel = self.kernel
-        kernel._refresh()
-        B = x4.shape[0]
-        C_out = self.out_channels
-        (kh, kw), funnel = self._k, kernel.kind == "funnel"
+        B, Lo = x4.shape[0], self.n_locations
+        kind = kernel.kind
+        kconst = kernel.logdet()
+        if kind == "augment" and noise is None:
+            kconst = kconst + kernel.noise_point_constant()
+        ll = self._constant(kconst).expand(B)
         if noise is None:
-            # deterministic: the original convolution for y (bit for bit) plus, for a funnel, one
-            # convolution with the residual rows M of the cached stack [W; M]; never unfold
-            y = self.forward(x)
-            ll = self._constant(kernel._row_const).expand(B)
-            if funnel:
-                pt, pb, pl, pr = self._pads
-                if pt == pb and pl == pr:
-                    xin, padding = x4, (pt, pl)
-                else:
-                    xin, padding = F.pad(x4, (pl, pr, pt, pb)), 0
-                # channels-last runs the wide (C_in k - C_out output channels) convolution faster on CPU
-                cl = torch.channels_last
-                residual_weight = kernel._stack[C_out:].view(-1, self.in_channels, kh, kw).contiguous(memory_format=cl)
-                res = F.conv2d(xin.contiguous(memory_format=cl), residual_weight, kernel._stack_bias[C_out:], self._s, padding, self._d)
-                ll = ll - 0.5 * _sum_squares(res)
+            # the original convolution for y (bit for bit); the dropped entries are strided slices
+            y = self.forward(x).reshape(B, self.out_channels, Lo)
+            if kind == "funnel":
+                ll = ll + self._kernel_dropped_ll(self._dropped_patch_entries(x4), y, permuted=True)
         else:
             eps_pad, eps_tile, eps_aug = self._split(noise, self._noise_sizes)
             xp = self._pad(x4, eps_pad)
-            ll = self._constant(kernel._row_const)
             if eps_pad is not None:
                 ll = ll + 0.5 * sum_except_batch(eps_pad * eps_pad)
             if eps_tile is not None:  # unfold once, with the duplication noise added in the same pass
@@ -488,55 +524,16 @@ class FlowConv(FlowLayer):
                 ll = ll + 0.5 * sq
             else:
                 patches = self._unfold(xp)
-            if funnel:
-                out = torch.matmul(kernel._stack, patches)
-                out += kernel._stack_bias[:, None]
-                y = out[:, :C_out]
-                ll = ll - 0.5 * _sum_squares(out[:, C_out:])
-            else:
-                y = torch.matmul(kernel.weight, patches)
-                y += kernel.bias[:, None]
-                if eps_aug is not None:
-                    u = eps_aug.reshape(B, -1, self.n_locations)
-                    y = y + torch.matmul(kernel._noise_map, u)
-                    ll = ll + 0.5 * sum_except_batch(eps_aug * eps_aug)
-            ll = ll.expand(B)
-        if self.dropped_pixels is not None:
-            ll = ll + self._dropped_ll(x4, y)
-        return self._out(y), ll
-
-    def _call_graph(self, x4: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Differentiable path (training): gradients reach the factors, densities and noise scales."""
-        kernel = self.kernel
-        B, C = x4.shape[:2]
-        (kh, kw), Lo = self._k, self.n_locations
-        W, _, U_perp, V_perp = kernel._factors()
-        eps_pad = eps_tile = eps_aug = None
-        if noise is not None:
-            eps_pad, eps_tile, eps_aug = self._split(noise, self._noise_sizes)
-        xp = self._pad(x4, eps_pad)
-        ll = self._constant(kernel.log_s.sum()).expand(B)
-        if eps_pad is not None:
-            ll = ll + 0.5 * sum_except_batch(eps_pad * eps_pad)
-        if eps_tile is not None:
-            patches, sq = self._tiled(xp, eps_tile)
-            ll = ll + 0.5 * sq
-            apply = lambda mat, b=None: F.linear(patches.mT, mat, b).mT
-        else:
-            # clean input: the linear maps are convolutions, nothing is unfolded
-            apply = lambda mat, b=None: F.conv2d(xp, mat.reshape(-1, C, kh, kw), b, self._s, 0, self._d).reshape(
-                B, -1, Lo
-            )
-        y = apply(W, kernel.bias)  # (B, C_out, L_o)
-        if kernel.kind == "funnel":
-            d = apply(V_perp.mT)
-            ll = ll + kernel.dropped.log_prob(d.mT, y.mT)  # rows (B, L_o, k) given (B, L_o, C_out)
-        elif kernel.kind == "augment":
-            if eps_aug is None:
-                eps_aug = x4.new_zeros(B, kernel.added_features * Lo)
-            u = kernel.noise.scale(eps_aug.reshape(B, -1, Lo).mT)  # (B, L_o, added)
-            y = y + F.linear(u, U_perp).mT
-            ll = ll - kernel.noise.log_prob(u)
+            y = torch.matmul(kernel.weight, patches) + kernel.bias[:, None]
+            if kind == "funnel":
+                ll = ll + self._kernel_dropped_ll(patches.index_select(1, kernel.dropped_index), y, permuted=False)
+            elif kind == "augment" and eps_aug is not None:
+                tau = kernel.noise.log_scale.exp().expand(kernel.added_features)
+                eps3 = eps_aug.reshape(B, -1, Lo)
+                y = y.index_add(1, kernel.noise_index, eps3 * tau[:, None])
+                ll = ll + 0.5 * _sum_squares(eps3) + Lo * kernel.noise_point_constant()
+            elif kind == "augment":
+                ll = ll + Lo * kernel.noise_point_constant()
         if self.dropped_pixels is not None:
             ll = ll + self._dropped_ll(x4, y)
         return self._out(y), ll

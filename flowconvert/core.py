@@ -235,7 +235,7 @@ def network_training(module: nn.Module, orthogonal_map: str = "cayley") -> Itera
     >>> with network_training(layer) as params:
     ...     loss = -layer.call_and_ll(torch.randn(8, 3))[1].mean()
     ...     loss.backward()
-    >>> layer.log_s.grad is not None
+    >>> layer.weight.grad is not None
     True
     """
     layers = [m for m in module.modules() if isinstance(m, FlowLayer)]

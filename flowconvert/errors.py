@@ -61,10 +61,14 @@ def register_diagnostic(code: str, title: str, explanation: str, hint: str) -> D
 register_diagnostic(
     "FC201",
     "weight matrix is (numerically) singular",
-    "A linear map with a vanishing singular value collapses a direction of its input onto "
-    "a point, so the change-of-variables log|det| is -infinity and the map has no inverse.",
-    "Check the layer for dead (all-zero) rows or columns; prune the dead units, or add a "
-    "small multiple of a random full-rank matrix to the weight and fine-tune.",
+    "A linear map whose weight has no invertible square block (rank below min(m, n)) collapses "
+    "a direction of its input onto a point: log|det| is -infinity and the map has no inverse. "
+    "A block that is invertible but has a condition number above 1/rtol has a finite log|det|, "
+    "but its inverse would be dominated by rounding; it is refused too (the message says which case).",
+    "Singular: check the layer for dead (all-zero) rows or columns; prune the dead units, or add "
+    "a small multiple of a random full-rank matrix to the weight and fine-tune. Ill-conditioned: "
+    "build the layer with a smaller rtol (FlowLinear(..., rtol=...), FlowConv(..., rtol=...)) "
+    "if an inaccurate inverse is acceptable.",
 )
 register_diagnostic(
     "FC202",
@@ -148,7 +152,7 @@ class LayerConfigurationError(FlowConversionError, ValueError):
 
 
 class SingularWeightError(LayerConfigurationError):
-    """A weight matrix has a singular value at or below the tolerance (``FC201``)."""
+    """A weight matrix is singular, or its kept block is ill-conditioned beyond ``1 / rtol`` (``FC201``)."""
 
 
 class TracingError(FlowConversionError):

@@ -169,6 +169,8 @@ class FlowGroupedConv(FlowLayer):
             b.sync_network()
         with torch.no_grad():
             self.weight.copy_(torch.cat([b.kernel.weight.reshape(self.out_per_group, *self.weight.shape[1:]) for b in self.blocks]))
+            if self.bias is not None:
+                self.bias.copy_(torch.cat([b.kernel.bias for b in self.blocks]))
 
     def prepare_for_export(self) -> None:
         for b in self.blocks:

@@ -1,23 +1,26 @@
 r"""Flowified linear map :math:`y = W x + b`, :math:`W \in \mathbb R^{m\times n}`.
 
-At construction :math:`W = U \operatorname{diag}(s) V^\top` is factored once (full SVD in
-float64); :math:`r=\min(m,n)`, the first :math:`r` columns of :math:`U, V` span the range
-and row space, the rest are the complements :math:`U_\perp` (when :math:`m>n`) and
-:math:`V_\perp` (when :math:`m<n`). Three shapes:
+The map is completed to a square one by **coordinates**, not by an orthogonal basis
+(see ``docs/mathematics.md``, "The linear layer"):
 
-* :math:`m=n`, bijection (exact): :math:`L = \sum\log s`.
-* :math:`m<n`, funnel (exact): the dropped coordinates :math:`d = V_\perp^\top x` get a
-  conditional density :math:`q(d\mid y)`; :math:`L = \sum\log s + \log q(d\mid y)`.
-* :math:`m>n`, augmentation (bound): :math:`y = Wx + b + U_\perp u`,
-  :math:`u\sim\mathcal N(0,\tau^2)`; :math:`L = \sum\log s - \log\mathcal N(u;0,\tau^2)`.
+* :math:`m=n`, bijection (exact): :math:`L = \log|\det W|`.
+* :math:`m<n`, funnel (exact): a set :math:`S^c` of :math:`m` input coordinates with
+  :math:`W_{S^c}` (the :math:`m\times m` block of those columns) well conditioned is chosen
+  once; the dropped coordinates are the *other* inputs, :math:`d = x_S` (a gather). The map
+  :math:`x\mapsto(y, d)` has :math:`|\det| = |\det W_{S^c}|`, so
+  :math:`L = \log|\det W_{S^c}| + \log q(d\mid y)`. Inverse:
+  :math:`x_{S^c} = W_{S^c}^{-1}(y - b - W_S d)`, :math:`x_S = d`.
+* :math:`m>n`, augmentation (bound): noise is added on a set :math:`T` of :math:`m-n`
+  output coordinates with :math:`W_{T^c}` invertible, :math:`y = Wx + b + E_T u`,
+  :math:`u\sim\mathcal N(0,\tau^2)`; :math:`L = \log|\det W_{T^c}| - \log\mathcal N(u;0,\tau^2)`.
+  Inverse: :math:`x = W_{T^c}^{-1}(y_{T^c} - b_{T^c})`.
 
-The output is always ``F.linear(x, weight, bias)`` with the original weight. With
-:math:`q = \mathcal N(Ay+c, \sigma^2)` the standardized residual of a funnel is affine in
-:math:`x`, :math:`r = Mx + e` with :math:`M = \sigma^{-1}(V_\perp^\top - AW)`,
-:math:`e = -\sigma^{-1}(Ab+c)`, so when no gradient is needed the likelihood pass is one
-matrix product with the cached stack :math:`[W; M]` (computed as the original
-``F.linear`` for :math:`y` plus one product with :math:`M` for :math:`r`, so :math:`y` stays
-bit for bit the original output).
+The output is always ``F.linear(x, weight, bias)`` with the original weight. The
+weight-only quantities (:math:`\log|\det|` and the :math:`r\times r` inverse) are computed
+in float64 once, at construction and on :meth:`FlowLinear.refresh`, and stored in the
+layer's dtype; nothing is factorized on the likelihood pass. With the linear-Gaussian
+:math:`q = \mathcal N(Ay + c, \sigma^2)` the density term is the standardized residual
+:math:`r = (x_S - Ay - c)/\sigma`, :math:`(n-m)\times m` multiply-adds on top of the forward.
 
 >>> import torch
 >>> torch.manual_seed(0) and None
@@ -33,21 +36,137 @@ True
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from .core import DensityPart, FlowLayer
-from .densities import LOG_2PI, ConditionalDiagonalNormal, GaussianNoise, sum_except_batch
+from .densities import LOG_2PI, ConditionalDiagonalNormal, GaussianNoise
 from .errors import SingularWeightError
 
-__all__ = ["FlowLinear", "DEFAULT_RTOL"]
+__all__ = ["FlowLinear", "DEFAULT_RTOL", "choose_square_block", "block_inverse"]
 
-#: Singular values at or below ``DEFAULT_RTOL * s_max`` are treated as zero.
+#: A kept block whose condition number exceeds ``1 / DEFAULT_RTOL`` is refused (FC201).
 DEFAULT_RTOL = 1e-6
+#: Beyond this condition number the block is numerically singular (rank-deficient weight).
+_SINGULAR_COND = 1e14
+
+
+def _pivot_permutation(pivots: Tensor, size: int) -> Tensor:
+    """Row permutation (new order of the rows) from LAPACK's 1-based sequential row swaps, batched."""
+    piv = (pivots - 1).reshape(-1, pivots.shape[-1]).tolist()
+    perms = []
+    for swaps in piv:
+        perm = list(range(size))
+        for i, p in enumerate(swaps):
+            perm[i], perm[p] = perm[p], perm[i]
+        perms.append(perm)
+    return torch.tensor(perms, dtype=torch.long).reshape(*pivots.shape[:-1], size)
+
+
+def _cond2(block: Tensor, inv: Tensor, iters: int = 6, vectors: int = 4) -> Tensor:
+    """Estimate of the 2-norm condition number ``||B|| ||B^-1||`` (batched, float64).
+
+    Subspace iteration on ``M^T M`` with a few fixed pseudo-random vectors: a lower bound
+    that is within a few per cent after these iterations for the matrices met here, and it
+    costs a few passes over the block (no SVD)."""
+
+    def norm2(M: Tensor) -> Tensor:
+        g = torch.Generator(device=M.device).manual_seed(0)
+        v = torch.randn(M.shape[-1], vectors, generator=g, dtype=M.dtype, device=M.device).expand(*M.shape[:-2], -1, -1)
+        for _ in range(iters):
+            v = torch.linalg.qr(M.mT @ (M @ v)).Q
+        return torch.linalg.matrix_norm(M @ v, 2)
+
+    return norm2(block) * norm2(inv)
+
+
+def block_inverse(block: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(log|det B|, B^{-1}, cond estimate)`` of square (batched) blocks, in float64 (one LU each).
+
+    ``log|det|`` is ``-inf`` and the condition ``inf`` when an LU pivot is exactly zero.
+    """
+    B = block.to(torch.float64)
+    LU, piv = torch.linalg.lu_factor(B)
+    diag = LU.diagonal(dim1=-2, dim2=-1).abs()
+    logdet = diag.log().sum(-1)
+    eye = torch.eye(B.shape[-1], dtype=B.dtype, device=B.device).expand_as(B)
+    if bool((diag == 0).any()):
+        ok = (diag > 0).all(-1)
+        inv = torch.where(ok[..., None, None], torch.linalg.lu_solve(LU, piv, eye), torch.zeros_like(B))
+        cond = torch.where(ok, _cond2(B, inv), torch.full_like(logdet, math.inf))
+        return logdet, inv, cond
+    inv = torch.linalg.lu_solve(LU, piv, eye)
+    return logdet, inv, _cond2(B, inv)
+
+
+def choose_square_block(weight: Tensor, rtol: float = DEFAULT_RTOL) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """Choose ``r = min(m, n)`` columns (m < n) or rows (m > n) of ``weight`` forming a well-conditioned block.
+
+    Works on a batch of weights ``(..., m, n)``. Returns ``(kept, rest, (logdet, inverse, cond))``:
+    the indices of the block's columns/rows ``(..., r)`` (sorted), of the others
+    ``(..., |m - n|)`` (sorted), and :func:`block_inverse` of the chosen block. The first choice is the pivots of a
+    partial-pivoting LU of ``W^T`` (``W`` for rows): ``O(m n r)``, no ``n x n`` matrix. When
+    that block's condition exceeds ``1 / rtol``, a column-pivoted QR (rank revealing) is tried.
+    """
+    W = weight.detach().to(torch.float64)
+    m, n = W.shape[-2:]
+    tall = W.mT if m < n else W  # choose rows of this (size x r) matrix
+    size, r = tall.shape[-2], tall.shape[-1]
+    if size == r:
+        idx = torch.arange(r).expand(*W.shape[:-2], r)
+        return idx, idx[..., :0], block_inverse(W)
+    _, piv = torch.linalg.lu_factor(tall)
+    perm = _pivot_permutation(piv, size)
+    kept, rest = perm[..., :r].sort(-1).values, perm[..., r:].sort(-1).values
+
+    def block_of(k: Tensor) -> Tensor:
+        return tall.gather(-2, k[..., None].expand(*k.shape, r)).mT if m < n else tall.gather(-2, k[..., None].expand(*k.shape, r))
+
+    result = block_inverse(block_of(kept))
+    cond = result[2]
+    bad = (cond > 1.0 / rtol).reshape(-1)
+    if bool(bad.any()):  # rank-revealing fallback for the blocks that came out ill-conditioned
+        import scipy.linalg
+
+        flat_tall = tall.reshape(-1, size, r)
+        kept_f, rest_f = kept.reshape(-1, r).clone(), rest.reshape(-1, size - r).clone()
+        for i in torch.nonzero(bad).reshape(-1).tolist():
+            _, p = scipy.linalg.qr(flat_tall[i].mT.numpy(), mode="r", pivoting=True)
+            p = torch.from_numpy(p).long()
+            kept_f[i], rest_f[i] = p[:r].sort().values, p[r:].sort().values
+        kept2, rest2 = kept_f.reshape(kept.shape), rest_f.reshape(rest.shape)
+        result2 = block_inverse(block_of(kept2))
+        better = result2[2] < cond
+        kept = torch.where(better[..., None], kept2, kept)
+        rest = torch.where(better[..., None], rest2, rest)
+        result = (
+            torch.where(better, result2[0], result[0]),
+            torch.where(better[..., None, None], result2[1], result[1]),
+            torch.where(better, result2[2], result[2]),
+        )
+    return kept, rest, result
+
+
+def singular_message(shape: str, cond: float, logdet: float, rtol: float, block: str) -> str:
+    """The FC201 text: singular (no finite log|det|) or ill-conditioned (finite, above the threshold)."""
+    if not math.isfinite(logdet) or cond > _SINGULAR_COND:
+        return (
+            f"weight of shape {shape} is singular: its {block} has no finite log|det| (condition number "
+            f"{cond:.3g}); the map is not injective on the coordinates it keeps, log|det| would be -inf"
+        )
+    return (
+        f"weight of shape {shape} is ill-conditioned but invertible: the {block} has condition number "
+        f"{cond:.3g} > 1/rtol = {1.0 / rtol:.3g} (log|det| = {logdet:.6g}, finite); its inverse would lose "
+        f"about {math.log10(cond):.0f} digits. Build the layer with a smaller rtol (e.g. rtol={min(rtol, 0.1 / cond):.0e}) to accept it"
+    )
+
+
+def _invalidate_after_load(module: "FlowLinear", incompatible_keys) -> None:
+    module.invalidate_cache()
 
 
 class FlowLinear(FlowLayer):
@@ -56,18 +175,28 @@ class FlowLinear(FlowLayer):
     Args:
         weight: ``(out_features, in_features)`` weight, copied (the caller's tensor is untouched).
         bias: optional ``(out_features,)`` bias.
-        rtol: relative tolerance below which a singular value counts as zero (refused, FC201).
+        rtol: a kept block whose condition number exceeds ``1 / rtol`` is refused (FC201);
+            a singular weight (no finite ``log|det|``) is always refused.
         noise_log_scale: initial ``log tau`` of the augmentation noise (increasing maps).
 
     Attributes:
         kind: ``"bijection"``, ``"funnel"`` (reducing) or ``"augment"`` (increasing).
-        dropped: :class:`ConditionalDiagonalNormal` of the dropped coordinates (funnel).
+        kept_index: the ``r = min(m, n)`` input coordinates ``S^c`` (funnel) or output
+            coordinates ``T^c`` (augment) of the square block; ``arange(n)`` for a bijection.
+        dropped_index: the dropped input coordinates ``S`` (funnel; empty otherwise).
+        noise_index: the output coordinates ``T`` the noise is added to (augment; empty otherwise).
+        dropped: :class:`ConditionalDiagonalNormal` (or any ``ConditionalDensity``) of ``x_S`` given ``y``.
         noise: :class:`GaussianNoise` of the added coordinates (augment).
-    """
 
-    orthogonal_factors = ("U", "V")
-    #: Set by :meth:`prepare_for_export`: the caches are final, parameter versions are not checked.
-    _frozen = False
+    **Caches.** ``log|det|`` of the block and its inverse depend on ``weight`` only. They are
+    recomputed by :meth:`refresh` (called at construction, by :func:`network_training` on
+    exit, after ``load_state_dict``) and recomputed lazily when ``weight`` was changed in
+    place through autograd-visible operations (optimizer steps, ``copy_``), replaced
+    (``layer.weight.data = t``) or moved (``.to()``, ``.double()``). While ``weight`` requires
+    grad (:func:`network_training`) they are computed from the current weight on every call,
+    differentiably. An in-place edit through ``.data`` (``layer.weight.data.mul_(2)``) bypasses
+    PyTorch's version counter: call :meth:`refresh` after it.
+    """
 
     def __init__(
         self,
@@ -83,30 +212,32 @@ class FlowLinear(FlowLayer):
         weight = weight.detach()
         dtype, device = weight.dtype, weight.device
         m, n = weight.shape
-        U, s, Vh = torch.linalg.svd(weight.to(torch.float64), full_matrices=True)
-        if s.numel() == 0 or s.min() <= rtol * s.max():
-            smin = s.min().item() if s.numel() else 0.0
-            smax = s.max().item() if s.numel() else 0.0
-            raise SingularWeightError(
-                f"weight of shape {m}x{n} has smallest singular value {smin:.3g} <= {rtol:g} x largest "
-                f"({smax:.3g}); the map is not injective on its row space, log|det| would be -inf",
-                code="FC201",
-            )
         self.in_features, self.out_features, self.rank = n, m, min(m, n)
         self.kind = "bijection" if m == n else ("funnel" if m < n else "augment")
         self.exact = m <= n
-        as_param = lambda t: nn.Parameter(t.to(dtype=dtype, device=device).contiguous(), requires_grad=False)
-        self.U = as_param(U)
-        self.V = as_param(Vh.mT)
-        self.log_s = as_param(s.log())
-        self.bias = as_param(bias.detach().clone() if bias is not None else torch.zeros(m, dtype=dtype))
-        self.register_buffer("weight", weight.clone())
+        if m == 0 or n == 0:
+            raise SingularWeightError(f"weight of shape {m}x{n} is empty", code="FC201")
+        kept, rest, (logdet, inv, cond) = choose_square_block(weight.cpu(), rtol)
+        self.weight = nn.Parameter(weight.clone(), requires_grad=False)
+        self.bias = nn.Parameter(
+            bias.detach().clone() if bias is not None else torch.zeros(m, dtype=dtype, device=device), requires_grad=False
+        )
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        self.register_buffer("kept_index", kept.to(device))
+        self.register_buffer("dropped_index", rest.to(device) if m < n else empty)
+        self.register_buffer("noise_index", rest.to(device) if m > n else empty.clone())
+        for name in ("_logdet", "_inverse"):
+            self.register_buffer(name, torch.empty(0, dtype=dtype, device=device), persistent=False)
+        self._set_cache(logdet, inv)
+        logdet = float(logdet)
+        if not math.isfinite(logdet) or float(cond) > 1.0 / rtol:
+            block = {"funnel": f"kept {m} x {m} column block", "augment": f"kept {n} x {n} row block"}.get(self.kind, "matrix")
+            raise SingularWeightError(singular_message(f"{m}x{n}", float(cond), logdet, rtol, block), code="FC201")
+        self.condition = float(cond)
         k = abs(n - m)
         self.dropped = ConditionalDiagonalNormal(k, m).to(dtype=dtype, device=device) if m < n else None
         self.noise = GaussianNoise(k, init_log_scale=noise_log_scale).to(dtype=dtype, device=device) if m > n else None
-        for name in ("_pinv", "_stack", "_stack_bias", "_noise_map", "_row_const"):
-            self.register_buffer(name, torch.empty(0, dtype=dtype, device=device), persistent=False)
-        self._cache_key: tuple | None = None
+        self.register_load_state_dict_post_hook(_invalidate_after_load)
 
     @classmethod
     def from_module(cls, module: nn.Linear, **kwargs) -> "FlowLinear":
@@ -136,203 +267,133 @@ class FlowLinear(FlowLayer):
         return ()
 
     def observe(self, x: Tensor, noise: Tensor | None = None) -> dict[str, tuple[Tensor, Tensor | None]]:
+        """Funnel: ``(x_S, y)`` rows; augment: the signal ``(W x)_T`` the noise is added to."""
         with torch.no_grad():
             rows = x.reshape(-1, self.in_features)
-            W, _, _, V_perp = self._factors()
             if self.kind == "funnel":
-                return {"dropped": (rows @ V_perp, F.linear(rows, W, self.bias))}
+                return {"dropped": (rows[:, self.dropped_index], F.linear(rows, self.weight, self.bias))}
             if self.kind == "augment":
-                # the signal's first `added_features` output coordinates (scale reference for tau)
-                return {"noise": (F.linear(rows, W)[:, : self.added_features], None)}
+                return {"noise": (F.linear(rows, self.weight[self.noise_index]), None)}
         return {}
 
     def network_parameters(self) -> list[nn.Parameter]:
-        params = [self.log_s, self.bias]
-        for name in self.orthogonal_factors:
-            if parametrize.is_parametrized(self, name):
-                params.append(self.parametrizations[name].original)
-        return params
+        return [self.weight, self.bias]
 
     # -- weight-only quantities --------------------------------------------------------
-    def _factors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(W, pinv, U_perp, V_perp)`` from the current factors (differentiable)."""
-        r = self.rank
-        U, V, s = self.U, self.V, self.log_s.exp()
-        if parametrize.is_parametrized(self):
-            W = (U[:, :r] * s) @ V[:, :r].mT
-        else:
-            W = self.weight
-        pinv = (V[:, :r] / s) @ U[:, :r].mT
-        return W, pinv, U[:, r:], V[:, r:]
+    def block(self, weight: Tensor | None = None) -> Tensor:
+        """The square block ``W_{S^c}`` (funnel), ``W_{T^c}`` (augment) or ``W`` (bijection)."""
+        W = self.weight if weight is None else weight
+        if self.kind == "funnel":
+            return W[:, self.kept_index]
+        if self.kind == "augment":
+            return W[self.kept_index]
+        return W
 
-    def fused(self) -> bool:
-        """True when the fused linear-Gaussian pass applies: the dropped part (if any) is a
-        :class:`ConditionalDiagonalNormal` (chosen by the part's type; any other
-        :class:`~flowconvert.densities.ConditionalDensity` goes through its own ``log_prob``)."""
-        return self.dropped is None or type(self.dropped) is ConditionalDiagonalNormal
+    def refresh(self) -> None:
+        """Recompute ``log|det|`` of the block and its inverse from the current weight (float64, one LU)."""
+        with torch.no_grad():
+            logdet, inv, _ = block_inverse(self.block())
+        self._set_cache(logdet, inv)
 
-    def _needs_graph(self) -> bool:
-        if "parametrizations" in self._modules:  # inside network_training
-            return True
-        if not self.fused():
-            return True
-        return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-
-    # -- cache bookkeeping: the caches follow every in-place change of the tensors they are
-    # computed from (optimizer steps, load_state_dict, calibrate), tracked by version counters.
-    def _version_key(self) -> tuple:
-        watched = self.__dict__.get("_watched")
-        if watched is None:  # the tensors the caches depend on, collected once
-            tensors = [*self._parameters.values(), self._buffers["weight"]]
-            for density in (self.dropped, self.noise):
-                if density is not None:
-                    tensors.extend(density.parameters())
-            watched = self.__dict__["_watched"] = tuple(tensors)
-        return tuple([t._version for t in watched])
+    def _set_cache(self, logdet: Tensor, inv: Tensor) -> None:
+        w = self.weight
+        self._logdet = logdet.to(dtype=w.dtype, device=w.device)
+        self._inverse = inv.to(dtype=w.dtype, device=w.device).contiguous()
+        self._cache_key = self._key()
 
     def invalidate_cache(self) -> None:
-        """Forget the cached weight-only tensors (needed only after replacing a parameter object
-        of a density by hand; in-place changes are tracked automatically)."""
-        self.__dict__.pop("_watched", None)
+        """Mark the caches stale; the next use recomputes them (see the class docstring)."""
         self._cache_key = None
 
-    def _apply(self, fn, recurse=True):  # .to(), .double(), .cuda() replace tensors
-        self.invalidate_cache()
-        return super()._apply(fn, recurse)
+    def _key(self) -> tuple:
+        w = self.weight
+        return (w._version, w.data_ptr(), w.dtype, w.device)
 
-    def __setattr__(self, name: str, value) -> None:
-        if isinstance(value, (Tensor, nn.Module)):  # a tensor or density replaced: start over
-            self.__dict__.pop("_watched", None)
-            self.__dict__["_cache_key"] = None
-        super().__setattr__(name, value)
+    def _fresh(self) -> None:
+        if not self._frozen and self._cache_key != self._key():
+            self.refresh()
 
-    def register_parameter(self, name: str, param) -> None:
-        self.__dict__.pop("_watched", None)
-        self.__dict__["_cache_key"] = None
-        super().register_parameter(name, param)
+    _frozen = False
 
-    def _refresh(self) -> None:
-        """Recompute the cached weight-only tensors when any parameter changed."""
-        if self._frozen and "_fast" in self.__dict__:
-            return
-        key = self._version_key()
-        if key == self._cache_key and "_fast" in self.__dict__:
-            return
-        with torch.no_grad():
-            W, pinv, U_perp, V_perp = self._factors()
-            logdet = self.log_s.sum()
-            self._pinv = pinv.contiguous()
-            if self.kind == "funnel" and self.fused():
-                q = self.dropped
-                inv_sigma = torch.exp(-q.log_scale)
-                M = (V_perp.mT - q.weight @ W) * inv_sigma[:, None]
-                e = -(q.weight @ self.bias + q.bias) * inv_sigma
-                self._stack = torch.cat([W, M]).contiguous()
-                self._stack_bias = torch.cat([self.bias, e])
-                self._residual = (self._stack[self.out_features:], self._stack_bias[self.out_features:])
-                const = logdet - q.log_scale.sum() - 0.5 * LOG_2PI * q.features
-            elif self.kind == "funnel":
-                self._residual = (None, None)
-                const = logdet
-            elif self.kind == "augment":
-                tau = self.noise.log_scale.exp().expand(self.noise.features)
-                self._noise_map = (U_perp * tau).contiguous()
-                const = logdet + self.noise.log_scale.expand(self.noise.features).sum() + 0.5 * LOG_2PI * self.noise.features
-            else:
-                const = logdet
-            self._row_const = const.reshape(())
-        # what the fast path reads, in one plain tuple (no nn.Module attribute lookups per call)
-        residual = self._residual if self.kind == "funnel" else (None, None)
-        self.__dict__["_fast"] = (self.weight, self.bias, self._row_const, *residual, self._noise_map)
-        self._cache_key = key
+    def logdet(self) -> Tensor:
+        """``log|det|`` of the block: differentiable from the current weight while it requires grad, else cached."""
+        if self.weight.requires_grad:
+            return torch.linalg.slogdet(self.block())[1]
+        self._fresh()
+        return self._logdet
 
-    def _cached(self) -> tuple:
-        """``(weight, bias, row_const, residual_weight, residual_bias, noise_map)``, refreshed when stale."""
-        if not self._frozen and self._version_key() != self._cache_key:
-            self._refresh()
-        fast = self.__dict__.get("_fast")
-        if fast is None:
-            self._refresh()
-            fast = self.__dict__["_fast"]
-        return fast
+    def block_inverse(self) -> Tensor:
+        """The block's inverse (cached; solved from the current weight while it requires grad)."""
+        if self.weight.requires_grad:
+            return torch.linalg.inv(self.block())
+        self._fresh()
+        return self._inverse
 
     def prepare_for_export(self) -> None:
-        """Compute the caches now and stop re-checking them (on a copy about to be traced).
-
-        Under ``torch.export`` the parameters are fake tensors whose ``_version`` says nothing
-        about the real ones, so the staleness check in :meth:`_refresh` could trace the whole
-        cache computation into the exported graph.
-        """
-        with torch.no_grad():
-            self._cache_key = None
-            self._refresh()
+        """Compute the caches now and stop re-checking them (on a copy about to be traced)."""
+        self.refresh()
         self._frozen = True
 
     def sync_network(self) -> None:
-        """After the factors were trained: set ``weight`` to ``U diag(s) V^T`` and refresh caches."""
-        with torch.no_grad():
-            r = self.rank
-            self.weight.copy_((self.U[:, :r] * self.log_s.exp()) @ self.V[:, :r].mT)
-        self.invalidate_cache()
+        """After the weight was trained: recompute the caches."""
+        self.refresh()
+
+    def fused(self) -> bool:
+        """True when the dropped part (if any) is the linear-Gaussian :class:`ConditionalDiagonalNormal`,
+        whose density term is computed from its standardized residual (chosen by the part's type)."""
+        return self.dropped is None or type(self.dropped) is ConditionalDiagonalNormal
+
+    def dropped_log_prob(self, d: Tensor, y: Tensor) -> Tensor:
+        """``log q(d | y)`` per sample, rows in the last dimension (any ConditionalDensity; fused for the Gaussian)."""
+        q = self.dropped
+        if type(q) is not ConditionalDiagonalNormal:
+            return q.log_prob(d, y)
+        rows = d.numel() // max(d.shape[0] * q.features, 1)
+        const = rows * (q.log_scale.sum() + 0.5 * LOG_2PI * q.features)
+        resid = torch.addmm(d.reshape(-1, q.features), y.reshape(-1, q.context_features), q.weight.mT, alpha=-1)
+        r = (resid - q.bias) * torch.exp(-q.log_scale)
+        r = r.reshape(d.shape[0], -1)
+        return torch.sub(-const, torch.linalg.vecdot(r, r), alpha=0.5)
+
+    def noise_point_constant(self) -> Tensor:
+        """``-log N(0; 0, tau^2)`` summed over the added coordinates of one row (augment)."""
+        return self.noise.log_scale.expand(self.added_features).sum() + 0.5 * LOG_2PI * self.added_features
 
     # -- the contract --------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        weight = self._factors()[0] if parametrize.is_parametrized(self) else self.weight
-        return F.linear(x, weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
     def call_and_ll(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
         batch = x.shape[0]
         rows = x.numel() // max(batch * self.in_features, 1)  # vectors the map acts on per sample
-        if self._needs_graph():
-            return self._call_graph(x, noise, rows)
-        weight, bias, row_const, res_weight, res_bias, noise_map = self._cached()
-        const = row_const if rows == 1 else rows * row_const
-        y = F.linear(x, weight, bias)  # the original layer, bit for bit
-        if res_weight is not None:  # funnel
-            # the residual rows M, e of the cached stack [W; M]: together with y, n x n multiply-adds
-            res = F.linear(x, res_weight, res_bias).reshape(batch, -1)
-            return y, torch.add(const, torch.linalg.vecdot(res, res), alpha=-0.5)
-        ll = const.expand(batch)
-        if self.kind == "augment" and noise is not None:
-            if torch.is_grad_enabled() and (x.requires_grad or noise.requires_grad):
-                y = y + F.linear(noise, noise_map)
-                ll = ll + 0.5 * sum_except_batch(noise * noise)
-            else:  # y is ours: accumulate U_perp tau eps into it, no temporaries
-                y.view(-1, self.out_features).addmm_(noise.reshape(-1, self.added_features), noise_map.mT)
-                flat = noise.reshape(batch, -1)
-                ll = ll + 0.5 * torch.linalg.vecdot(flat, flat)
-        return y, ll
-
-    def _call_graph(self, x: Tensor, noise: Tensor | None, rows: int) -> tuple[Tensor, Tensor]:
-        W, _, U_perp, V_perp = self._factors()
-        y = F.linear(x, W, self.bias)
-        ll = (rows * self.log_s.sum()).expand(x.shape[0])
+        y = F.linear(x, self.weight, self.bias)  # the original layer, bit for bit
+        logdet = self.logdet()
+        const = logdet if rows == 1 else rows * logdet
         if self.kind == "funnel":
-            d = F.linear(x, V_perp.mT)
-            ll = ll + self.dropped.log_prob(d, y)  # any ConditionalDensity
-        elif self.kind == "augment":
-            if noise is None:
-                noise = x.new_zeros(x.shape[:-1] + (self.added_features,))
-            u = self.noise.scale(noise)
-            y = y + F.linear(u, U_perp)
-            ll = ll - self.noise.log_prob(u)
-        return y, ll
+            d = x.index_select(-1, self.dropped_index)
+            return y, const + self.dropped_log_prob(d, y)
+        if self.kind == "bijection":
+            return y, const.expand(batch)
+        if noise is None:  # deterministic: the point u = 0, -log N(0; 0, tau^2) per row
+            return y, (const + rows * self.noise_point_constant()).expand(batch)
+        u = self.noise.scale(noise)
+        y = y.index_add(-1, self.noise_index, u)
+        return y, const - self.noise.log_prob(u)
 
     def inverse(self, y: Tensor, sample: bool = False, noise: Tensor | None = None) -> Tensor:
-        if self._needs_graph():
-            _, pinv, _, V_perp = self._factors()
-        else:
-            self._refresh()
-            pinv, V_perp = self._pinv, self.V[:, self.rank:]
-        x = F.linear(y - self.bias, pinv)
-        if self.kind == "funnel":
-            q = self.dropped
-            if sample:
-                d = q.sample(y, noise)
-            else:
-                d = q.mean(y)
-            x = x + F.linear(d, V_perp)
-        return x
+        inv = self.block_inverse()
+        if self.kind == "augment":
+            kept = self.kept_index
+            return F.linear(y.index_select(-1, kept) - self.bias[kept], inv)
+        if self.kind == "bijection":
+            return F.linear(y - self.bias, inv)
+        q = self.dropped
+        d = q.sample(y, noise) if sample else q.mean(y)
+        rhs = y - self.bias - F.linear(d, self.weight[:, self.dropped_index])
+        x_kept = F.linear(rhs, inv)
+        x = y.new_zeros(*y.shape[:-1], self.in_features)
+        x = x.index_copy(-1, self.kept_index, x_kept)
+        return x.index_copy(-1, self.dropped_index, d.reshape(*y.shape[:-1], -1))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}, exact={self.exact}"

@@ -31,9 +31,9 @@ def test_calibration_reaches_the_analytic_optimum_and_gain():
     mean, cov, W, b = _known_funnel_case()
     flow = Chain(fc.FlowLinear(W, b), out_shape=(2,)).double()
     lin = flow.layers[0]
-    Vp = lin.V[:, lin.rank:]
-    # joint Gaussian of (y, d): y = W x + b, d = Vp^T x
-    P = torch.cat([W, Vp.mT])
+    E_S = torch.eye(5, dtype=torch.float64)[lin.dropped_index]
+    # joint Gaussian of (y, d): y = W x + b, d = x_S (the dropped input coordinates)
+    P = torch.cat([W, E_S])
     mu = P @ mean + torch.cat([b, torch.zeros(3, dtype=torch.float64)])
     S = P @ cov @ P.mT
     Syy, Sdy, Sdd = S[:2, :2], S[2:, :2], S[2:, 2:]
@@ -87,13 +87,29 @@ def test_calibration_never_touches_the_network_and_never_hurts():
 
 
 def test_calibration_reaches_the_true_density_of_a_linear_gaussian():
-    """x = Q diag(s) z + mu; funnel onto the first two directions, diagonal base: exact model class."""
+    """A Gaussian x inside the model class: y = W x ~ N(m, diag) and, given y, the dropped input
+    coordinates x_S ~ N(A y + c, diag); funnel W, diagonal base. Calibration must reach the truth.
+
+    (The dropped coordinates are input coordinates, so the data is built in (y, x_S) and mapped
+    to x through the funnel's own bijection x -> (y, x_S).)"""
     g = torch.Generator().manual_seed(3)
     Q, _ = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))
-    s = torch.tensor([2.0, 0.5, 0.3, 0.3], dtype=torch.float64)  # equal scales on the dropped part
-    mu = torch.tensor([1.0, -1.0, 0.5, 0.0], dtype=torch.float64)
-    cov = Q @ torch.diag(s**2) @ Q.mT
-    flow = Chain(fc.FlowLinear(Q[:, :2].mT.clone()), out_shape=(2,), base="diagonal").double()
+    W = Q[:, :2].mT.clone()
+    flow = Chain(fc.FlowLinear(W), out_shape=(2,), base="diagonal").double()
+    lin = flow.layers[0]
+    S, Sc = lin.dropped_index, lin.kept_index
+    A = torch.tensor([[0.7, -0.4], [0.2, 0.5]], dtype=torch.float64)
+    c = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    m_y, s_y, s_d = torch.tensor([1.0, -1.0], dtype=torch.float64), torch.tensor([2.0, 0.5], dtype=torch.float64), torch.tensor([0.3, 0.2], dtype=torch.float64)
+    # x = P [y; x_S]: x_S = x_S, x_Sc = W_Sc^{-1} (y - W_S x_S)
+    inv = torch.linalg.inv(W[:, Sc])
+    P = torch.zeros(4, 4, dtype=torch.float64)
+    P[Sc, :2], P[Sc, 2:], P[S, 2:] = inv, -inv @ W[:, S], torch.eye(2, dtype=torch.float64)
+    # (y, x_S) jointly Gaussian: y ~ N(m_y, diag s_y^2), x_S = A y + c + s_d eps
+    L = torch.zeros(4, 4, dtype=torch.float64)
+    L[:2, :2], L[2:, :2], L[2:, 2:] = torch.diag(s_y), A @ torch.diag(s_y), torch.diag(s_d)
+    mu = P @ torch.cat([m_y, A @ m_y + c])
+    cov = P @ L @ L.mT @ P.mT
     train = _gaussian(20000, mu, cov, seed=4)
     test = _gaussian(5000, mu, cov, seed=5)
     true = torch.distributions.MultivariateNormal(mu, cov).log_prob(test).mean().item()

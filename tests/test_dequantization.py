@@ -43,12 +43,12 @@ def test_affine_scale_enters_the_log_det():
 def _augment_model(offset: float) -> Chain:
     """1 -> 2 augmenting linear map and a standard-normal base, float64.
 
-    With W = s * u (u a unit column), U_perp^T y = U_perp^T b + tau * eps, and the exact
-    marginal is log p(x) = log s + log N(u^T (W x + b); 0, 1).
+    W = (0, 1.5)^T: the noise goes on output 0 (the row that is not kept, W_0 = 0), so
+    y_0 = offset + tau * eps, and the exact marginal is log p(x) = log 1.5 + log N(y_1; 0, 1).
     """
-    w = torch.tensor([[0.6], [0.8]], dtype=torch.float64) * 1.5
-    u_perp = torch.tensor([-0.8, 0.6], dtype=torch.float64)
-    layer = fc.FlowLinear(w, offset * u_perp)
+    w = torch.tensor([[0.0], [1.5]], dtype=torch.float64)
+    layer = fc.FlowLinear(w, torch.tensor([offset, 0.3], dtype=torch.float64))
+    assert layer.noise_index.tolist() == [0] and layer.kept_index.tolist() == [1]
     return Chain(layer, out_shape=(2,)).double()
 
 
@@ -58,9 +58,9 @@ def test_importance_weighting_tightens_with_more_samples():
     assert not flow.exact
     x = torch.randn(2000, 1, dtype=torch.float64)
     lin = flow.layers[0]
-    u = lin.U[:, 0]
     y = x @ lin.weight.mT + lin.bias
-    exact = (lin.log_s.sum() + (-0.5 * (y @ u) ** 2 - 0.5 * math.log(2 * math.pi))).mean().item()
+    y_kept = y[:, 1]
+    exact = (math.log(1.5) + (-0.5 * y_kept**2 - 0.5 * math.log(2 * math.pi))).mean().item()
     bounds = [fc.log_likelihood(flow, x, num_samples=k).mean().item() for k in (1, 8, 64)]
     # the gap at K=1 is KL(q || posterior) = offset^2 / 2 = 1.125 nats; it must shrink with K
     assert abs(exact - bounds[0] - 1.125) < 0.1, (exact, bounds)

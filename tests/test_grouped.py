@@ -122,3 +122,29 @@ def test_round_trips(dtype, batch):
 def test_groups_must_divide_channels():
     with pytest.raises(LayerConfigurationError):
         FlowGroupedConv(torch.randn(3, 2, 3, 3), input_shape=(4, 5, 5), groups=2)
+
+
+def test_full_training_keeps_forward_likelihood_and_inverse_on_the_same_weights():
+    """Regression (silent corruption after fit(train="all") with grouped convolutions): the
+    trained kernels and biases are used by flow(x), by the likelihood pass and by the inverse."""
+    import flowconvert as fc
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 2, stride=2, groups=2), nn.Flatten()).double()
+    x = torch.randn(64, 2, 4, 4, dtype=torch.float64)
+    flow = fc.convert(model, x[:1])
+    layer = next(m for m in flow.modules() if isinstance(m, FlowGroupedConv))
+    w0, b0 = layer.weight.clone(), layer.bias.clone()
+    fc.fit(flow, x, epochs=3, lr=1e-2, train="all", progress=False)
+    assert not torch.allclose(layer.weight, w0) and not torch.allclose(layer.bias, b0)
+    trained = torch.nn.functional.conv2d(x, layer.weight, layer.bias, stride=2, groups=2).flatten(1)
+    with torch.no_grad():
+        y, _ = flow.forward_with_log_prob(x, deterministic=True)
+        assert torch.equal(flow(x), trained)
+        torch.testing.assert_close(y, trained, atol=1e-10, rtol=0)
+        for g, block in enumerate(layer.blocks):  # the blocks' kernels are the trained weights
+            torch.testing.assert_close(block.kernel.weight.reshape(2, -1), layer.weight[2 * g : 2 * g + 2].reshape(2, -1))
+            torch.testing.assert_close(block.kernel.bias, layer.bias[2 * g : 2 * g + 2])
+        z = flow(x[:5])
+        for sample in (False, True):
+            torch.testing.assert_close(flow(flow.inverse(z, sample=sample)), z, atol=1e-9, rtol=0)
