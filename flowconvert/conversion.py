@@ -27,7 +27,7 @@ from .densities import ConditionalDiagonalNormal, DiagonalNormal, GaussianNoise,
 from .errors import ConversionError, FlowConversionError, TracingError
 from .flow import FlowModel, FlowPlan, Step
 from .merging import FlowDuplicate
-from .registry import DATA_ARG, REGISTRY, NodeContext, Registry, Rejection, describe_target
+from .registry import DATA_ARG, REGISTRY, NodeContext, Registry, Rejection, Substitution, describe_target
 from .report import CONVERTED, PASSTHROUGH, REJECTED, NodeReport, Problem, Report
 from .tracing import DATA, ExampleInputError, as_input_tuple, capture, data_inputs, per_sample_shape
 
@@ -125,12 +125,13 @@ def audit_and_convert(
                 if problem is not None:
                     entry.problems.append(problem)
                 continue
-            layer, problem = _convert_node(node, module_of(node), registry, batch, options)
+            layer, problem, substitution = _convert_node(node, module_of(node), registry, batch, options)
             if layer is not None:
                 layers[node.name] = layer
                 entry.likelihood = "exact" if layer.exact else "bound"
-                if getattr(layer, "substitution", None):
-                    entry.note = layer.substitution
+                if substitution is not None:
+                    entry.substitution = substitution
+                    entry.note = str(substitution)
             if problem is not None:
                 entry.problems.append(problem)
 
@@ -182,7 +183,7 @@ def audit_and_convert(
     if not report.convertible:
         return report, None
     flow = _assemble(gm, inputs, layers, BASES[base], output, aliases)
-    if any(e.note and "replaced" in e.note for e in entries.values()):
+    if report.substitutions:
         with torch.no_grad():
             expected = _flat(gm(*inputs))
             got = _flat(flow(*inputs))
@@ -229,13 +230,13 @@ def _data_occurrences(node: fx.Node) -> list[fx.Node]:
 
 def _convert_node(
     node: fx.Node, module: nn.Module | None, registry: Registry, batch: int, options: dict | None = None
-) -> tuple[FlowLayer | None, Problem | None]:
-    """Build the flow layer of one data node, or say why not."""
+) -> tuple[FlowLayer | None, Problem | None, Substitution | None]:
+    """Build the flow layer of one data node, or say why not (and the substitution it makes)."""
     where = node.meta.get("fc_location")
     sources = data_inputs(node)
     occurrences = _data_occurrences(node)
     if not sources:
-        return None, None
+        return None, None, None
     if not node.meta.get("fc_batch_ok", True):
         shape, check = node.meta.get("fc_shape"), node.meta.get("fc_shape_check")
         if check is None:
@@ -244,7 +245,7 @@ def _convert_node(
             why = f"its result has shape {tuple(shape)} for a batch of {batch} samples"
         else:
             why = f"its per-sample shape changes with the batch size ({tuple(shape[1:])} vs {tuple(check[1:])})"
-        return None, Problem("FC113", f"{describe_target(node, module)} does not keep samples apart: {why}", where)
+        return None, Problem("FC113", f"{describe_target(node, module)} does not keep samples apart: {why}", where), None
     source = sources[0]
     resolve = lambda a: DATA_ARG if a.meta.get("fc_kind") == DATA else a.meta.get("fc_value")
     args = fx.node.map_arg(node.args, resolve)
@@ -255,21 +256,21 @@ def _convert_node(
         in_shapes=in_shapes, options=dict(options or {}),
     )
     if any(per_sample_shape(n) is None for n in occurrences):
-        return None, Problem("FC132", f"{describe_target(node, module)} reads a tuple of values as a whole", where)
+        return None, Problem("FC132", f"{describe_target(node, module)} reads a tuple of values as a whole", where), None
     try:
         layer = registry.build(ctx)
     except Rejection as rej:
-        return None, Problem(rej.code, rej.message, where)
+        return None, Problem(rej.code, rej.message, where), None
     except FlowConversionError as err:
-        return None, Problem(err.code or "FC120", err.message, where)
+        return None, Problem(err.code or "FC120", err.message, where), None
     except Exception as exc:  # noqa: BLE001 - an audit reports, it does not crash
-        return None, Problem("FC120", f"{describe_target(node, module)}: {type(exc).__name__}: {exc}", where)
+        return None, Problem("FC120", f"{describe_target(node, module)}: {type(exc).__name__}: {exc}", where), None
     if not isinstance(layer, FlowLayer):
-        return None, Problem("FC120", f"the rule for {describe_target(node, module)} did not return a FlowLayer", where)
+        return None, Problem("FC120", f"the rule for {describe_target(node, module)} did not return a FlowLayer", where), None
     meta = source.meta.get("tensor_meta")
     if meta is not None and getattr(meta, "dtype", None) is not None and meta.dtype.is_floating_point:
         layer = layer.to(dtype=meta.dtype)  # density parameters follow the data's precision
-    return layer, None
+    return layer, None, ctx.substitution
 
 
 def _key(name: str, taken: set[str]) -> str:
