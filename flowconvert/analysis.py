@@ -43,8 +43,15 @@ from .report import Problem
 from .tracing import DATA, record
 
 __all__ = [
-    "data_uses", "data_args", "legalize", "check_pieces", "check_unused", "check_outputs", "insert_duplicates",
-    "origin", "CHECKS",
+    "data_uses",
+    "data_args",
+    "legalize",
+    "check_pieces",
+    "check_unused",
+    "check_outputs",
+    "insert_duplicates",
+    "origin",
+    "CHECKS",
 ]
 
 Finding = tuple[fx.Node, Problem]
@@ -158,9 +165,7 @@ def _give_copies(value: fx.Node, copies: list[fx.Node]) -> None:
     for user in data_uses(value):
         if record(user).inserted:
             continue
-        user.args, user.kwargs = fx.node.map_arg(
-            (user.args, user.kwargs), lambda a: next(queue) if a is value else a
-        )
+        user.args, user.kwargs = fx.node.map_arg((user.args, user.kwargs), lambda a: next(queue) if a is value else a)
 
 
 def insert_duplicates(graph: fx.Graph) -> None:
@@ -180,7 +185,12 @@ def insert_duplicates(graph: fx.Graph) -> None:
             with graph.inserting_after(last):
                 last = graph.create_node("call_function", operator.getitem, (fan, j), name=f"{node.name}_copy{j}")
             last.meta["flowconvert"] = type(rec)(
-                kind=DATA, shape=rec.shape, dtype=rec.dtype, location=rec.location, inserted=True, piece=(fan.name, j),
+                kind=DATA,
+                shape=rec.shape,
+                dtype=rec.dtype,
+                location=rec.location,
+                inserted=True,
+                piece=(fan.name, j),
                 batch_ok=rec.batch_ok,
             )
             copies.append(last)

@@ -59,10 +59,18 @@ def plan(graph: fx.Graph) -> tuple[FlowPlan, dict[str, nn.Module], dict[str, nn.
         names = tuple(pieces[node.name][i] for i in range(rec.layer.num_outputs)) if multi else ()
         in_shape = record(args[0]).sample_shape
         out_shape = in_shape if rec.inserted else rec.sample_shape or ()  # a fan-out keeps the shape
-        steps.append(Step(
-            node.name, key, args[0].name, in_shape, out_shape, roots[node.name],
-            sources=tuple(a.name for a in args) if len(args) > 1 else (), names=names,
-        ))
+        steps.append(
+            Step(
+                node.name,
+                key,
+                args[0].name,
+                in_shape,
+                out_shape,
+                roots[node.name],
+                sources=tuple(a.name for a in args) if len(args) > 1 else (),
+                names=names,
+            )
+        )
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     values = output_values(graph)
     base_taken: set[str] = set()

@@ -47,12 +47,22 @@ __all__ = ["audit", "convert", "audit_and_convert", "Options"]
 
 @dataclass(frozen=True)
 class Options:
-    """The options of a conversion, validated: base density, ReLU policy."""
+    """The options of :func:`audit` and :func:`convert` (keywords of both), validated.
+
+    Attributes:
+        base: base density of each output: ``"standard"`` (standard normal) or ``"diagonal"``
+            (learnable diagonal Gaussian); any ``"base:<name>"`` structure rule of the registry.
+        registry: the rules to convert with (default :data:`~flowconvert.registry.REGISTRY`).
+        relu: ``None`` refuses ReLU (FC101); ``"leaky"`` substitutes ``LeakyReLU(negative_slope)``
+            (the flow then computes a slightly different function; the report lists each
+            substituted node and the largest output deviation on the example inputs).
+        negative_slope: the slope of the substitute.
+    """
 
     base: str = "standard"
+    registry: Registry = field(default_factory=lambda: REGISTRY)
     relu: str | None = None
     negative_slope: float = 0.01
-    registry: Registry = field(default_factory=lambda: REGISTRY)
 
     def __post_init__(self) -> None:
         if self.base not in self.registry.bases:
@@ -66,50 +76,35 @@ class Options:
         return {"relu": self.relu, "negative_slope": float(self.negative_slope)} if self.relu else {}
 
 
-def audit(
-    model: nn.Module, example_inputs: Any, *, base: str = "standard", registry: Registry = REGISTRY,
-    relu: str | None = None, negative_slope: float = 0.01,
-) -> Report:
+def audit(model: nn.Module, example_inputs: Any, **options: Any) -> Report:
     """Trace ``model`` on ``example_inputs`` and report, node by node, what can be flowified.
 
+    ``options`` are those of :class:`Options` (``base``, ``registry``, ``relu``, ``negative_slope``).
     Runs capture, legalize, lower (cheap checks: no weight is factorized) and report. Never
     raises for unsupported nodes or untraceable code (they are problems in the report);
     raises :class:`~flowconvert.tracing.ExampleInputError` when the model fails on the example
     inputs. The model is not modified.
     """
-    options = Options(base, relu, negative_slope, registry)
-    return _run(model, example_inputs, options, build=False)[0]
+    return _run(model, example_inputs, Options(**options), build=False)[0]
 
 
-def convert(
-    model: nn.Module, example_inputs: Any, *, base: str = "standard", registry: Registry = REGISTRY,
-    relu: str | None = None, negative_slope: float = 0.01,
-) -> FlowModel:
+def convert(model: nn.Module, example_inputs: Any, **options: Any) -> FlowModel:
     """Convert ``model`` into a :class:`~flowconvert.flow.FlowModel`.
 
-    ``base`` is the base density of each output: ``"standard"`` (standard normal) or
-    ``"diagonal"`` (learnable diagonal Gaussian). Raises :class:`~flowconvert.errors.ConversionError`
-    (with the full report as ``.report``) when any node blocks the conversion.
-
-    ``relu="leaky"`` substitutes ``LeakyReLU(negative_slope)`` for every ReLU (refused by
-    default, FC101): the flow then computes a slightly different function. The report
-    (``flow.report``) lists each substituted node and the largest deviation of the flow's
-    outputs from the original model's on ``example_inputs``.
+    ``options`` are those of :class:`Options`: ``base="standard" | "diagonal"``, ``registry``,
+    ``relu="leaky"`` with ``negative_slope`` (substitutes LeakyReLU for every ReLU; refused by
+    default, FC101). Raises :class:`~flowconvert.errors.ConversionError` (with the full report
+    as ``.report``) when any node blocks the conversion. ``flow.report`` is the report.
     """
-    report, flow = audit_and_convert(
-        model, example_inputs, base=base, registry=registry, relu=relu, negative_slope=negative_slope
-    )
+    report, flow = audit_and_convert(model, example_inputs, **options)
     if flow is None:
         raise _conversion_error(report)
     return flow
 
 
-def audit_and_convert(
-    model: nn.Module, example_inputs: Any, *, base: str = "standard", registry: Registry = REGISTRY,
-    relu: str | None = None, negative_slope: float = 0.01,
-) -> tuple[Report, FlowModel | None]:
+def audit_and_convert(model: nn.Module, example_inputs: Any, **options: Any) -> tuple[Report, FlowModel | None]:
     """The report, and the flow model when the model is convertible (else ``None``)."""
-    return _run(model, example_inputs, Options(base, relu, negative_slope, registry), build=True)
+    return _run(model, example_inputs, Options(**options), build=True)
 
 
 def _run(model: nn.Module, example_inputs: Any, options: Options, *, build: bool) -> tuple[Report, FlowModel | None]:
@@ -125,7 +120,9 @@ def _run(model: nn.Module, example_inputs: Any, options: Options, *, build: bool
         return trace_failure_report(name, err, in_shapes, options.base), None
     graph, modules = cap.graph, dict(cap.module.named_modules())
     legalize(graph)
-    lower(graph, modules, options.registry, batch=cap.batch, options=options.rule_options, base=options.base, build=build)
+    lower(
+        graph, modules, options.registry, batch=cap.batch, options=options.rule_options, base=options.base, build=build
+    )
     report = build_report(graph, modules, name, input_shapes=in_shapes, base=options.base)
     if not build or not report.convertible:
         return report, None

@@ -62,10 +62,6 @@ __all__ = [
 ]
 
 
-def _finite_nonzero(c: float) -> bool:
-    return math.isfinite(c) and c != 0.0
-
-
 class _Elementwise(FlowLayer):
     """Shared plumbing: ``L = sum log|f'(x)|``; subclasses define ``forward``, ``log_derivative``, ``inverse``."""
 

@@ -56,14 +56,24 @@ def context(node: fx.Node, module: nn.Module | None, options: dict) -> NodeConte
     """What a rule sees of ``node``: arguments with values resolved, per-sample shapes."""
     occurrences = data_args(node)
     return NodeContext(
-        node, module, tuple(fx.node.map_arg(node.args, _resolve)), dict(fx.node.map_arg(node.kwargs, _resolve)),
-        record(occurrences[0]).sample_shape or (), record(node).sample_shape,
-        in_shapes=tuple(record(n).sample_shape or () for n in occurrences), options=dict(options),
+        node,
+        module,
+        tuple(fx.node.map_arg(node.args, _resolve)),
+        dict(fx.node.map_arg(node.kwargs, _resolve)),
+        record(occurrences[0]).sample_shape or (),
+        record(node).sample_shape,
+        in_shapes=tuple(record(n).sample_shape or () for n in occurrences),
+        options=dict(options),
     )
 
 
 def lower_node(
-    node: fx.Node, module: nn.Module | None, registry: Registry, *, batch: int, options: dict | None = None,
+    node: fx.Node,
+    module: nn.Module | None,
+    registry: Registry,
+    *,
+    batch: int,
+    options: dict | None = None,
     build: bool = True,
 ) -> None:
     """Lower one data node: ``record.layer`` (or ``record.verdict``) or a problem."""
@@ -118,12 +128,20 @@ def lower_bases(graph: fx.Graph, registry: Registry, base: str) -> None:
             continue
         ctx = NodeContext(value, None, (DATA_ARG,), {}, rec.sample_shape, rec.sample_shape, (rec.sample_shape,))
         density = rule.build(ctx)
-        bases[value.name] = density.to(dtype=rec.dtype) if rec.dtype is not None and rec.dtype.is_floating_point else density
+        bases[value.name] = (
+            density.to(dtype=rec.dtype) if rec.dtype is not None and rec.dtype.is_floating_point else density
+        )
 
 
 def lower(
-    graph: fx.Graph, modules: dict[str, nn.Module], registry: Registry, *, batch: int, options: dict | None = None,
-    base: str = "standard", build: bool = True,
+    graph: fx.Graph,
+    modules: dict[str, nn.Module],
+    registry: Registry,
+    *,
+    batch: int,
+    options: dict | None = None,
+    base: str = "standard",
+    build: bool = True,
 ) -> None:
     """Lower every data node of ``graph`` that computes something, then the base densities."""
     for node in graph.nodes:

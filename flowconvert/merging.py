@@ -1,6 +1,6 @@
 r"""Layers with several inputs or outputs, for graph structure: fan-out, sums, concatenation, splits.
 
-A flow must consume every value exactly once (SPEC section 7), so a network whose values fan
+A flow must consume every value exactly once (docs/mathematics.md section 10), so a network whose values fan
 out (residual connections) or merge (``a + b``, ``torch.cat``) needs explicit layers for it.
 These layers extend the contract of :mod:`flowconvert.core`: a layer with several inputs
 takes them positionally, ``call_and_ll(*xs, noise=None)``, and its ``inverse`` returns a

@@ -52,8 +52,19 @@ from .report import Substitution
 from .shapes import FlowIdentity, Permute, Reshape
 
 __all__ = [
-    "Rule", "RuleSpec", "Rejection", "NodeContext", "Registry", "REGISTRY", "Substitution", "Verdict",
-    "describe_target", "function_name", "duplicate", "DATA_ARG", "LIKELIHOODS",
+    "Rule",
+    "RuleSpec",
+    "Rejection",
+    "NodeContext",
+    "Registry",
+    "REGISTRY",
+    "Substitution",
+    "Verdict",
+    "describe_target",
+    "function_name",
+    "duplicate",
+    "DATA_ARG",
+    "LIKELIHOODS",
 ]
 
 #: The likelihood classes a rule declares: ``exact``, ``bound``, ``exact / bound`` (depends on
@@ -278,20 +289,47 @@ class Registry:
             f"{len(self.methods)} method rules)"
         )
 
+    def copy(self) -> Registry:
+        """A registry with the same rules, to extend without changing this one."""
+        return Registry(dict(self.modules), dict(self.functions), dict(self.methods), dict(self.structure))
+
     # -- registration -------------------------------------------------------------------
     def rule(
-        self, *, modules: Sequence[type] = (), functions: Sequence[Any] = (), methods: Sequence[str] = (),
-        likelihood: str = "exact / bound", layers: Sequence[Any] = (), conditions: str = "",
-        codes: Sequence[str] = (), check: Checker | None = None, data_first: bool = True, name: str | None = None,
+        self,
+        spellings: Sequence[Any] = (),
+        likelihood: str = "exact / bound",
+        layers: Sequence[Any] = (),
+        conditions: str = "",
+        *,
+        modules: Sequence[type] = (),
+        functions: Sequence[Any] = (),
+        methods: Sequence[str] = (),
+        codes: Sequence[str] = (),
+        check: Checker | None = None,
+        data_first: bool = True,
+        name: str | None = None,
     ) -> Callable[[Builder], Builder]:
-        """Decorator: declare ``build(ctx)`` for every spelling listed, with its data (see :class:`RuleSpec`)."""
+        """Decorator: declare ``build(ctx)`` for every spelling listed, with its data (see :class:`RuleSpec`).
+
+        ``spellings`` mixes module types (``nn.Tanh``), functions (``torch.tanh``) and tensor method
+        names (``"tanh"``); ``modules``/``functions``/``methods`` name them by kind instead.
+        """
+        modules = [*modules, *(t for t in spellings if isinstance(t, type))]
+        methods = [*methods, *(t for t in spellings if isinstance(t, str))]
+        functions = [*functions, *(t for t in spellings if not isinstance(t, (type, str)))]
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
 
         def register(build: Builder) -> Builder:
             spec = RuleSpec(
-                name or build.__name__.strip("_"), build, likelihood, _names(layers), conditions, tuple(codes),
-                check, data_first,
+                name or build.__name__.strip("_"),
+                build,
+                likelihood,
+                _names(layers),
+                conditions,
+                tuple(codes),
+                check,
+                data_first,
             )
             for t in modules:
                 self.modules[t] = Rule("module", t, spec, module_name(t))
@@ -316,13 +354,25 @@ class Registry:
         return self.rule(methods=names, **declared)
 
     def reject(
-        self, code: str, what: str, *, modules: Sequence[type] = (), functions: Sequence[Any] = (),
-        methods: Sequence[str] = (), conditions: str | None = None,
+        self,
+        code: str,
+        what: str,
+        *,
+        modules: Sequence[type] = (),
+        functions: Sequence[Any] = (),
+        methods: Sequence[str] = (),
+        conditions: str | None = None,
     ) -> None:
         """Register a rule that always refuses with ``code``; ``what`` names the operation in messages."""
         self.rule(
-            modules=modules, functions=functions, methods=methods, likelihood="refused", codes=(code,),
-            conditions=conditions or what, data_first=False, name=f"refuse {code}",
+            modules=modules,
+            functions=functions,
+            methods=methods,
+            likelihood="refused",
+            codes=(code,),
+            conditions=conditions or what,
+            data_first=False,
+            name=f"refuse {code}",
         )(_Refusal(code, what))
 
     def add_structure(self, key: str, description: str, **declared: Any) -> Callable[[Builder], Builder]:
@@ -377,7 +427,9 @@ class Registry:
             what = {"call_module": "module", "call_function": "function", "call_method": "tensor method"}.get(
                 ctx.node.op, "operation"
             )
-            raise Rejection(unsupported_code(ctx.node), f"no conversion rule for {what} {describe_target(ctx.node, ctx.module)}")
+            raise Rejection(
+                unsupported_code(ctx.node), f"no conversion rule for {what} {describe_target(ctx.node, ctx.module)}"
+            )
         if rule.spec.data_first and ctx.node.op != "call_module":
             ctx.require_data_first()
         return rule.spec
@@ -435,7 +487,10 @@ REGISTRY = Registry()
 
 # -- graph structure: fan-out and the base density of each output ------------------------------
 @REGISTRY.add_structure(
-    "duplicate", "a value with several consumers", likelihood="bound", layers=[FlowDuplicate],
+    "duplicate",
+    "a value with several consumers",
+    likelihood="bound",
+    layers=[FlowDuplicate],
     conditions="residual connections, a returned value that also feeds other nodes: copies made distinct by "
     "zero-sum noise",
 )
@@ -448,7 +503,9 @@ def _standard_base(ctx: NodeContext) -> nn.Module:
     return StandardNormal(ctx.in_shape)
 
 
-@REGISTRY.add_structure("base:diagonal", "each output", layers=[DiagonalNormal], conditions='base="diagonal" (learnable)')
+@REGISTRY.add_structure(
+    "base:diagonal", "each output", layers=[DiagonalNormal], conditions='base="diagonal" (learnable)'
+)
 def _diagonal_base(ctx: NodeContext) -> nn.Module:
     return DiagonalNormal(ctx.in_shape)
 
@@ -482,10 +539,13 @@ def _check_linear(ctx: NodeContext) -> Verdict:
 
 
 @REGISTRY.rule(
-    modules=[nn.Linear], functions=[F.linear], likelihood="exact / bound", layers=[FlowLinear], codes=["FC201"],
-    check=_check_linear,
-    conditions="bijection (square), funnel (fewer outputs, exact), augmentation (more outputs, bound); "
+    [nn.Linear, F.linear],
+    "exact / bound",
+    [FlowLinear],
+    "bijection (square), funnel (fewer outputs, exact), augmentation (more outputs, bound); "
     "no singular value at or below 1e-6 x the largest (FC201)",
+    codes=["FC201"],
+    check=_check_linear,
 )
 def _linear(ctx: NodeContext) -> FlowLayer:
     return FlowLinear(*_linear_weights(ctx))
@@ -493,10 +553,12 @@ def _linear(ctx: NodeContext) -> FlowLayer:
 
 # -- convolution (layers in flowconvert.conv and flowconvert.grouped) ------------------------
 @REGISTRY.rule(
-    modules=[nn.Conv1d, nn.Conv2d], functions=[F.conv1d, F.conv2d], likelihood="exact / bound",
-    layers=["FlowConv", "FlowGroupedConv"], codes=["FC201", "FC203"],
-    conditions="Pad -> Tile -> Kernel; padding or overlapping windows make it a bound; groups > 1 (depthwise) "
+    [nn.Conv1d, nn.Conv2d, F.conv1d, F.conv2d],
+    "exact / bound",
+    ["FlowConv", "FlowGroupedConv"],
+    "Pad -> Tile -> Kernel; padding or overlapping windows make it a bound; groups > 1 (depthwise) "
     "as one block per group; zero padding only (FC203)",
+    codes=["FC201", "FC203"],
 )
 def _conv(ctx: NodeContext) -> FlowLayer:
     from .conv import FlowConv
@@ -507,25 +569,29 @@ def _conv(ctx: NodeContext) -> FlowLayer:
     if ctx.module is not None:
         return cls.from_module(ctx.module, ctx.in_shape)
     return cls(
-        ctx.tensor(1, "weight"), ctx.tensor(2, "bias"), input_shape=ctx.in_shape, stride=ctx.arg(3, "stride", 1),
-        padding=ctx.arg(4, "padding", 0), dilation=ctx.arg(5, "dilation", 1), groups=groups,
+        ctx.tensor(1, "weight"),
+        ctx.tensor(2, "bias"),
+        input_shape=ctx.in_shape,
+        stride=ctx.arg(3, "stride", 1),
+        padding=ctx.arg(4, "padding", 0),
+        dilation=ctx.arg(5, "dilation", 1),
+        groups=groups,
     )
 
 
 # -- activations ----------------------------------------------------------------------------
-@REGISTRY.rule(
-    modules=[nn.LeakyReLU], functions=[F.leaky_relu], likelihood="exact", layers=[FlowLeakyReLU], codes=["FC202"],
-    conditions="slope > 0 (FC202 otherwise)",
-)
+@REGISTRY.rule([nn.LeakyReLU, F.leaky_relu], "exact", [FlowLeakyReLU], "slope > 0 (FC202 otherwise)", codes=["FC202"])
 def _leaky_relu(ctx: NodeContext) -> FlowLayer:
     return FlowLeakyReLU(ctx.param("negative_slope", 1, 0.01))
 
 
 @REGISTRY.rule(
-    modules=[nn.ReLU], functions=[F.relu, torch.relu], methods=["relu"], likelihood="substitution",
-    layers=[FlowLeakyReLU], codes=["FC101"],
-    conditions='refused by default; convert(..., relu="leaky", negative_slope=0.01) substitutes LeakyReLU and '
+    [nn.ReLU, F.relu, torch.relu, "relu"],
+    "substitution",
+    [FlowLeakyReLU],
+    'refused by default; convert(..., relu="leaky", negative_slope=0.01) substitutes LeakyReLU and '
     "reports the output deviation",
+    codes=["FC101"],
 )
 def _relu(ctx: NodeContext) -> FlowLayer:
     if ctx.options.get("relu") != "leaky":
@@ -536,58 +602,44 @@ def _relu(ctx: NodeContext) -> FlowLayer:
 
 
 # -- elementwise bijections (flowconvert.elementwise) --------------------------------------------
-@REGISTRY.rule(
-    modules=[nn.Tanh], functions=[torch.tanh, F.tanh], methods=["tanh"], likelihood="exact", layers=[FlowTanh],
-    conditions="stable log-derivative",
-)
+@REGISTRY.rule([nn.Tanh, torch.tanh, F.tanh, "tanh"], "exact", [FlowTanh], "stable log-derivative")
 def _tanh(ctx: NodeContext) -> FlowLayer:
     return FlowTanh()
 
 
-@REGISTRY.rule(
-    modules=[nn.Sigmoid], functions=[torch.sigmoid, F.sigmoid], methods=["sigmoid"], likelihood="exact",
-    layers=[FlowSigmoid], conditions="stable log-derivative",
-)
+@REGISTRY.rule([nn.Sigmoid, torch.sigmoid, F.sigmoid, "sigmoid"], "exact", [FlowSigmoid], "stable log-derivative")
 def _sigmoid(ctx: NodeContext) -> FlowLayer:
     return FlowSigmoid()
 
 
-@REGISTRY.rule(
-    modules=[nn.ELU], functions=[F.elu], likelihood="exact", layers=[FlowELU], codes=["FC212"],
-    conditions="alpha > 0 (FC212 otherwise)",
-)
+@REGISTRY.rule([nn.ELU, F.elu], "exact", [FlowELU], "alpha > 0 (FC212 otherwise)", codes=["FC212"])
 def _elu(ctx: NodeContext) -> FlowLayer:
     return FlowELU(ctx.param("alpha", 1, 1.0))
 
 
-@REGISTRY.rule(
-    modules=[nn.SELU], functions=[F.selu, torch.selu], likelihood="exact", layers=[FlowELU],
-    conditions="SELU's fixed alpha and scale",
-)
+@REGISTRY.rule([nn.SELU, F.selu, torch.selu], "exact", [FlowELU], "SELU's fixed alpha and scale")
 def _selu(ctx: NodeContext) -> FlowLayer:
     return FlowELU.selu()
 
 
-@REGISTRY.rule(
-    modules=[nn.Softplus], functions=[F.softplus], likelihood="exact", layers=[FlowSoftplus],
-    conditions="beta and threshold as in torch",
-)
+@REGISTRY.rule([nn.Softplus, F.softplus], "exact", [FlowSoftplus], "beta and threshold as in torch")
 def _softplus(ctx: NodeContext) -> FlowLayer:
     return FlowSoftplus(ctx.param("beta", 1, 1.0), ctx.param("threshold", 2, 20.0))
 
 
 @REGISTRY.rule(
-    modules=[nn.PReLU], functions=[F.prelu, torch.prelu], likelihood="exact", layers=[FlowPReLU], codes=["FC212"],
-    conditions="all slopes > 0 (FC212 otherwise)",
+    [nn.PReLU, F.prelu, torch.prelu], "exact", [FlowPReLU], "all slopes > 0 (FC212 otherwise)", codes=["FC212"]
 )
 def _prelu(ctx: NodeContext) -> FlowLayer:
     return FlowPReLU(ctx.param("weight", 1))
 
 
 @REGISTRY.rule(
-    modules=[nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d], functions=[F.batch_norm], likelihood="exact",
-    layers=[FlowBatchNorm], codes=["FC210", "FC211"],
-    conditions="eval mode with running statistics (FC211), no zero scale (FC210)",
+    [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, F.batch_norm],
+    "exact",
+    [FlowBatchNorm],
+    "eval mode with running statistics (FC211), no zero scale (FC210)",
+    codes=["FC210", "FC211"],
 )
 def _batch_norm(ctx: NodeContext) -> FlowLayer:
     if ctx.module is not None:
@@ -600,9 +652,23 @@ def _batch_norm(ctx: NodeContext) -> FlowLayer:
 
 # -- shape operations: per-sample shapes come from shape propagation --------------------------
 @REGISTRY.rule(
-    modules=[nn.Flatten, nn.Unflatten], functions=[torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze],
-    methods=["view", "reshape", "flatten", "squeeze", "unsqueeze", "unflatten"], likelihood="exact",
-    layers=[Reshape], conditions="L = 0",
+    [
+        nn.Flatten,
+        nn.Unflatten,
+        torch.flatten,
+        torch.reshape,
+        torch.squeeze,
+        torch.unsqueeze,
+        "view",
+        "reshape",
+        "flatten",
+        "squeeze",
+        "unsqueeze",
+        "unflatten",
+    ],
+    "exact",
+    [Reshape],
+    "L = 0",
 )
 def _reshape(ctx: NodeContext) -> FlowLayer:
     if ctx.out_shape is None:
@@ -623,10 +689,7 @@ def _permutation(ctx: NodeContext, dims: Sequence[int]) -> Permute:
 _PERMUTE_CONDITIONS = "the batch dimension stays first (FC113)"
 
 
-@REGISTRY.rule(
-    functions=[torch.permute], methods=["permute"], likelihood="exact", layers=[Permute], codes=["FC113"],
-    conditions=_PERMUTE_CONDITIONS,
-)
+@REGISTRY.rule([torch.permute, "permute"], "exact", [Permute], _PERMUTE_CONDITIONS, codes=["FC113"])
 def _permute(ctx: NodeContext) -> FlowLayer:
     rest = ctx.args[1:] or (ctx.kwargs.get("dims"),)
     dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
@@ -634,8 +697,11 @@ def _permute(ctx: NodeContext) -> FlowLayer:
 
 
 @REGISTRY.rule(
-    functions=[torch.transpose, torch.swapaxes, torch.swapdims], methods=["transpose", "swapaxes", "swapdims"],
-    likelihood="exact", layers=[Permute], codes=["FC113"], conditions=_PERMUTE_CONDITIONS,
+    [torch.transpose, torch.swapaxes, torch.swapdims, "transpose", "swapaxes", "swapdims"],
+    "exact",
+    [Permute],
+    _PERMUTE_CONDITIONS,
+    codes=["FC113"],
 )
 def _transpose(ctx: NodeContext) -> FlowLayer:
     ndim = len(ctx.in_shape) + 1
@@ -647,16 +713,31 @@ def _transpose(ctx: NodeContext) -> FlowLayer:
 
 # -- identities ----------------------------------------------------------------------------
 @REGISTRY.rule(
-    modules=[nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout],
-    methods=["contiguous", "clone", "detach"], likelihood="exact", layers=[FlowIdentity], conditions="L = 0",
+    [
+        nn.Identity,
+        nn.Dropout,
+        nn.Dropout1d,
+        nn.Dropout2d,
+        nn.Dropout3d,
+        nn.AlphaDropout,
+        "contiguous",
+        "clone",
+        "detach",
+    ],
+    "exact",
+    [FlowIdentity],
+    "L = 0",
 )
 def _identity(ctx: NodeContext) -> FlowLayer:
     return FlowIdentity()
 
 
 @REGISTRY.rule(
-    functions=[F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout], likelihood="exact",
-    layers=[FlowIdentity], codes=["FC114"], conditions="training=False or p=0 (FC114 otherwise)",
+    [F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout],
+    "exact",
+    [FlowIdentity],
+    "training=False or p=0 (FC114 otherwise)",
+    codes=["FC114"],
 )
 def _dropout(ctx: NodeContext) -> FlowLayer:
     p, training = ctx.arg(1, "p", 0.5), ctx.arg(2, "training", True)
@@ -676,10 +757,13 @@ _ARITHMETIC = {
 
 
 @REGISTRY.rule(
-    functions=[k for k in _ARITHMETIC if not isinstance(k, str)], methods=[k for k in _ARITHMETIC if isinstance(k, str)],
-    likelihood="exact", layers=[FlowScalarAffine, FlowSum], codes=["FC131", "FC213", "FC305"], data_first=False,
-    conditions="with a constant: affine bijection (non-zero factor, FC213); of two data values of one shape: "
+    list(_ARITHMETIC),
+    "exact",
+    [FlowScalarAffine, FlowSum],
+    "with a constant: affine bijection (non-zero factor, FC213); of two data values of one shape: "
     "a + b / a - b funnel; products of data values are refused (FC131)",
+    codes=["FC131", "FC213", "FC305"],
+    data_first=False,
 )
 def _arithmetic(ctx: NodeContext) -> FlowLayer:
     op = _ARITHMETIC[ctx.node.target]
@@ -691,7 +775,9 @@ def _arithmetic(ctx: NodeContext) -> FlowLayer:
         if op in ("mul", "div"):
             raise Rejection("FC131", f"`{ctx.node.name}` multiplies or divides two data values")
         if len(set(ctx.in_shapes)) != 1 or ctx.out_shape != ctx.in_shapes[0]:
-            raise Rejection("FC305", f"`{ctx.node.name}` adds values of different shapes {list(ctx.in_shapes)} (broadcasting)")
+            raise Rejection(
+                "FC305", f"`{ctx.node.name}` adds values of different shapes {list(ctx.in_shapes)} (broadcasting)"
+            )
         return FlowSum(ctx.in_shapes[0], subtract=op == "sub")
     if a is DATA_ARG:
         const = b
@@ -710,10 +796,7 @@ def _arithmetic(ctx: NodeContext) -> FlowLayer:
     return FlowScalarAffine(op, const)
 
 
-@REGISTRY.rule(
-    functions=[operator.neg, torch.neg, torch.negative], methods=["neg", "negative"], likelihood="exact",
-    layers=[FlowScalarAffine], conditions="L = 0",
-)
+@REGISTRY.rule([operator.neg, torch.neg, torch.negative, "neg", "negative"], "exact", [FlowScalarAffine], "L = 0")
 def _neg(ctx: NodeContext) -> FlowLayer:
     return FlowScalarAffine("neg")
 
@@ -727,22 +810,30 @@ def _feature_dim(ctx: NodeContext, dim: int, ndim: int) -> int:
 
 
 @REGISTRY.rule(
-    functions=[torch.cat, torch.concat, torch.concatenate], likelihood="exact", layers=[FlowCat],
-    codes=["FC305", "FC215"], data_first=False,
-    conditions="data values only, along a feature dimension (FC305, FC215)",
+    [torch.cat, torch.concat, torch.concatenate],
+    "exact",
+    [FlowCat],
+    "data values only, along a feature dimension (FC305, FC215)",
+    codes=["FC305", "FC215"],
+    data_first=False,
 )
 def _cat(ctx: NodeContext) -> FlowLayer:
     parts = ctx.arg(0, "tensors")
     if not isinstance(parts, (tuple, list)) or any(p is not DATA_ARG for p in parts):
-        raise Rejection("FC305", f"`{ctx.node.name}` concatenates data with constants (that adds coordinates without a density)")
+        raise Rejection(
+            "FC305", f"`{ctx.node.name}` concatenates data with constants (that adds coordinates without a density)"
+        )
     ndim = len(ctx.in_shapes[0]) + 1
     dim = _feature_dim(ctx, ctx.arg(1, "dim", ctx.kwargs.get("axis", 0)), ndim)
     return FlowCat(dim, [shape[dim - 1] for shape in ctx.in_shapes])
 
 
 @REGISTRY.rule(
-    functions=[torch.split, torch.chunk], methods=["split", "chunk"], likelihood="exact", layers=[FlowSplit],
-    codes=["FC306", "FC215"], conditions="every piece must be used (FC306)",
+    [torch.split, torch.chunk, "split", "chunk"],
+    "exact",
+    [FlowSplit],
+    "every piece must be used (FC306)",
+    codes=["FC306", "FC215"],
 )
 def _split(ctx: NodeContext) -> FlowLayer:
     ndim = len(ctx.in_shape) + 1
@@ -756,8 +847,11 @@ def _split(ctx: NodeContext) -> FlowLayer:
 
 
 @REGISTRY.rule(
-    functions=[operator.getitem], likelihood="exact", layers=[Reshape], codes=["FC132"],
-    conditions="only indexing that keeps every element (x[:, None], x[...]); anything else drops data (FC132)",
+    [operator.getitem],
+    "exact",
+    [Reshape],
+    "only indexing that keeps every element (x[:, None], x[...]); anything else drops data (FC132)",
+    codes=["FC132"],
 )
 def _getitem(ctx: NodeContext) -> FlowLayer:
     index = ctx.arg(1, "index")
@@ -772,28 +866,42 @@ def _getitem(ctx: NodeContext) -> FlowLayer:
 
 # -- pooling over tiling windows (flowconvert.pooling) ---------------------------------------------
 @REGISTRY.rule(
-    modules=[nn.MaxPool1d, nn.MaxPool2d], functions=[F.max_pool1d, F.max_pool2d], likelihood="exact",
-    layers=[FlowMaxPool], codes=["FC214"],
-    conditions="SurVAE max-pooling surjection; kernel == stride, no padding, tiling input (FC214)",
+    [nn.MaxPool1d, nn.MaxPool2d, F.max_pool1d, F.max_pool2d],
+    "exact",
+    [FlowMaxPool],
+    "SurVAE max-pooling surjection; kernel == stride, no padding, tiling input (FC214)",
+    codes=["FC214"],
 )
 def _max_pool(ctx: NodeContext) -> FlowLayer:
     module = ctx.module
     if module is None:
         module = (nn.MaxPool1d if len(ctx.in_shape) == 2 else nn.MaxPool2d)(
-            ctx.arg(1, "kernel_size"), ctx.arg(2, "stride", None), ctx.arg(3, "padding", 0), ctx.arg(4, "dilation", 1),
-            ctx.arg(6, "return_indices", False), ctx.arg(5, "ceil_mode", False),
+            ctx.arg(1, "kernel_size"),
+            ctx.arg(2, "stride", None),
+            ctx.arg(3, "padding", 0),
+            ctx.arg(4, "dilation", 1),
+            ctx.arg(6, "return_indices", False),
+            ctx.arg(5, "ceil_mode", False),
         )
     return FlowMaxPool.from_module(module, ctx.in_shape)
 
 
 @REGISTRY.rule(
-    modules=[nn.AvgPool1d, nn.AvgPool2d], functions=[F.avg_pool1d, F.avg_pool2d], likelihood="exact",
-    layers=[FlowAvgPool], codes=["FC214"], conditions="funnel; kernel == stride, no padding, tiling input (FC214)",
+    [nn.AvgPool1d, nn.AvgPool2d, F.avg_pool1d, F.avg_pool2d],
+    "exact",
+    [FlowAvgPool],
+    "funnel; kernel == stride, no padding, tiling input (FC214)",
+    codes=["FC214"],
 )
 def _avg_pool(ctx: NodeContext) -> FlowLayer:
     module = ctx.module
     if module is None:
-        args = (ctx.arg(1, "kernel_size"), ctx.arg(2, "stride", None), ctx.arg(3, "padding", 0), ctx.arg(4, "ceil_mode", False))
+        args = (
+            ctx.arg(1, "kernel_size"),
+            ctx.arg(2, "stride", None),
+            ctx.arg(3, "padding", 0),
+            ctx.arg(4, "ceil_mode", False),
+        )
         if len(ctx.in_shape) == 2:
             module = nn.AvgPool1d(*args)
         else:
@@ -802,8 +910,11 @@ def _avg_pool(ctx: NodeContext) -> FlowLayer:
 
 
 @REGISTRY.rule(
-    modules=[nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d], functions=[F.adaptive_avg_pool1d, F.adaptive_avg_pool2d],
-    likelihood="exact", layers=[FlowAvgPool], codes=["FC214"], conditions="output size divides the input size (FC214)",
+    [nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d],
+    "exact",
+    [FlowAvgPool],
+    "output size divides the input size (FC214)",
+    codes=["FC214"],
 )
 def _adaptive_avg_pool(ctx: NodeContext) -> FlowLayer:
     return FlowAvgPool.adaptive_from_size(ctx.in_shape, ctx.param("output_size", 1))
@@ -824,13 +935,17 @@ REGISTRY.reject(
     methods=["matmul", "bmm"],
 )  # fmt: skip
 REGISTRY.reject(
-    "FC132", "indexing that drops data",
+    "FC132",
+    "indexing that drops data",
     functions=[torch.narrow, torch.select, torch.index_select, torch.gather, torch.masked_select],
     methods=["narrow", "select", "index_select", "gather", "masked_select"],
 )
 REGISTRY.reject(
-    "FC102", "non-monotone activation", conditions="not monotone",
-    modules=[nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish], functions=[F.gelu, F.silu, F.mish, F.hardswish],
+    "FC102",
+    "non-monotone activation",
+    conditions="not monotone",
+    modules=[nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish],
+    functions=[F.gelu, F.silu, F.mish, F.hardswish],
 )
 REGISTRY.reject(
     "FC103", "normalization", conditions="per-sample normalization (LayerNorm etc.)",
@@ -839,7 +954,8 @@ REGISTRY.reject(
     functions=[F.layer_norm, F.group_norm, F.instance_norm, F.normalize, *([F.rms_norm] if hasattr(F, "rms_norm") else [])],
 )  # fmt: skip
 REGISTRY.reject(
-    "FC104", "softmax",
+    "FC104",
+    "softmax",
     modules=[nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.Softmax2d],
     functions=[F.softmax, F.log_softmax, F.softmin, torch.softmax, torch.log_softmax],
     methods=["softmax", "log_softmax"],
@@ -852,12 +968,17 @@ REGISTRY.reject(
                torch.max_pool1d, torch.max_pool2d],
 )  # fmt: skip
 REGISTRY.reject(
-    "FC106", "saturating activation", conditions="saturating",
+    "FC106",
+    "saturating activation",
+    conditions="saturating",
     modules=[nn.ReLU6, nn.Hardtanh, nn.Hardsigmoid, nn.Threshold],
     functions=[F.relu6, F.hardtanh, F.hardsigmoid, F.threshold, torch.clamp, torch.clip],
     methods=["clamp", "clip"],
 )
 REGISTRY.reject(
-    "FC107", "activation", conditions="monotone but no flow layer yet",
-    modules=[nn.CELU, nn.LogSigmoid], functions=[F.celu, F.logsigmoid],
+    "FC107",
+    "activation",
+    conditions="monotone but no flow layer yet",
+    modules=[nn.CELU, nn.LogSigmoid],
+    functions=[F.celu, F.logsigmoid],
 )

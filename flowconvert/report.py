@@ -93,21 +93,13 @@ class NodeReport:
     #: set when the node's layer approximates the original operation (e.g. ReLU -> LeakyReLU)
     substitution: Substitution | None = None
 
-    @property
-    def code(self) -> str | None:
-        return self.problems[0].code if self.problems else None
+    def _first(self, attr: str) -> str | None:
+        return getattr(self.problems[0], attr) if self.problems else None
 
-    @property
-    def reason(self) -> str | None:
-        return self.problems[0].message if self.problems else None
-
-    @property
-    def why(self) -> str | None:
-        return self.problems[0].why if self.problems else None
-
-    @property
-    def hint(self) -> str | None:
-        return self.problems[0].hint if self.problems else None
+    code = property(lambda self: self._first("code"), doc="The code of the first problem.")
+    reason = property(lambda self: self._first("message"), doc="What happened (first problem).")
+    why = property(lambda self: self._first("why"), doc="Why it blocks a flow (first problem).")
+    hint = property(lambda self: self._first("hint"), doc="What to do (first problem).")
 
     @property
     def location(self) -> str | None:

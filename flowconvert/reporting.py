@@ -31,7 +31,9 @@ def density_parameters(modules: Iterable[nn.Module]) -> int:
     seen: set[int] = set()
     total = 0
     for module in modules:
-        parts = [module.get_submodule(p.name) for p in module.density_parts()] if hasattr(module, "density_parts") else []
+        parts = (
+            [module.get_submodule(p.name) for p in module.density_parts()] if hasattr(module, "density_parts") else []
+        )
         parts += [m for m in module.modules() if isinstance(m, _DENSITY_TYPES)]
         for part in parts:
             for p in part.parameters():
@@ -55,8 +57,14 @@ def _node_report(node: fx.Node, modules: dict[str, nn.Module], fan: fx.Node | No
         problems += record(fan).problems
     status = REJECTED if problems else (CONVERTED if lowered else PASSTHROUGH)
     entry = NodeReport(
-        node.name, node.op, describe_target(node, module), status, node_location=rec.location,
-        shape=rec.sample_shape, problems=problems, substitution=rec.substitution,
+        node.name,
+        node.op,
+        describe_target(node, module),
+        status,
+        node_location=rec.location,
+        shape=rec.sample_shape,
+        problems=problems,
+        substitution=rec.substitution,
     )
     if lowered:
         exact = rec.layer.exact if rec.layer is not None else rec.verdict.exact
@@ -79,8 +87,15 @@ def _nx_graph(graph: fx.Graph, modules: dict[str, nn.Module], entries: dict[str,
         rec, entry = record(node), entries[node.name]
         module = modules.get(node.target) if node.op == "call_module" else None
         g.add_node(
-            node.name, op=node.op, target=describe_target(node, module), kind=rec.kind or OUTPUT, shape=rec.sample_shape,
-            location=rec.location, order=order, status=entry.status, likelihood=entry.likelihood,
+            node.name,
+            op=node.op,
+            target=describe_target(node, module),
+            kind=rec.kind or OUTPUT,
+            shape=rec.sample_shape,
+            location=rec.location,
+            order=order,
+            status=entry.status,
+            likelihood=entry.likelihood,
             codes=[p.code for p in entry.problems],
         )
         order += 1
@@ -96,20 +111,31 @@ def _nx_graph(graph: fx.Graph, modules: dict[str, nn.Module], entries: dict[str,
 
 
 def report(
-    graph: fx.Graph, modules: dict[str, nn.Module], name: str, *, input_shapes: list[tuple[int, ...]], base: str,
+    graph: fx.Graph,
+    modules: dict[str, nn.Module],
+    name: str,
+    *,
+    input_shapes: list[tuple[int, ...]],
+    base: str,
 ) -> Report:
     """The report of a lowered graph (see the module docs)."""
     fanouts = _fanouts(graph)
     entries = {
-        node.name: _node_report(node, modules, fanouts.get(node.name)) for node in graph.nodes if not record(node).inserted
+        node.name: _node_report(node, modules, fanouts.get(node.name))
+        for node in graph.nodes
+        if not record(node).inserted
     }
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     layers = [record(n).layer for n in graph.nodes if record(n).layer is not None]
     checked = sum(record(n).verdict.density_parameters for n in graph.nodes if record(n).verdict is not None)
     return Report(
-        name, list(entries.values()), _nx_graph(graph, modules, entries), input_shapes=input_shapes,
+        name,
+        list(entries.values()),
+        _nx_graph(graph, modules, entries),
+        input_shapes=input_shapes,
         output_shapes=[record(n).sample_shape for n in _returned(output)],
-        density_parameters=density_parameters([*layers, *record(output).bases.values()]) + checked, base=base,
+        density_parameters=density_parameters([*layers, *record(output).bases.values()]) + checked,
+        base=base,
     )
 
 

@@ -44,8 +44,8 @@ from __future__ import annotations
 import builtins
 import contextlib
 import copy
-import io
 import inspect
+import io
 import os
 import re
 import sys
@@ -324,13 +324,13 @@ def capture(
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     try:
         work = copy.deepcopy(model)
-    except Exception as exc:  # noqa: BLE001 - report any copy failure the same way
+    except Exception as exc:
         raise TracingError(f"could not copy the model to trace it ({type(exc).__name__}: {exc})", code="FC303") from exc
     work.eval()
     tracer = FlowTracer(leaf_types)
     try:
         graph = tracer.trace(work, concrete_args=_concrete_args(work, len(inputs)))
-    except Exception as exc:  # noqa: BLE001 - every tracing failure becomes a TracingError
+    except Exception as exc:
         raise _tracing_error(exc) from exc
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     for node in gm.graph.nodes:
@@ -378,15 +378,20 @@ def classify(node: fx.Node, value: Any) -> str:
     return CONSTANT
 
 
+def _run_tagged(run_node: Any, n: fx.Node) -> Any:
+    """``run_node(n)``, with the failing node attached to any exception (``exc.fc_node``)."""
+    try:
+        return run_node(n)
+    except Exception as exc:
+        exc.fc_node = n  # type: ignore[attr-defined]
+        raise
+
+
 class _Propagate(ShapeProp):
     """ShapeProp that also records each node's kind, full data shapes and non-data values."""
 
     def run_node(self, n: fx.Node) -> Any:
-        try:
-            result = super().run_node(n)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the failing node attached
-            exc.fc_node = n  # type: ignore[attr-defined]
-            raise
+        result = _run_tagged(super().run_node, n)
         rec = record(n)
         rec.kind = classify(n, result)
         if rec.kind == DATA:
@@ -407,12 +412,12 @@ def _propagate(gm: fx.GraphModule, work: nn.Module, inputs: tuple[Tensor, ...]) 
         with contextlib.redirect_stderr(captured):
             _Propagate(gm).propagate(*inputs)
         sys.stderr.write(captured.getvalue())
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         node = getattr(exc, "fc_node", None)
         where = node_location(node) if node is not None else None
         try:  # does the model itself fail on these inputs, or only its traced graph?
             work(*inputs)
-        except Exception as eager:  # noqa: BLE001
+        except Exception as eager:
             raise ExampleInputError(
                 f"the model fails on the example inputs of shape "
                 f"{', '.join(str(tuple(t.shape)) for t in inputs)} ({type(eager).__name__}: {eager})",
@@ -429,11 +434,7 @@ def _propagate(gm: fx.GraphModule, work: nn.Module, inputs: tuple[Tensor, ...]) 
 
 class _SecondRun(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
-        try:
-            result = super().run_node(n)
-        except Exception as exc:  # noqa: BLE001
-            exc.fc_node = n  # type: ignore[attr-defined]
-            raise
+        result = _run_tagged(super().run_node, n)
         if record(n).kind == DATA and isinstance(result, Tensor):
             record(n).shape_check = tuple(result.shape)
         return result

@@ -69,7 +69,7 @@ class Unused(nn.Module):
         self.b = nn.Linear(4, 4)
 
     def forward(self, x, y):
-        side = self.b(x)  # never returned
+        side = self.b(x)  # noqa: F841 - never returned
         return self.a(x)
 
 

@@ -5,19 +5,26 @@ from __future__ import annotations
 import copy
 
 import pytest
+import source_lines
 import torch
 import torch.nn.functional as F
 from torch import nn
+from zoo import ZOO, make
 
 import flowconvert as fc
-import source_lines
 from flowconvert.registry import REGISTRY
 from flowconvert.tracing import (
+    DATA,
+    METADATA,
+    PARAMETER,
+    ExampleInputError,
+    FlowTracer,
     NodeRecord,
+    capture,
+    node_location,
     record,
-    DATA, METADATA, PARAMETER, ExampleInputError, FlowTracer, capture, node_location, user_location,
+    user_location,
 )
-from zoo import ZOO, make
 
 
 def line_of(marker: str) -> int:
