@@ -1,102 +1,81 @@
 """flowconvert: turn trained PyTorch networks into normalizing flows.
 
+The public names are loaded on first use (PEP 562), so that ``import flowconvert`` and the
+command line cost only what they use (``flowconvert --help`` imports no torch; onnx is
+imported by an export only).
+
 >>> import flowconvert as fc
 >>> issubclass(fc.ConversionError, fc.FlowConversionError)
 True
 """
 
-from .core import FlowLayer, network_training
-from .densities import (
-    ConditionalDiagonalNormal,
-    ConditionalNormal,
-    DiagonalNormal,
-    ElementwiseConditionalNormal,
-    GaussianNoise,
-    StandardNormal,
-)
-from .errors import (
-    DIAGNOSTICS,
-    ConversionError,
-    Diagnostic,
-    ExportError,
-    FlowConversionError,
-    LayerConfigurationError,
-    SingularWeightError,
-    TracingError,
-)
-from .linear import FlowLinear
-from .conv import FlowConv
-from .activations import FlowLeakyReLU
-from .grouped import FlowGroupedConv
-from .merging import FlowCat, FlowDuplicate, FlowSplit, FlowSum
-from .pooling import FlowAvgPool, FlowMaxPool
-from .elementwise import FlowBatchNorm, FlowELU, FlowPReLU, FlowScalarAffine, FlowSigmoid, FlowSoftplus, FlowTanh
-from .shapes import FlowIdentity, Permute, Reshape
-from .export import ExportResult, export_onnx
-from .conversion import audit, convert
-from .flow import FlowModel
-from .registry import REGISTRY, Registry
-from .report import NodeReport, Problem, Report
-from .dequantization import Dequantize, nats_to_bits_per_dim
-from .evaluation import bits_per_dim, log_likelihood
-from .calibration import CalibrationReport, calibrate
-from .training import History, fit
+from __future__ import annotations
 
-__all__ = [
-    "audit",
-    "convert",
-    "FlowModel",
-    "Report",
-    "NodeReport",
-    "Problem",
-    "Registry",
-    "REGISTRY",
-    "FlowLayer",
-    "network_training",
-    "FlowLinear",
-    "FlowConv",
-    "FlowLeakyReLU",
-    "FlowGroupedConv",
-    "FlowDuplicate",
-    "FlowSum",
-    "FlowCat",
-    "FlowSplit",
-    "FlowAvgPool",
-    "FlowMaxPool",
-    "FlowBatchNorm",
-    "FlowELU",
-    "FlowTanh",
-    "FlowSigmoid",
-    "FlowSoftplus",
-    "FlowPReLU",
-    "FlowScalarAffine",
-    "Reshape",
-    "Permute",
-    "FlowIdentity",
-    "StandardNormal",
-    "DiagonalNormal",
-    "ConditionalNormal",
-    "ConditionalDiagonalNormal",
-    "ElementwiseConditionalNormal",
-    "GaussianNoise",
-    "DIAGNOSTICS",
-    "Diagnostic",
-    "FlowConversionError",
-    "ConversionError",
-    "LayerConfigurationError",
-    "SingularWeightError",
-    "TracingError",
-    "ExportError",
-    "export_onnx",
-    "ExportResult",
-    "Dequantize",
-    "nats_to_bits_per_dim",
-    "bits_per_dim",
-    "log_likelihood",
-    "calibrate",
-    "CalibrationReport",
-    "fit",
-    "History",
-]
+import importlib
+from typing import Any
+
+#: submodule -> the public names it provides
+_PUBLIC = {
+    "core": ("FlowLayer", "network_training"),
+    "densities": (
+        "ConditionalDiagonalNormal",
+        "ConditionalNormal",
+        "DiagonalNormal",
+        "ElementwiseConditionalNormal",
+        "GaussianNoise",
+        "StandardNormal",
+    ),
+    "errors": (
+        "DIAGNOSTICS",
+        "ConversionError",
+        "Diagnostic",
+        "ExportError",
+        "FlowConversionError",
+        "LayerConfigurationError",
+        "SingularWeightError",
+        "TracingError",
+    ),
+    "linear": ("FlowLinear",),
+    "conv": ("FlowConv",),
+    "activations": ("FlowLeakyReLU",),
+    "grouped": ("FlowGroupedConv",),
+    "merging": ("FlowCat", "FlowDuplicate", "FlowSplit", "FlowSum"),
+    "pooling": ("FlowAvgPool", "FlowMaxPool"),
+    "elementwise": (
+        "FlowBatchNorm",
+        "FlowELU",
+        "FlowPReLU",
+        "FlowScalarAffine",
+        "FlowSigmoid",
+        "FlowSoftplus",
+        "FlowTanh",
+    ),
+    "shapes": ("FlowIdentity", "Permute", "Reshape"),
+    "export": ("ExportResult", "export_onnx"),
+    "conversion": ("audit", "convert"),
+    "flow": ("FlowModel",),
+    "registry": ("REGISTRY", "Registry"),
+    "report": ("NodeReport", "Problem", "Report"),
+    "dequantization": ("Dequantize", "nats_to_bits_per_dim"),
+    "evaluation": ("bits_per_dim", "log_likelihood"),
+    "calibration": ("CalibrationReport", "calibrate"),
+    "training": ("History", "fit"),
+}
+_WHERE = {name: module for module, names in _PUBLIC.items() for name in names}
+
+__all__ = [name for names in _PUBLIC.values() for name in names]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'flowconvert' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

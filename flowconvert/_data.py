@@ -17,7 +17,7 @@ from typing import Any, Iterator
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["iter_inputs", "first", "num_examples"]
+__all__ = ["iter_inputs", "first"]
 
 
 def first(batch: Any) -> Tensor:
@@ -45,15 +45,3 @@ def iter_inputs(data: Any, batch_size: int = 512) -> Iterator[Tensor]:
             yield first(batch)
     else:
         raise TypeError(f"unsupported data of type {type(data).__name__}: pass a tensor, a Dataset or a DataLoader")
-
-
-def num_examples(data: Any) -> int | None:
-    """Number of examples when known without iterating, else None."""
-    if isinstance(data, Tensor):
-        return data.shape[0]
-    if isinstance(data, (tuple, list)) and data and isinstance(data[0], Tensor):
-        return data[0].shape[0]
-    try:
-        return len(data.dataset) if isinstance(data, DataLoader) else len(data)
-    except TypeError:
-        return None

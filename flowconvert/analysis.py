@@ -1,125 +1,209 @@
-r"""Graph analysis: does every data value flow to an output, consumed exactly once?
+r"""Legalize: make every data value consumed exactly once, explicitly, in the fx graph itself.
 
-A flow transports the input's probability mass along a chain of layers, so (SPEC section 7)
-every *data* value — a tensor computed from the inputs — must be consumed exactly once on
-its way to an output. Reads of metadata (``x.size(0)``), parameters and constants are not
-data and may be used freely. :func:`build_graph` turns an annotated fx graph (see
-:mod:`flowconvert.tracing`) into a :class:`networkx.DiGraph`; :func:`check_data_flow`
-reports, as :class:`Finding` objects:
+A flow transports the input's probability mass along a chain of layers, so every *data*
+value (a tensor computed from the inputs) must be consumed exactly once on its way to an
+output (docs/mathematics.md, graph semantics). Reads of metadata (``x.size(0)``),
+parameters and constants are not data and may be used freely. Uses are counted one way,
+by :func:`data_uses` over ``node.users``. The pass, :func:`legalize`, runs after capture
+(:mod:`flowconvert.tracing`) and
 
-* ``FC304`` fan-out: a data value used more than once (residual/skip connections, ``x * x``);
-* ``FC305`` merge: an operation with several data inputs (``x + y``, ``torch.cat``);
-* ``FC306`` a data value that reaches no output (an unused branch or input);
-* ``FC307`` an output that is not data (a constant or a size).
+* binds the pieces of a data tuple (``torch.split``): each ``getitem`` user reads one piece
+  by a constant index (``record.piece``), every piece is read once (:func:`check_pieces`);
+* reports unused data values (:func:`check_unused`, ``FC306``) and outputs that are not data
+  (:func:`check_outputs`, ``FC307``);
+* inserts an explicit fan-out node ``duplicate(x, n)`` with ``n`` copies (``getitem``) for
+  every value with ``n > 1`` consumers, and gives each consumer its own copy
+  (:func:`insert_duplicates`); the lower pass turns it into a ``FlowDuplicate``.
 
->>> import networkx as nx
->>> g = nx.DiGraph()
->>> g.add_node("x", kind="data", op="placeholder", location=None, order=0)
->>> g.add_node("a", kind="data", op="call_module", location="m.py:3", order=1)
->>> g.add_node("b", kind="data", op="call_module", location="m.py:4", order=2)
->>> g.add_node("output", kind="output", op="output", location=None, order=3, leaves=[("a", "data")])
->>> g.add_edge("x", "a", uses=1); g.add_edge("x", "b", uses=1); g.add_edge("a", "output", uses=1)
->>> [(f.node, f.code) for f in check_data_flow(g)]
-[('x', 'FC304'), ('b', 'FC306')]
+Each check is a function ``(graph) -> list[(node, Problem)]``:
+
+>>> import torch
+>>> from flowconvert.tracing import capture
+>>> class Residual(torch.nn.Module):
+...     def forward(self, x):
+...         return torch.tanh(x) + x
+>>> graph = capture(Residual(), torch.randn(1, 3)).graph
+>>> [n.name for n in data_uses(next(iter(graph.nodes)))]
+['tanh', 'add']
+>>> legalize(graph)
+[]
+>>> [n.name for n in graph.nodes]
+['x', 'x_fanout', 'x_copy0', 'x_copy1', 'tanh', 'add', 'output']
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import operator
+from typing import Callable
 
-import networkx as nx
 from torch import fx
 
-from .tracing import DATA, OUTPUT, per_sample_shape, uses
+from .registry import duplicate
+from .report import Problem
+from .tracing import DATA, record
 
-__all__ = ["Finding", "build_graph", "check_data_flow", "data_uses"]
+__all__ = [
+    "data_uses",
+    "data_args",
+    "legalize",
+    "check_pieces",
+    "check_unused",
+    "check_outputs",
+    "insert_duplicates",
+    "origin",
+    "CHECKS",
+]
+
+Finding = tuple[fx.Node, Problem]
 
 
-@dataclass(frozen=True)
-class Finding:
-    """A graph-level problem attached to node ``node`` (an fx node name)."""
-
-    node: str
-    code: str
-    message: str
-    location: str | None
+def _consumes(user: fx.Node) -> bool:
+    return user.op == "output" or record(user).kind == DATA
 
 
-def build_graph(graph: fx.Graph, describe=None) -> nx.DiGraph:
-    """A DiGraph of the traced graph: one vertex per fx node, one edge per producer->consumer.
+def _occurrences(node: fx.Node, consumer: fx.Node) -> int:
+    found = []
+    fx.node.map_arg((consumer.args, consumer.kwargs), lambda a: found.append(a) if a is node else None)
+    return len(found)
 
-    Vertex attributes: ``op``, ``target`` (readable), ``kind`` (data/metadata/parameter/
-    constant/output), ``shape`` (per-sample, data only), ``location``, ``order``; the output
-    vertex also has ``leaves``: ``(name or repr, kind)`` of every returned value. Edge
-    attribute ``uses``: how many times the producer appears in the consumer's arguments.
-    ``describe(node)`` gives the readable target (defaults to ``str(node.target)``).
+
+def data_uses(node: fx.Node) -> list[fx.Node]:
+    """The data consumers of ``node`` in graph order, once per use (``x * x`` lists its user twice).
+
+    This is the one count of uses: metadata reads (``x.size(0)``) are not uses.
     """
-    g = nx.DiGraph()
-    for order, node in enumerate(graph.nodes):
-        attrs = dict(
-            op=node.op,
-            target=describe(node) if describe else str(node.target),
-            kind=node.meta.get("fc_kind", OUTPUT if node.op == "output" else None),
-            shape=per_sample_shape(node),
-            location=node.meta.get("fc_location"),
-            order=order,
-        )
-        if node.op == "output":
-            leaves: list[tuple[str, str | None]] = []
-            fx.node.map_aggregate(
-                node.args[0],
-                lambda a: leaves.append(
-                    (a.name, a.meta.get("fc_kind")) if isinstance(a, fx.Node) else (repr(a), "constant")
-                ),
+    return [user for user in node.users if _consumes(user) for _ in range(_occurrences(node, user))]
+
+
+def data_args(node: fx.Node) -> list[fx.Node]:
+    """The data arguments of ``node`` in argument order, with repeats (``a + a`` has two)."""
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(a) if record(a).kind == DATA else None)
+    return found
+
+
+def _is_tuple(node: fx.Node) -> bool:
+    rec = record(node)
+    return rec.kind == DATA and rec.shape is None and rec.arity is not None
+
+
+def origin(node: fx.Node) -> fx.Node:
+    """The value an inserted node stands for (a copy or a fan-out stands for what it duplicates)."""
+    while record(node).inserted:
+        node = node.args[0]
+    return node
+
+
+# -- checks ---------------------------------------------------------------------------------------
+def check_pieces(graph: fx.Graph) -> list[Finding]:
+    """Bind each ``getitem`` of a data tuple to its piece; every piece read exactly once."""
+    found: list[Finding] = []
+    for node in graph.nodes:
+        if not _is_tuple(node) or node.op == "placeholder":
+            continue
+        arity, read = record(node).arity, {}
+        for user in data_uses(node):
+            where = record(user).location
+            index = user.args[1] if user.target is operator.getitem and len(user.args) == 2 else None
+            if user.op == "output" or not isinstance(index, int) or user.args[0] is not node:
+                problem = Problem(
+                    "FC132", f"`{user.name}` uses the pieces of `{node.name}` other than by a constant index", where
+                )
+                found.append((user, problem))
+                continue
+            index %= arity
+            if index in read:
+                found.append((user, Problem("FC304", f"piece {index} of `{node.name}` is read more than once", where)))
+                continue
+            read[index] = user
+            record(user).piece = (node.name, index)
+        missing = [i for i in range(arity) if i not in read]
+        if missing:
+            message = f"piece(s) {missing} of `{node.name}` are never used: their coordinates would be dropped"
+            found.append((node, Problem("FC306", message, record(node).location)))
+    return found
+
+
+def check_unused(graph: fx.Graph) -> list[Finding]:
+    """Data values (tensors) that reach no output: ``FC306``."""
+    found: list[Finding] = []
+    for node in graph.nodes:
+        rec = record(node)
+        if rec.kind != DATA or rec.shape is None or data_uses(node):
+            continue
+        if node.op == "placeholder":
+            message = f"input `{node.name}` is never used"
+        else:
+            message = f"`{node.name}` is computed from the input but never reaches an output"
+        found.append((node, Problem("FC306", message, rec.location)))
+    return found
+
+
+def check_outputs(graph: fx.Graph) -> list[Finding]:
+    """Every returned value must be data: ``FC307``."""
+    output = next(n for n in graph.nodes if n.op == "output")
+    leaves: list[tuple[str, bool]] = []
+    fx.node.map_aggregate(
+        output.args[0],
+        lambda a: leaves.append((a.name, record(a).kind == DATA) if isinstance(a, fx.Node) else (repr(a), False)),
+    )
+    bad = [name for name, is_data in leaves if not is_data]
+    if bad or not leaves:
+        message = f"the model returns {', '.join(bad) or 'nothing'}, which does not depend on the input"
+        return [(output, Problem("FC307", message, None))]
+    return []
+
+
+#: The checks of the legalize pass, in order.
+CHECKS: tuple[Callable[[fx.Graph], list[Finding]], ...] = (check_pieces, check_unused, check_outputs)
+
+
+# -- the rewrite ------------------------------------------------------------------------------------
+def _give_copies(value: fx.Node, copies: list[fx.Node]) -> None:
+    """Replace each use of ``value`` by the next copy, consumers in graph order."""
+    queue = iter(copies)
+    for user in data_uses(value):
+        if record(user).inserted:
+            continue
+        user.args, user.kwargs = fx.node.map_arg((user.args, user.kwargs), lambda a: next(queue) if a is value else a)
+
+
+def insert_duplicates(graph: fx.Graph) -> None:
+    """Insert ``duplicate(x, n)`` and its ``n`` copies after every tensor value with ``n > 1`` uses."""
+    for node in list(graph.nodes):
+        rec = record(node)
+        if rec.kind != DATA or rec.shape is None:
+            continue
+        uses = data_uses(node)
+        if len(uses) < 2:
+            continue
+        with graph.inserting_after(node):
+            fan = graph.create_node("call_function", duplicate, (node, len(uses)), name=f"{node.name}_fanout")
+        fan.meta["flowconvert"] = type(rec)(kind=DATA, arity=len(uses), location=rec.location, inserted=True)
+        copies, last = [], fan
+        for j in range(len(uses)):
+            with graph.inserting_after(last):
+                last = graph.create_node("call_function", operator.getitem, (fan, j), name=f"{node.name}_copy{j}")
+            last.meta["flowconvert"] = type(rec)(
+                kind=DATA,
+                shape=rec.shape,
+                dtype=rec.dtype,
+                location=rec.location,
+                inserted=True,
+                piece=(fan.name, j),
+                batch_ok=rec.batch_ok,
             )
-            attrs["leaves"] = leaves
-        g.add_node(node.name, **attrs)
-        for src in node.all_input_nodes:
-            g.add_edge(src.name, node.name, uses=uses(src, node))
-    return g
+            copies.append(last)
+        _give_copies(node, copies)
 
 
-def _consumers(g: nx.DiGraph, v: str) -> list[tuple[str, int]]:
-    """Data consumers of ``v`` (data nodes and the output) with multiplicities, in graph order."""
-    found = [(w, g.edges[v, w]["uses"]) for w in g.successors(v) if g.nodes[w]["kind"] in (DATA, OUTPUT)]
-    return sorted(found, key=lambda item: g.nodes[item[0]]["order"])
+def legalize(graph: fx.Graph) -> list[Finding]:
+    """Run the checks, record their problems on the nodes, and make fan-out explicit.
 
-
-def data_uses(g: nx.DiGraph, v: str) -> int:
-    """How many times data value ``v`` is consumed as data."""
-    return sum(k for _, k in _consumers(g, v))
-
-
-def _where(g: nx.DiGraph, v: str) -> str:
-    loc = g.nodes[v].get("location")
-    return f"{v} ({loc})" if loc else v
-
-
-def check_data_flow(g: nx.DiGraph) -> list[Finding]:
-    """All fan-outs, merges, unused data values and non-data outputs, in graph order."""
-    findings: list[Finding] = []
-    for v in sorted(g.nodes, key=lambda n: g.nodes[n]["order"]):
-        attrs = g.nodes[v]
-        if attrs["kind"] == OUTPUT:
-            bad = [name for name, kind in attrs.get("leaves", []) if kind != DATA]
-            if bad or not attrs.get("leaves"):
-                findings.append(Finding(v, "FC307", f"the model returns {', '.join(bad) or 'nothing'}, which does not depend on the input", None))
-            continue
-        if attrs["kind"] != DATA:
-            continue
-        sources = [u for u in g.predecessors(v) if g.nodes[u]["kind"] == DATA]
-        if len(sources) > 1:
-            findings.append(Finding(v, "FC305", f"`{v}` combines {len(sources)} data values: {', '.join(sources)}", attrs["location"]))
-        consumers = _consumers(g, v)
-        total = sum(k for _, k in consumers)
-        if total > 1:
-            names = ", ".join(_where(g, w) + (f" x{k}" if k > 1 else "") for w, k in consumers)
-            last = consumers[-1][0]  # the extra use is where the duplication happens
-            findings.append(Finding(v, "FC304", f"`{v}` is used {total} times: by {names}", g.nodes[last]["location"]))
-        elif total == 0:
-            if attrs["op"] == "placeholder":
-                message = f"input `{v}` is never used"
-            else:
-                message = f"`{v}` is computed from the input but never reaches an output"
-            findings.append(Finding(v, "FC306", message, attrs["location"]))
-    return findings
+    Returns every ``(node, problem)`` found, in the order of :data:`CHECKS`.
+    """
+    found = [finding for check in CHECKS for finding in check(graph)]
+    for node, problem in found:
+        record(node).problems.append(problem)
+    insert_duplicates(graph)
+    return found

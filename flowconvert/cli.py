@@ -210,9 +210,22 @@ def _run_convert(args: argparse.Namespace) -> int:
 register_command("audit", "report which nodes of a model can become a flow, and why not", _configure_audit, _run_audit)
 register_command("convert", "convert a model into a flow and save it with torch.save", _configure_convert, _run_convert)
 
-from .demo import configure_cli as _configure_demo, run_cli as _run_demo  # noqa: E402
+# -- demo (flowconvert/demo.py, which imports torch: loaded only when the demo runs) ----------------
+def configure_demo(parser: argparse.ArgumentParser) -> None:
+    """The demo's arguments (also used by ``python -m flowconvert.demo``)."""
+    parser.add_argument("--out", default="flowconvert-demo", help="output directory (default: ./flowconvert-demo)")
+    parser.add_argument("--quick", action="store_true", help="a quarter of the epochs (a smoke run)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-register_command("demo", "run the digits demo: classifiers -> flows -> bits/dim, OOD, pictures, ONNX", _configure_demo, _run_demo)
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_cli
+
+    return run_cli(args)
+
+
+register_command("demo", "run the digits demo: classifiers -> flows -> bits/dim, OOD, pictures, ONNX", configure_demo, _run_demo)
 
 
 # -- export (flowconvert/export_cli.py) --------------------------------------------------------

@@ -316,11 +316,7 @@ def run_demo(out: str | Path = "flowconvert-demo", *, quick: bool = False, seed:
 
 
 # -- command line ---------------------------------------------------------------------------
-def configure_cli(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="flowconvert-demo", help="output directory (default: ./flowconvert-demo)")
-    parser.add_argument("--quick", action="store_true", help="a quarter of the epochs (a smoke run)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+from .cli import configure_demo as configure_cli  # noqa: E402  (the arguments live with the command line)
 
 
 def run_cli(args: argparse.Namespace) -> int:

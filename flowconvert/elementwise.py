@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from .core import FlowLayer, zero_ll
 from .densities import sum_except_batch
-from .errors import LayerConfigurationError, register_diagnostic
+from .errors import LayerConfigurationError
 
 __all__ = [
     "FlowBatchNorm",
@@ -60,44 +60,6 @@ __all__ = [
     "FlowPReLU",
     "FlowScalarAffine",
 ]
-
-register_diagnostic(
-    "FC210",
-    "BatchNorm has a zero scale",
-    "In eval mode BatchNorm is the per-channel affine map x -> a x + b with "
-    "a = weight / sqrt(running_var + eps). A channel with a = 0 maps every input to the same "
-    "value: the map has no inverse and log|a| = -infinity.",
-    "Remove the dead channel (and the weights that read it), or set its BatchNorm weight to a "
-    "small non-zero value and fine-tune.",
-)
-register_diagnostic(
-    "FC211",
-    "BatchNorm is in training mode or keeps no running statistics",
-    "In training mode (or with track_running_stats=False) BatchNorm normalizes with the "
-    "statistics of the current batch, so each sample's output depends on the other samples; "
-    "there is no per-sample map to invert.",
-    "Call model.eval() before converting; a BatchNorm built with track_running_stats=False "
-    "needs running statistics (re-create it with tracking on and run a few batches).",
-)
-register_diagnostic(
-    "FC212",
-    "activation parameter makes the map non-invertible",
-    "ELU needs alpha > 0 and PReLU needs every slope > 0: otherwise the negative half of the "
-    "input is mapped to a constant or folded back onto the positive half, so the activation "
-    "is not injective.",
-    "Use a positive alpha / slope (e.g. clamp PReLU weights to >= 0.01) and fine-tune.",
-)
-register_diagnostic(
-    "FC213",
-    "multiplication or division by zero (or a non-finite constant)",
-    "x * 0 maps every input to 0, so it has no inverse and log|det| = -infinity; a non-finite "
-    "constant gives no finite output at all.",
-    "Remove the operation, or use a non-zero constant.",
-)
-
-
-def _finite_nonzero(c: float) -> bool:
-    return math.isfinite(c) and c != 0.0
 
 
 class _Elementwise(FlowLayer):

@@ -2,8 +2,8 @@
 
 Every problem flowconvert can report has a stable code (``FC101``...), a one-line title,
 an explanation of *why* it prevents a normalizing flow, and a hint saying what to do.
-The catalogue :data:`DIAGNOSTICS` is the single source of those texts; the report,
-the exceptions and the documentation all read from it.
+The catalogue :data:`DIAGNOSTICS` is the single source of those texts, all declared in this
+module; the report, the exceptions and the documentation all read from it.
 
 Code ranges:
 
@@ -83,6 +83,57 @@ register_diagnostic(
     "Only zero-padded convolutions are flowified; circular, reflect and replicate padding "
     "copy input values into the padding, which this construction does not model.",
     "Use padding_mode='zeros', or convert the padding to an explicit F.pad with zeros.",
+)
+
+register_diagnostic(
+    "FC210",
+    "BatchNorm has a zero scale",
+    "In eval mode BatchNorm is the per-channel affine map x -> a x + b with "
+    "a = weight / sqrt(running_var + eps). A channel with a = 0 maps every input to the same "
+    "value: the map has no inverse and log|a| = -infinity.",
+    "Remove the dead channel (and the weights that read it), or set its BatchNorm weight to a "
+    "small non-zero value and fine-tune.",
+)
+register_diagnostic(
+    "FC211",
+    "BatchNorm is in training mode or keeps no running statistics",
+    "In training mode (or with track_running_stats=False) BatchNorm normalizes with the "
+    "statistics of the current batch, so each sample's output depends on the other samples; "
+    "there is no per-sample map to invert.",
+    "Call model.eval() before converting; a BatchNorm built with track_running_stats=False "
+    "needs running statistics (re-create it with tracking on and run a few batches).",
+)
+register_diagnostic(
+    "FC212",
+    "activation parameter makes the map non-invertible",
+    "ELU needs alpha > 0 and PReLU needs every slope > 0: otherwise the negative half of the "
+    "input is mapped to a constant or folded back onto the positive half, so the activation "
+    "is not injective.",
+    "Use a positive alpha / slope (e.g. clamp PReLU weights to >= 0.01) and fine-tune.",
+)
+register_diagnostic(
+    "FC213",
+    "multiplication or division by zero (or a non-finite constant)",
+    "x * 0 maps every input to 0, so it has no inverse and log|det| = -infinity; a non-finite "
+    "constant gives no finite output at all.",
+    "Remove the operation, or use a non-zero constant.",
+)
+register_diagnostic(
+    "FC214",
+    "pooling configuration is not supported",
+    "Pooling is flowified for windows that tile the input exactly (kernel == stride, no "
+    "padding, no dilation, sizes divisible by the kernel). Overlapping windows would use an "
+    "input value several times, and padding or a ragged border adds or silently drops values.",
+    "Use kernel_size == stride with an input size divisible by it (e.g. nn.MaxPool2d(2) on "
+    "even sizes), an adaptive pool to a size that divides the input, or replace the pooling "
+    "by a strided convolution.",
+)
+register_diagnostic(
+    "FC215",
+    "concatenation or split along the batch dimension",
+    "Concatenating or splitting along dimension 0 moves values between samples, so one "
+    "sample's output would depend on the others and there is no per-sample density.",
+    "Concatenate or split along a feature dimension (dim >= 1).",
 )
 
 # Export and verification (raised by flowconvert.export_onnx).
@@ -228,14 +279,6 @@ register_diagnostic(
     "flowconvert.registry that builds a FlowLayer for it.",
 )
 register_diagnostic(
-    "FC108",
-    "BatchNorm must be folded first",
-    "BatchNorm in eval mode is an affine map of each channel, invertible when no scale is "
-    "zero, but flowconvert converts it only as part of the preceding layer.",
-    "Fold it into the preceding layer before converting: "
-    "torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn) or fuse_linear_bn_eval(linear, bn).",
-)
-register_diagnostic(
     "FC130",
     "in-place operation",
     "An in-place tensor method overwrites its argument; when that is a model input or a value "
@@ -265,25 +308,27 @@ register_diagnostic(
     "unsupported module",
     "flowconvert has no conversion rule for this module type, so it cannot tell whether it "
     "is invertible or what its likelihood contribution is.",
-    "Rewrite it with supported layers (Linear, Conv1d/Conv2d, LeakyReLU, flatten/view/"
-    "reshape/permute, Identity, Dropout), or register a rule with "
-    "flowconvert.registry.REGISTRY.add_module(...).",
+    "Rewrite it with supported layers (docs/supported.md: Linear, Conv1d/Conv2d, BatchNorm, "
+    "LeakyReLU, ELU, Tanh, Sigmoid, Softplus, PReLU, tiling max/average pooling, Flatten, "
+    "Identity, Dropout), or declare a rule with flowconvert.registry.REGISTRY.rule(modules=[...]).",
 )
 register_diagnostic(
     "FC111",
     "unsupported function",
     "flowconvert has no conversion rule for this function, so it cannot tell whether it is "
     "invertible or what its likelihood contribution is.",
-    "Use a supported spelling (F.linear, F.conv1d/conv2d, F.leaky_relu, torch.flatten, ...), "
-    "or register a rule with flowconvert.registry.REGISTRY.add_function(...).",
+    "Use a supported spelling (docs/supported.md: F.linear, F.conv1d/conv2d, F.leaky_relu, "
+    "torch.flatten, torch.cat, torch.split, ...), or declare a rule with "
+    "flowconvert.registry.REGISTRY.rule(functions=[...]).",
 )
 register_diagnostic(
     "FC112",
     "unsupported tensor method",
     "flowconvert has no conversion rule for this tensor method, so it cannot tell whether it "
     "is invertible or what its likelihood contribution is.",
-    "Use a supported method (view, reshape, flatten, squeeze, unsqueeze, permute, transpose, "
-    "contiguous), or register a rule with flowconvert.registry.REGISTRY.add_method(...).",
+    "Use a supported method (docs/supported.md: view, reshape, flatten, squeeze, unsqueeze, "
+    "permute, transpose, contiguous, tanh, sigmoid, add/sub/mul/div, split, chunk), or declare "
+    "a rule with flowconvert.registry.REGISTRY.rule(methods=[...]).",
 )
 register_diagnostic(
     "FC113",

@@ -35,17 +35,18 @@ import torch
 from torch import Tensor
 
 from ._data import iter_inputs
+from .core import Flow
 from .dequantization import Dequantize, nats_to_bits_per_dim
 
 __all__ = ["log_likelihood", "bits_per_dim", "mean_log_likelihood"]
 
 
-def _flow_log_prob(flow: Any, x: Tensor, deterministic: bool) -> Tensor:
+def _flow_log_prob(flow: Flow, x: Tensor, deterministic: bool) -> Tensor:
     return flow.log_prob(x, deterministic=deterministic)
 
 
 def log_likelihood(
-    flow: Any,
+    flow: Flow,
     x: Tensor,
     *,
     dequantize: Dequantize | None = None,
@@ -76,7 +77,7 @@ def log_likelihood(
 
 
 @torch.no_grad()
-def mean_log_likelihood(flow: Any, data: Any, *, batch_size: int = 512, **kwargs) -> tuple[float, int]:
+def mean_log_likelihood(flow: Flow, data: Any, *, batch_size: int = 512, **kwargs) -> tuple[float, int]:
     """Mean of :func:`log_likelihood` over a data set, and the per-sample dimension ``D``."""
     total, count, dims = 0.0, 0, 0
     for x in iter_inputs(data, batch_size):
@@ -89,7 +90,7 @@ def mean_log_likelihood(flow: Any, data: Any, *, batch_size: int = 512, **kwargs
 
 
 def bits_per_dim(
-    flow: Any,
+    flow: Flow,
     data: Any,
     *,
     dequantize: Dequantize | None = None,

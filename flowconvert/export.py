@@ -24,8 +24,9 @@ and a second batch size (elementwise for ``zero``/``input``; for ``random``, mea
 draws within their standard error). A failed check raises :class:`~flowconvert.ExportError`
 naming the output and the difference.
 
-Besides converted models, a single flow layer can be exported; it is then a one-layer flow
-with a standard-normal base density on its output (:class:`LayerFlow`):
+Anything that follows the :class:`~flowconvert.core.Flow` protocol is exported; a single flow
+layer is first made a one-layer flow with a standard-normal base density on its output
+(:meth:`FlowModel.from_layer <flowconvert.flow.FlowModel.from_layer>`):
 
 >>> import tempfile, os, torch
 >>> from flowconvert import FlowLinear
@@ -42,31 +43,26 @@ import contextlib
 import copy
 import io
 import logging
-import math
 import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .core import FlowLayer
-from .densities import LOG_2PI, sum_except_batch
+from .core import Flow, FlowLayer
 from .errors import ExportError
-from .verification import (
-    ParityCheck,
-    check_graph,
-    compare_exact,
-    compare_statistical,
-    linear_algebra_ops,
-    op_counts,
-    render_report,
-)
+from .flow import FlowModel
 
-__all__ = ["export_onnx", "ExportResult", "LayerFlow", "GRAPHS", "NOISE_MODES"]
+if TYPE_CHECKING:
+    from .verification import ParityCheck
+
+# onnx and onnxruntime are imported by the functions that use them: only an export pays for them.
+
+__all__ = ["export_onnx", "ExportResult", "GRAPHS", "NOISE_MODES"]
 
 GRAPHS = ("likelihood", "inverse")
 NOISE_MODES = ("zero", "input", "random")
@@ -113,58 +109,9 @@ class ExportResult:
 
     def report(self) -> str:
         """The Markdown export report."""
+        from .verification import render_report
+
         return render_report(self)
-
-
-class LayerFlow(nn.Module):
-    """One flow layer seen as a flow: a standard-normal base density on its output.
-
-    Implements the noise protocol of a converted model (``noise_shapes``,
-    ``inverse_noise_shapes``, ``forward_with_log_prob``, ``inverse``), with a single noise
-    entry named ``"layer"`` when the layer consumes noise.
-    """
-
-    def __init__(self, layer: FlowLayer, input_shape: Sequence[int]):
-        super().__init__()
-        self.layer = layer
-        self.input_shape = tuple(int(s) for s in input_shape)
-        ref = next(iter(layer.buffers()), None)
-        ref = next(iter(layer.parameters()), ref)
-        dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.get_default_dtype()
-        with torch.no_grad():
-            y = layer(torch.zeros(1, *self.input_shape, dtype=dtype))
-        self.output_shape = tuple(y.shape[1:])
-
-    @property
-    def exact(self) -> bool:
-        return bool(self.layer.exact)
-
-    def noise_shapes(self) -> dict[str, tuple[int, ...]]:
-        shape = self.layer.noise_shape(self.input_shape)
-        return {} if shape is None else {"layer": tuple(shape)}
-
-    def inverse_noise_shapes(self) -> dict[str, tuple[int, ...]]:
-        shape = self.layer.inverse_noise_shape(self.output_shape)
-        return {} if shape is None else {"layer": tuple(shape)}
-
-    def forward_with_log_prob(self, x: Tensor, deterministic: bool = True, noise: Mapping[str, Tensor] | None = None):
-        if noise is not None:
-            eps = noise.get("layer")
-        else:
-            eps = None if deterministic else self.layer.draw_noise(x)
-        y, ll = self.layer.call_and_ll(x, eps)
-        base = sum_except_batch(-0.5 * y * y) - 0.5 * LOG_2PI * math.prod(self.output_shape)
-        return y, ll + base
-
-    def log_prob(self, x: Tensor) -> Tensor:
-        return self.forward_with_log_prob(x)[1]
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.layer(x)
-
-    def inverse(self, y: Tensor, sample: bool = True, noise: Mapping[str, Tensor] | None = None) -> Tensor:
-        eps = None if noise is None else noise.get("layer")
-        return self.layer.inverse(y, sample=sample, noise=eps)
 
 
 class _FlowGraph(nn.Module):
@@ -205,7 +152,7 @@ class _FlowGraph(nn.Module):
 
 
 def export_onnx(
-    flow: nn.Module,
+    flow: Flow | FlowLayer,
     path,
     example_inputs,
     *,
@@ -223,7 +170,8 @@ def export_onnx(
     """Export ``flow`` to the ONNX file ``path`` and check it in onnxruntime.
 
     Args:
-        flow: a converted model (``FlowModel``) or a single :class:`~flowconvert.FlowLayer`.
+        flow: a converted model (``FlowModel``, or anything following :class:`~flowconvert.core.Flow`)
+            or a single :class:`~flowconvert.FlowLayer`.
         path: the ``.onnx`` file to write.
         example_inputs: a tensor or a tuple of tensors, *inputs of the model* in both graphs
             (for ``graph="inverse"`` the example outputs are computed from them).
@@ -256,11 +204,11 @@ def export_onnx(
     inputs = tuple(t.detach() for t in _as_tuple(example_inputs))
     if not inputs or not all(isinstance(t, Tensor) and t.dim() >= 1 for t in inputs):
         raise ValueError("example_inputs must be a tensor or a tuple of tensors with a batch dimension")
+    model_name = type(flow).__name__
     if isinstance(flow, FlowLayer):
-        flow = LayerFlow(flow, inputs[0].shape[1:])
-    for name in ("noise_shapes", "inverse_noise_shapes", "forward_with_log_prob", "inverse"):
-        if not callable(getattr(flow, name, None)):
-            raise TypeError(f"export_onnx needs a converted model or a FlowLayer; {type(flow).__name__} has no {name}()")
+        flow = FlowModel.from_layer(flow, inputs[0].shape[1:])
+    if not isinstance(flow, Flow):
+        raise TypeError(f"export_onnx needs a flow (flowconvert.core.Flow) or a FlowLayer, got {model_name}")
 
     with _eval_mode(flow), torch.no_grad():
         outputs = _as_tuple(flow.forward_with_log_prob(*inputs, deterministic=True)[0])
@@ -281,8 +229,11 @@ def export_onnx(
     _capture(module, trace_args, path, graph_in, out_names, opset)
 
     # -- static checks -------------------------------------------------------------------
+    from .verification import check_graph
+
     proto = check_graph(path)
     result = _describe(proto, path, graph, noise, flow, graph_in, out_names)
+    result.model_name = model_name
     result.noise_inputs = dict(zip(noise_names, shapes)) if noise == "input" else {}
 
     # -- parity --------------------------------------------------------------------------
@@ -437,6 +388,9 @@ def _dim(d) -> int | str:
 
 def _describe(proto, path, graph, noise, flow, input_names, output_names) -> ExportResult:
     import onnx
+    import onnxruntime
+
+    from .verification import linear_algebra_ops, op_counts
 
     def info(values):
         shapes, dtypes = {}, {}
@@ -449,8 +403,6 @@ def _describe(proto, path, graph, noise, flow, input_names, output_names) -> Exp
     in_shapes, in_dtypes = info(proto.graph.input)
     out_shapes, out_dtypes = info(proto.graph.output)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-    inner = flow.layer if isinstance(flow, LayerFlow) else flow
-    import onnxruntime
 
     return ExportResult(
         path=path,
@@ -467,7 +419,6 @@ def _describe(proto, path, graph, noise, flow, input_names, output_names) -> Exp
         linear_algebra_ops=linear_algebra_ops(proto),
         initializer_count=len(proto.graph.initializer),
         parameter_count=int(sum(np.prod(t.dims, dtype=np.int64) for t in proto.graph.initializer)),
-        model_name=type(inner).__name__,
         exact=bool(getattr(flow, "exact", True)),
         versions=f"torch {torch.__version__}, onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}",
     )
@@ -487,6 +438,8 @@ def _numpy(t: Tensor) -> np.ndarray:
 
 
 def _parity(path, reference, data, input_names, output_names, shapes, noise, *, atol, rtol, second_batch, draws, seed):
+    from .verification import compare_exact, compare_statistical
+
     session = _session(path)
     gen = torch.Generator().manual_seed(seed)
     batch = data[0].shape[0]

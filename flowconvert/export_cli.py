@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .cli import UsageError, _audit, _render, example_inputs
+    from .core import Flow
     from .errors import FlowConversionError
     from .export import export_onnx
 
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
             flow = torch.load(args.target, weights_only=False, map_location="cpu")
         except Exception as exc:  # noqa: BLE001 - any unreadable file is bad input
             raise UsageError(f"cannot load a flow from {args.target}: {exc}") from exc
-        if not hasattr(flow, "forward_with_log_prob"):
+        if not isinstance(flow, Flow):
             raise UsageError(f"{args.target} holds a {type(flow).__name__}, not a flow saved by 'flowconvert convert'")
         flow = flow.to(getattr(torch, args.dtype))
         if args.input_shape:

@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, fx, nn
@@ -77,10 +77,6 @@ class Step:
         """The input values, in argument order."""
         return self.sources or (self.source,)
 
-    @property
-    def multi_output(self) -> bool:
-        return bool(self.names)
-
 
 @dataclass
 class FlowPlan:
@@ -114,7 +110,9 @@ class FlowModel(nn.Module):
 
     ``flow(*inputs)`` is the original network's output; ``layers`` (a ModuleDict of flow
     layers, keyed by graph-node name) and ``bases`` (one base density per output) hold all
-    parameters and buffers.
+    parameters and buffers. Follows the :class:`flowconvert.core.Flow` protocol and its
+    defaults: ``log_prob`` and ``forward_with_log_prob`` are stochastic unless
+    ``deterministic=True``; ``inverse`` uses conditional means unless ``sample=True``.
     """
 
     def __init__(self, plan: FlowPlan, layers: Mapping[str, FlowLayer], bases: Mapping[str, nn.Module]):
@@ -180,7 +178,7 @@ class FlowModel(nn.Module):
     def _inverse_graph(self, plan: FlowPlan) -> fx.Graph:
         g = fx.Graph()
         env = {name: g.placeholder(name) for name in plan.output_names}
-        sample = g.placeholder("sample", default_value=True)
+        sample = g.placeholder("sample", default_value=False)
         noise = self._noise_placeholders(g, self.inverse_noise_shapes())
         for step in reversed(plan.steps):
             layer = _get_attr(g, f"layers.{step.layer}", f"{step.layer}_layer")
@@ -283,7 +281,7 @@ class FlowModel(nn.Module):
         return self.function_graph(*inputs)
 
     def forward_with_log_prob(
-        self, *inputs: Tensor, deterministic: bool = True, noise: Mapping[str, Tensor] | None = None
+        self, *inputs: Tensor, deterministic: bool = False, noise: Mapping[str, Tensor] | None = None
     ) -> tuple[Any, Tensor]:
         """``(outputs, log_prob)`` in one pass; ``log_prob`` has shape ``(batch,)``, in nats.
 
@@ -322,7 +320,7 @@ class FlowModel(nn.Module):
 
         return bits_per_dim(self, data, **kwargs)
 
-    def inverse(self, *outputs: Tensor, sample: bool = True, noise: Mapping[str, Tensor] | None = None) -> Any:
+    def inverse(self, *outputs: Tensor, sample: bool = False, noise: Mapping[str, Tensor] | None = None) -> Any:
         """Inputs from outputs (outputs in flattening order; a single tuple is unpacked).
 
         ``sample=True`` draws what the forward pass dropped (from ``noise`` when given, keys
@@ -341,6 +339,26 @@ class FlowModel(nn.Module):
         """``n`` draws from the model: base samples mapped through the sampled inverse."""
         z = [self.bases[self._base_key(name)].sample(n) for name in self.plan.output_names]
         return self.inverse(*z, sample=True, noise=noise)
+
+    @classmethod
+    def from_layer(cls, layer: FlowLayer, input_shape: Sequence[int], name: str = "layer") -> FlowModel:
+        """One flow layer as a flow: a standard-normal base density on its output.
+
+        The layer (and its noise entry, when it consumes noise) is named ``name``.
+        """
+        from .densities import StandardNormal
+
+        in_shape = tuple(int(s) for s in input_shape)
+        ref = next(iter(layer.parameters()), next(iter(layer.buffers()), None))
+        dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.get_default_dtype()
+        with torch.no_grad():
+            out_shape = tuple(layer(torch.zeros(1, *in_shape, dtype=dtype)).shape[1:])
+        out = f"{name}_out"
+        plan = FlowPlan(
+            inputs=[("x", in_shape)], steps=[Step(out, name, "x", in_shape, out_shape)], outputs=out,
+            output_names=[out], output_shapes=[out_shape], base_keys=[out],
+        )
+        return cls(plan, {name: layer}, {out: StandardNormal(out_shape).to(dtype)}).train(layer.training)
 
     def extra_repr(self) -> str:
         ins = ", ".join(str(s) for s in self.input_shapes)

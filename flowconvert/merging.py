@@ -1,6 +1,6 @@
 r"""Layers with several inputs or outputs, for graph structure: fan-out, sums, concatenation, splits.
 
-A flow must consume every value exactly once (SPEC section 7), so a network whose values fan
+A flow must consume every value exactly once (docs/mathematics.md section 10), so a network whose values fan
 out (residual connections) or merge (``a + b``, ``torch.cat``) needs explicit layers for it.
 These layers extend the contract of :mod:`flowconvert.core`: a layer with several inputs
 takes them positionally, ``call_and_ll(*xs, noise=None)``, and its ``inverse`` returns a
@@ -55,18 +55,10 @@ from torch import Tensor
 
 from .core import FlowLayer, zero_ll
 from .densities import ElementwiseConditionalNormal, GaussianNoise
-from .errors import LayerConfigurationError, register_diagnostic
+from .errors import LayerConfigurationError
 from .pooling import helmert
 
 __all__ = ["FlowDuplicate", "FlowSum", "FlowCat", "FlowSplit"]
-
-register_diagnostic(
-    "FC215",
-    "concatenation or split along the batch dimension",
-    "Concatenating or splitting along dimension 0 moves values between samples, so one "
-    "sample's output would depend on the others and there is no per-sample density.",
-    "Concatenate or split along a feature dimension (dim >= 1).",
-)
 
 LOG2 = math.log(2.0)
 

@@ -58,20 +58,9 @@ from torch import Tensor, nn
 
 from .core import FlowLayer
 from .densities import LOG_2PI, ConditionalNormal, normal_log_prob, sum_except_batch
-from .errors import LayerConfigurationError, register_diagnostic
+from .errors import LayerConfigurationError
 
 __all__ = ["FlowAvgPool", "FlowMaxPool", "ChannelConditionalNormal", "helmert"]
-
-register_diagnostic(
-    "FC214",
-    "pooling configuration is not supported",
-    "Pooling is flowified for windows that tile the input exactly (kernel == stride, no "
-    "padding, no dilation, sizes divisible by the kernel). Overlapping windows would use an "
-    "input value several times, and padding or a ragged border adds or silently drops values.",
-    "Use kernel_size == stride with an input size divisible by it (e.g. nn.MaxPool2d(2) on "
-    "even sizes), an adaptive pool to a size that divides the input, or replace the pooling "
-    "by a strided convolution.",
-)
 
 
 def helmert(k: int, dtype=torch.float64) -> Tensor:

@@ -28,7 +28,7 @@ import networkx as nx
 
 from .errors import DIAGNOSTICS
 
-__all__ = ["Problem", "NodeReport", "Report"]
+__all__ = ["Problem", "Substitution", "NodeReport", "Report"]
 
 CONVERTED, PASSTHROUGH, REJECTED = "converted", "passthrough", "rejected"
 
@@ -60,6 +60,20 @@ class Problem:
         return dict(code=self.code, title=self.title, reason=self.message, why=self.why, hint=self.hint, location=self.location)
 
 
+@dataclass(frozen=True)
+class Substitution:
+    """A node whose layer approximates the original operation (data, not text).
+
+    ``original`` is what the model computes, ``replacement`` what the flow computes instead.
+    """
+
+    original: str
+    replacement: str
+
+    def __str__(self) -> str:
+        return f"{self.original} replaced by {self.replacement}"
+
+
 @dataclass
 class NodeReport:
     """The fate of one graph node. ``code``/``reason``/``hint`` are those of its first problem."""
@@ -76,22 +90,16 @@ class NodeReport:
     note: str | None = None
     #: True when the value has several consumers and is duplicated (an augmentation: a bound)
     fanout: bool = False
+    #: set when the node's layer approximates the original operation (e.g. ReLU -> LeakyReLU)
+    substitution: Substitution | None = None
 
-    @property
-    def code(self) -> str | None:
-        return self.problems[0].code if self.problems else None
+    def _first(self, attr: str) -> str | None:
+        return getattr(self.problems[0], attr) if self.problems else None
 
-    @property
-    def reason(self) -> str | None:
-        return self.problems[0].message if self.problems else None
-
-    @property
-    def why(self) -> str | None:
-        return self.problems[0].why if self.problems else None
-
-    @property
-    def hint(self) -> str | None:
-        return self.problems[0].hint if self.problems else None
+    code = property(lambda self: self._first("code"), doc="The code of the first problem.")
+    reason = property(lambda self: self._first("message"), doc="What happened (first problem).")
+    why = property(lambda self: self._first("why"), doc="Why it blocks a flow (first problem).")
+    hint = property(lambda self: self._first("hint"), doc="What to do (first problem).")
 
     @property
     def location(self) -> str | None:
@@ -141,7 +149,7 @@ class Report:
     @property
     def substitutions(self) -> list[NodeReport]:
         """Nodes whose layer approximates the original operation (e.g. ReLU -> LeakyReLU)."""
-        return [n for n in self.nodes if n.note and "replaced" in n.note]
+        return [n for n in self.nodes if n.substitution is not None]
 
     @property
     def likelihood(self) -> str:
@@ -181,7 +189,7 @@ class Report:
         subs = self.substitutions
         if not subs:
             return []
-        kinds = sorted({n.note.split(";")[0] for n in subs})
+        kinds = sorted({str(n.substitution) for n in subs})
         items = [("substitutions", f"{len(subs)} node{'s' * (len(subs) != 1)}: {', '.join(kinds)} (outputs differ from the original)")]
         if self.max_output_deviation is not None:
             items.append(("max output deviation", f"{self.max_output_deviation:.3g} (on the example inputs)"))
@@ -259,7 +267,10 @@ class Report:
             latent_size=self.latent_size,
             density_parameters=self.density_parameters,
             base=self.base,
-            substitutions=[dict(node=n.name, note=n.note) for n in self.substitutions],
+            substitutions=[
+                dict(node=n.name, note=n.note, original=n.substitution.original, replacement=n.substitution.replacement)
+                for n in self.substitutions
+            ],
             max_output_deviation=self.max_output_deviation,
             input_shapes=[list(s) for s in self.input_shapes],
             output_shapes=[list(s) for s in self.output_shapes],

@@ -1,21 +1,26 @@
 r"""Capture: trace a user's model with torch.fx and annotate every node.
 
-:func:`capture` works on a deep copy of the model in eval mode (the user's module is never
-touched), traces it with :class:`FlowTracer`, and runs a shape-propagation pass that tags
-each node with
+This is the first pass of a conversion (capture -> legalize -> lower -> report -> assemble;
+see :mod:`flowconvert.conversion`). :func:`capture` works on a deep copy of the model in eval
+mode (the user's module is never touched), traces it with :class:`FlowTracer`, and runs a
+shape-propagation pass that writes one typed :class:`NodeRecord` per node in
+``node.meta["flowconvert"]`` (read it with :func:`record`):
 
-* ``meta["fc_kind"]``: what the value *is* for a flow:
+* ``kind``: what the value *is* for a flow:
 
   - ``"data"``: a tensor computed from the inputs (must be consumed exactly once);
   - ``"metadata"``: a read of sizes, dims, dtypes of data (``x.size(0)``, ``x.shape[1]``);
   - ``"parameter"``: a ``get_attr`` of a weight or buffer;
   - ``"constant"``: computed from parameters and constants only;
-* ``meta["fc_shape"]``: the full shape of a data tensor (batch first);
-* ``meta["fc_value"]``: the concrete value of every non-data node (weights for ``F.linear``);
-* ``meta["fc_batch_ok"]``: whether the node keeps samples apart — the model is run a second
-  time with one more sample, and a data node must have the batch size as its leading
-  dimension and the same per-sample shape in both runs;
-* ``meta["fc_location"]``: the user's ``file:line`` that created the node.
+* ``shape``: the full shape of a data tensor (batch first), ``dtype`` its dtype, ``arity``
+  the length of a data tuple (``torch.split``);
+* ``value``: the concrete value of every non-data node (weights for ``F.linear``);
+* ``batch_ok``: whether the node keeps samples apart: the model is run a second time with
+  one more sample, and a data node must have the batch size as its leading dimension and the
+  same per-sample shape in both runs (``shape_check`` is the second run's shape);
+* ``location``: the user's ``file:line`` that created the node.
+
+Later passes add to the same record (problems, the layer, a substitution).
 
 Tracing failures become :class:`~flowconvert.errors.TracingError` with a code (``FC301``
 data-dependent control flow, ``FC302`` loops/conversions over traced values, ``FC303``
@@ -39,15 +44,15 @@ from __future__ import annotations
 import builtins
 import contextlib
 import copy
-import io
 import inspect
+import io
 import os
 import re
 import sys
 import sysconfig
 import traceback
-from dataclasses import dataclass
-from typing import Any, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from torch import Tensor, fx, nn
@@ -55,9 +60,16 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import TracingError
 
+if TYPE_CHECKING:
+    from .core import FlowLayer
+    from .registry import Verdict
+    from .report import Problem, Substitution
+
 __all__ = [
     "FlowTracer",
     "Capture",
+    "NodeRecord",
+    "record",
     "ExampleInputError",
     "capture",
     "as_input_tuple",
@@ -75,6 +87,55 @@ DATA, METADATA, PARAMETER, CONSTANT, OUTPUT = "data", "metadata", "parameter", "
 METADATA_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "get_device", "is_contiguous"})
 #: Tensor attributes that are metadata.
 METADATA_ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout", "requires_grad"})
+
+
+@dataclass
+class NodeRecord:
+    """Everything the passes know about one fx node (``node.meta["flowconvert"]``).
+
+    Written by capture: ``kind``, ``shape`` (full, batch first), ``dtype``, ``arity`` (length of
+    a data tuple), ``value`` (non-data nodes), ``location``, ``batch_ok``, ``shape_check``.
+    Written by legalize: ``inserted`` (a node the pass made: a fan-out and its copies),
+    ``piece`` (``(tuple node name, index)`` for a getitem reading one piece of a data tuple),
+    ``problems``. Written by lower: ``layer`` (convert) or ``verdict`` (audit),
+    ``substitution``, ``bases`` (on the output node: one base density per returned value).
+    """
+
+    kind: str | None = None
+    shape: tuple[int, ...] | None = None
+    dtype: torch.dtype | None = None
+    arity: int | None = None
+    value: Any = None
+    location: str | None = None
+    batch_ok: bool = True
+    shape_check: tuple[int, ...] | None = None
+    inserted: bool = False
+    piece: tuple[str, int] | None = None
+    problems: list[Problem] = field(default_factory=list)
+    layer: FlowLayer | None = None
+    verdict: Verdict | None = None
+    substitution: Substitution | None = None
+    bases: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_data(self) -> bool:
+        return self.kind == DATA
+
+    @property
+    def sample_shape(self) -> tuple[int, ...] | None:
+        """Per-sample shape (batch dimension removed) of a data tensor, or None."""
+        return tuple(self.shape[1:]) if self.shape is not None else None
+
+
+META_KEY = "flowconvert"
+
+
+def record(node: fx.Node) -> NodeRecord:
+    """The node's :class:`NodeRecord` (created empty on first access)."""
+    rec = node.meta.get(META_KEY)
+    if rec is None:
+        rec = node.meta[META_KEY] = NodeRecord()
+    return rec
 
 
 class ExampleInputError(TracingError, ValueError):
@@ -124,13 +185,15 @@ def user_location(frames: Iterable[tuple[str, int]]) -> str | None:
 
 def node_location(node: fx.Node) -> str | None:
     """The user's ``file:line`` for an fx node, from ``node.meta["stack_trace"]``."""
-    if "fc_location" in node.meta:
-        return node.meta["fc_location"]
+    rec = node.meta.get(META_KEY)
+    if rec is not None:
+        return rec.location
     trace = node.meta.get("stack_trace") or ""
     return user_location((m["file"], int(m["line"])) for m in _FRAME.finditer(trace))
 
 
-def _exception_location(exc: BaseException) -> str | None:
+def location_of(exc: BaseException) -> str | None:
+    """The user's ``file:line`` where ``exc`` was raised, if in user code."""
     return user_location((f.filename, f.lineno) for f in traceback.extract_tb(exc.__traceback__))
 
 
@@ -183,16 +246,24 @@ def _stack_inside_trace() -> str:
     return "\n".join(reversed(frames))
 
 
+#: Where fx raises when a traced value is used for control flow, or iterated/measured.
+_CONTROL_FLOW_FRAMES = frozenset({"to_bool", "__bool__"})
+_CONVERSION_FRAMES = frozenset({"iter", "__iter__", "__len__", "keys"})
+
+
 def _tracing_error(exc: Exception) -> TracingError:
+    """Classify a tracing failure by the exception's type and the fx method that raised it."""
     message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    location = _exception_location(exc)
-    if isinstance(exc, fx.proxy.TraceError) and "control flow" in message:
+    frames = traceback.extract_tb(exc.__traceback__)
+    raised_in = frames[-1].name if frames else ""
+    if isinstance(exc, fx.proxy.TraceError) and raised_in in _CONTROL_FLOW_FRAMES:
         code, what = "FC301", "the forward pass branches on a tensor value"
-    elif "Proxy" in message or "iterated" in message or "len" in message:
+    elif isinstance(exc, (fx.proxy.TraceError, TypeError)) or raised_in in _CONVERSION_FRAMES:
+        # iterating a Proxy (TraceError), len() of it, or int()/range() of a traced size (TypeError)
         code, what = "FC302", "the forward pass loops over or converts a traced value"
     else:
         code, what = "FC303", "torch.fx could not trace the forward pass"
-    return TracingError(f"{what} ({type(exc).__name__}: {message})", code=code, location=location)
+    return TracingError(f"{what} ({type(exc).__name__}: {message})", code=code, location=location_of(exc))
 
 
 # -- capture ---------------------------------------------------------------------------------
@@ -253,18 +324,19 @@ def capture(
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     try:
         work = copy.deepcopy(model)
-    except Exception as exc:  # noqa: BLE001 - report any copy failure the same way
+    except Exception as exc:
         raise TracingError(f"could not copy the model to trace it ({type(exc).__name__}: {exc})", code="FC303") from exc
     work.eval()
     tracer = FlowTracer(leaf_types)
     try:
         graph = tracer.trace(work, concrete_args=_concrete_args(work, len(inputs)))
-    except Exception as exc:  # noqa: BLE001 - every tracing failure becomes a TracingError
+    except Exception as exc:
         raise _tracing_error(exc) from exc
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     for node in gm.graph.nodes:
         # inputs and the output are made by the tracer itself, not by a line of forward
-        node.meta["fc_location"] = None if node.op in ("placeholder", "output") else node_location(node)
+        where = None if node.op in ("placeholder", "output") else node_location(node)
+        node.meta[META_KEY] = NodeRecord(location=where)
     batch = int(inputs[0].shape[0])
     with torch.no_grad():
         _propagate(gm, work, inputs)
@@ -298,7 +370,7 @@ def classify(node: fx.Node, value: Any) -> str:
         return PARAMETER
     if node.op == "output":
         return OUTPUT
-    kinds = {n.meta.get("fc_kind") for n in node.all_input_nodes}
+    kinds = {record(n).kind for n in node.all_input_nodes}
     if DATA in kinds:
         return METADATA if _is_metadata_read(node) else DATA
     if METADATA in kinds and not _is_tensorlike(value):
@@ -306,22 +378,29 @@ def classify(node: fx.Node, value: Any) -> str:
     return CONSTANT
 
 
+def _run_tagged(run_node: Any, n: fx.Node) -> Any:
+    """``run_node(n)``, with the failing node attached to any exception (``exc.fc_node``)."""
+    try:
+        return run_node(n)
+    except Exception as exc:
+        exc.fc_node = n  # type: ignore[attr-defined]
+        raise
+
+
 class _Propagate(ShapeProp):
     """ShapeProp that also records each node's kind, full data shapes and non-data values."""
 
     def run_node(self, n: fx.Node) -> Any:
-        try:
-            result = super().run_node(n)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the failing node attached
-            exc.fc_node = n  # type: ignore[attr-defined]
-            raise
-        kind = classify(n, result)
-        n.meta["fc_kind"] = kind
-        if kind == DATA:
+        result = _run_tagged(super().run_node, n)
+        rec = record(n)
+        rec.kind = classify(n, result)
+        if rec.kind == DATA:
             if isinstance(result, Tensor):
-                n.meta["fc_shape"] = tuple(result.shape)
-        elif kind != OUTPUT:
-            n.meta["fc_value"] = result
+                rec.shape, rec.dtype = tuple(result.shape), result.dtype
+            elif isinstance(result, (tuple, list)):
+                rec.arity = len(result)
+        elif rec.kind != OUTPUT:
+            rec.value = result
         return result
 
 
@@ -333,17 +412,17 @@ def _propagate(gm: fx.GraphModule, work: nn.Module, inputs: tuple[Tensor, ...]) 
         with contextlib.redirect_stderr(captured):
             _Propagate(gm).propagate(*inputs)
         sys.stderr.write(captured.getvalue())
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         node = getattr(exc, "fc_node", None)
         where = node_location(node) if node is not None else None
         try:  # does the model itself fail on these inputs, or only its traced graph?
             work(*inputs)
-        except Exception as eager:  # noqa: BLE001
+        except Exception as eager:
             raise ExampleInputError(
                 f"the model fails on the example inputs of shape "
                 f"{', '.join(str(tuple(t.shape)) for t in inputs)} ({type(eager).__name__}: {eager})",
                 code="FC309",
-                location=_exception_location(eager) or where,
+                location=location_of(eager) or where,
             ) from eager
         raise TracingError(
             f"the traced graph fails at node {node.name if node is not None else '?'} although the model runs "
@@ -355,13 +434,9 @@ def _propagate(gm: fx.GraphModule, work: nn.Module, inputs: tuple[Tensor, ...]) 
 
 class _SecondRun(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
-        try:
-            result = super().run_node(n)
-        except Exception as exc:  # noqa: BLE001
-            exc.fc_node = n  # type: ignore[attr-defined]
-            raise
-        if n.meta.get("fc_kind") == DATA and isinstance(result, Tensor):
-            n.meta["fc_shape_check"] = tuple(result.shape)
+        result = _run_tagged(super().run_node, n)
+        if record(n).kind == DATA and isinstance(result, Tensor):
+            record(n).shape_check = tuple(result.shape)
         return result
 
 
@@ -375,37 +450,19 @@ def _check_batch(gm: fx.GraphModule, inputs: tuple[Tensor, ...]) -> None:
         failed = getattr(exc, "fc_node", None)
     b1, b2 = int(inputs[0].shape[0]), int(grown[0].shape[0])
     for node in gm.graph.nodes:
-        if node.meta.get("fc_kind") != DATA or "fc_shape" not in node.meta:
+        rec = record(node)
+        if rec.kind != DATA or rec.shape is None:
             continue
-        s1, s2 = node.meta["fc_shape"], node.meta.get("fc_shape_check")
+        s1, s2 = rec.shape, rec.shape_check
         if node is failed:
             ok = False
         elif s2 is None:
             ok = True  # not reached because an earlier node failed: judged there
         else:
             ok = len(s1) >= 1 and s1[0] == b1 and s2[0] == b2 and s1[1:] == s2[1:]
-        node.meta["fc_batch_ok"] = ok
+        rec.batch_ok = ok
 
 
 def per_sample_shape(node: fx.Node) -> tuple[int, ...] | None:
     """Per-sample shape (batch dimension removed) of a data node, or None."""
-    shape = node.meta.get("fc_shape")
-    return tuple(shape[1:]) if shape is not None else None
-
-
-def data_inputs(node: fx.Node) -> list[fx.Node]:
-    """Distinct data nodes among a node's inputs, in argument order."""
-    return [n for n in node.all_input_nodes if n.meta.get("fc_kind") == DATA]
-
-
-def uses(node: fx.Node, consumer: fx.Node) -> int:
-    """How many times ``node`` appears in ``consumer``'s arguments."""
-    count = 0
-
-    def visit(arg: fx.Node) -> fx.Node:
-        nonlocal count
-        count += arg is node
-        return arg
-
-    fx.node.map_arg((consumer.args, consumer.kwargs), visit)
-    return count
+    return record(node).sample_shape

@@ -1,4 +1,4 @@
-"""Reusable checks of the SPEC's correctness obligations for a single flow layer.
+"""Reusable checks of the correctness obligations (docs/mathematics.md section 12) for a single flow layer.
 
 Each helper treats a layer with a standard-normal base density on its output, so a
 layer's model density is ``p(x) = N(y; 0, I) * exp(L(x))`` (exact layers) or its noise

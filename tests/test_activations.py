@@ -1,4 +1,4 @@
-"""FlowLeakyReLU against SPEC section 8."""
+"""FlowLeakyReLU against the obligations of docs/mathematics.md section 12."""
 
 import math
 

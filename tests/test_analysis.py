@@ -1,4 +1,4 @@
-"""Graph analysis: every data value consumed exactly once on its way to an output."""
+"""The legalize pass: every data value consumed exactly once on its way to an output."""
 
 from __future__ import annotations
 
@@ -8,14 +8,26 @@ import torch.nn.functional as F
 from torch import nn
 
 import flowconvert as fc
-from flowconvert.analysis import build_graph, check_data_flow, data_uses
-from flowconvert.tracing import capture
+from flowconvert.analysis import check_outputs, check_pieces, check_unused, data_uses, legalize
+from flowconvert.registry import duplicate
+from flowconvert.tracing import capture, record
 
 
 def analyse(model, x):
-    cap = capture(model, x)
-    graph = build_graph(cap.graph)
-    return graph, {(f.node, f.code) for f in check_data_flow(graph)}
+    """The captured graph before legalize, and the legalize findings as {(node, code)}."""
+    graph = capture(model, x).graph
+    nodes = {n.name: n for n in graph.nodes}
+    findings = legalize(graph)
+    return nodes, {(n.name, p.code) for n, p in findings}
+
+
+def uses(nodes, name):
+    return len(data_uses(nodes[name]))
+
+
+def fanouts(nodes_or_graph):
+    nodes = nodes_or_graph.nodes if hasattr(nodes_or_graph, "nodes") else nodes_or_graph.values()
+    return {n.args[0].name: n.args[1] for n in nodes if n.op == "call_function" and n.target is duplicate}
 
 
 class ViewBySize(nn.Module):
@@ -29,11 +41,11 @@ class ViewBySize(nn.Module):
 
 
 def test_metadata_reads_are_not_uses():
-    graph, findings = analyse(ViewBySize(), torch.randn(2, 2, 3))
-    assert findings == set()
-    assert data_uses(graph, "x") == 1
-    kinds = nx.get_node_attributes(graph, "kind")
-    assert {kinds[k] for k in ("size", "getattr_1", "getitem", "mul")} == {"metadata"}
+    graph = capture(ViewBySize(), torch.randn(2, 2, 3)).graph
+    nodes = {n.name: n for n in graph.nodes}
+    assert uses(nodes, "x") == 1 and len(nodes["x"].users) > 1  # size/shape reads are users, not uses
+    assert legalize(graph) == [] and fanouts(graph) == {}
+    assert {record(nodes[k]).kind for k in ("size", "getattr_1", "getitem", "mul")} == {"metadata"}
 
 
 class Residual(nn.Module):
@@ -57,7 +69,7 @@ class Unused(nn.Module):
         self.b = nn.Linear(4, 4)
 
     def forward(self, x, y):
-        side = self.b(x)  # never returned
+        side = self.b(x)  # noqa: F841 - never returned
         return self.a(x)
 
 
@@ -80,32 +92,70 @@ class BiasFromParameters(nn.Module):
         return F.linear(x, w)
 
 
-def test_fan_out_and_merge():
-    graph, findings = analyse(Residual(), torch.randn(1, 4))
-    assert findings == {("x", "FC304"), ("add", "FC305")}
-    assert data_uses(graph, "x") == 2
+def test_fan_out_becomes_an_explicit_duplicate_node():
+    graph = capture(Residual(), torch.randn(1, 4)).graph
+    nodes = {n.name: n for n in graph.nodes}
+    assert uses(nodes, "x") == 2
+    assert legalize(graph) == []  # fan-out and merges are legal: a FlowDuplicate and a FlowSum
+    assert fanouts(graph) == {"x": 2}
+    copies = [n for n in graph.nodes if record(n).piece is not None]
+    assert [c.name for c in copies] == ["x_copy0", "x_copy1"] and all(record(c).inserted for c in copies)
+    assert nodes["fc"].args == (copies[0],) and nodes["add"].args[1] is copies[1]
+    assert all(len(data_uses(n)) == 1 for n in graph.nodes if record(n).shape is not None)  # now exactly once
+    graph.lint()
 
 
 def test_using_a_value_twice_in_one_operation_is_fan_out():
-    _, findings = analyse(Square(), torch.randn(1, 4))
-    assert ("x", "FC304") in findings
+    graph = capture(Square(), torch.randn(1, 4)).graph
+    legalize(graph)
+    assert fanouts(graph) == {"x": 2}
+    (mul,) = [n for n in graph.nodes if n.name == "mul"]
+    assert [a.name for a in mul.args] == ["x_copy0", "x_copy1"]
 
 
 def test_unused_branches_and_inputs():
     _, findings = analyse(Unused(), (torch.randn(1, 4), torch.randn(1, 4)))
-    assert findings == {("x", "FC304"), ("b", "FC306"), ("y", "FC306")}
+    assert findings == {("b", "FC306"), ("y", "FC306")}
+    graph = capture(Unused(), (torch.randn(1, 4), torch.randn(1, 4))).graph
+    assert {(n.name, p.code) for n, p in check_unused(graph)} == {("b", "FC306"), ("y", "FC306")}
 
 
 def test_outputs_must_be_data():
-    _, findings = analyse(ConstantOut(), torch.randn(1, 3))
-    assert ("output", "FC307") in findings
+    graph = capture(ConstantOut(), torch.randn(1, 3)).graph
+    assert [(n.name, p.code) for n, p in check_outputs(graph)] == [("output", "FC307")]
+
+
+class Pieces(nn.Module):
+    def __init__(self, read_twice=False, drop=False):
+        super().__init__()
+        self.read_twice, self.drop = read_twice, drop
+
+    def forward(self, x):
+        parts = torch.split(x, 2, dim=1)
+        if self.drop:
+            return parts[0]
+        if self.read_twice:
+            return parts[0] + parts[0], parts[1]
+        return torch.cat([parts[1], parts[0]], 1)
+
+
+def test_split_pieces_are_bound_and_checked():
+    graph = capture(Pieces(), torch.randn(1, 4)).graph
+    assert check_pieces(graph) == []
+    assert {n.name: record(n).piece for n in graph.nodes if record(n).piece} == {
+        "getitem": ("split", 1), "getitem_1": ("split", 0)
+    }
+    _, dropped = analyse(Pieces(drop=True), torch.randn(1, 4))
+    assert dropped == {("split", "FC306")}
+    _, twice = analyse(Pieces(read_twice=True), torch.randn(1, 4))
+    assert ("getitem_1", "FC304") in twice
 
 
 def test_parameters_and_constants_are_not_data():
-    graph, findings = analyse(BiasFromParameters(), torch.randn(1, 3))
+    nodes, findings = analyse(BiasFromParameters(), torch.randn(1, 3))
     assert findings == set()
-    kinds = nx.get_node_attributes(graph, "kind")
-    assert kinds["w"] == "parameter" and kinds["t"] == "constant" and kinds["mul"] == "constant"
+    kinds = {k: record(nodes[k]).kind for k in ("w", "t", "mul")}
+    assert kinds == {"w": "parameter", "t": "constant", "mul": "constant"}
     flow = fc.convert(BiasFromParameters(), torch.randn(1, 3))
     assert torch.equal(flow.layers["linear"].weight, torch.eye(3))
 

@@ -1,4 +1,4 @@
-"""FlowConv against the SPEC's obligations (section 8) for every Conv shape case.
+"""FlowConv against the obligations of docs/mathematics.md section 12 for every Conv shape case.
 
 Tolerances: deterministic outputs atol 1e-5 (float32) / 1e-10 (float64); log-determinants
 and path agreement atol 1e-8 in float64; integrals within 2e-3 of one.

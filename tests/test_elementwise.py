@@ -1,4 +1,4 @@
-"""Elementwise bijections (BatchNorm, ELU/SELU, Tanh, Sigmoid, Softplus, PReLU, scalar affine) against SPEC section 8."""
+"""Elementwise bijections (BatchNorm, ELU/SELU, Tanh, Sigmoid, Softplus, PReLU, scalar affine) against the obligations of docs/mathematics.md section 12."""
 
 import math
 

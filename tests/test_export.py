@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 import flowconvert as fc
-from flowconvert.export import LayerFlow, export_onnx
+from flowconvert.export import export_onnx
+from flowconvert.flow import FlowModel
 from flowconvert.verification import LINEAR_ALGEBRA_OPS, linear_algebra_ops
 
 import zoo as converter_zoo
@@ -233,7 +234,7 @@ def test_layer_export_with_noise_inputs(name, graph, tmp_path):
     _randomize_densities(layer)
     result = export_onnx(layer, tmp_path / f"{name}.onnx", _inputs(shape, 4), graph=graph, noise="input")
     assert result.verified and not result.linear_algebra_ops
-    flow = LayerFlow(layer, shape)
+    flow = FlowModel.from_layer(layer, shape)
     _check_against_pytorch(flow, result, graph, "input", shape)
 
 

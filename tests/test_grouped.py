@@ -1,4 +1,4 @@
-"""Grouped and depthwise convolution (block-diagonal per-patch maps) against SPEC section 8."""
+"""Grouped and depthwise convolution (block-diagonal per-patch maps) against the obligations of docs/mathematics.md section 12."""
 
 
 import pytest

@@ -1,4 +1,4 @@
-"""FlowLinear against SPEC section 8, in each of its three shapes."""
+"""FlowLinear against the obligations of docs/mathematics.md section 12, in each of its three shapes."""
 
 import math
 

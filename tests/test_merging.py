@@ -1,4 +1,4 @@
-"""Fan-out (FlowDuplicate), sums (FlowSum), torch.cat/split (FlowCat, FlowSplit) against SPEC section 8."""
+"""Fan-out (FlowDuplicate), sums (FlowSum), torch.cat/split (FlowCat, FlowSplit) against the obligations of docs/mathematics.md section 12."""
 
 import math
 

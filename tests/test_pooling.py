@@ -1,4 +1,4 @@
-"""Average pooling (funnel) and max pooling (SurVAE surjection) against SPEC section 8."""
+"""Average pooling (funnel) and max pooling (SurVAE surjection) against the obligations of docs/mathematics.md section 12."""
 
 import math
 

@@ -1,75 +1,67 @@
-"""docs/supported.md lists exactly what the rule registry does."""
+"""docs/supported.md and the README table are generated from the rule registry's declarations."""
 
 import re
-from collections import defaultdict
 from pathlib import Path
+
+import pytest
 
 import flowconvert as fc
 from flowconvert.errors import DIAGNOSTICS
-from flowconvert.registry import REGISTRY
+from flowconvert.registry import LIKELIHOODS, REGISTRY, Registry
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "supported.md"
-LIKELIHOODS = {"exact", "exact / bound", "exact / refused (FC132)", "refused (FC101) / substitution"}
-
-
-def registry_groups() -> dict[frozenset, str]:
-    """Operations grouped by the rule that builds them -> the rule's name or 'refused (FCxxx)'."""
-    groups = defaultdict(set)
-    for table, fmt in ((REGISTRY.modules, lambda r: r.description), (REGISTRY.functions, lambda r: r.description),
-                       (REGISTRY.methods, lambda r: f".{r.description}()")):
-        for rule in table.values():
-            build = rule.build
-            if build.__name__ == "refuse":
-                code = next(c.cell_contents for c in build.__closure__
-                            if isinstance(c.cell_contents, str) and c.cell_contents.startswith("FC"))
-                groups[f"refused ({code})"].add(fmt(rule))
-            else:
-                groups[build.__name__].add(fmt(rule))
-    return {frozenset(ops): name for name, ops in groups.items()}
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "supported.md"
 
 
-def doc_rows() -> list[tuple[str, frozenset, str, str]]:
-    rows = []
-    for line in DOC.read_text().splitlines():
-        if not line.startswith("| ") or line.startswith("| likelihood") or line.startswith("|---"):
-            continue
-        likelihood, ops, layer, notes = (c.strip() for c in line.strip("|").split(" | "))
-        rows.append((likelihood, frozenset(re.findall(r"`([^`]+)`", ops)), layer, notes))
-    return rows
+def table_rows(text: str | Path) -> list[str]:
+    text = text.read_text() if isinstance(text, Path) else text
+    return [line for line in text.splitlines() if line.startswith("|") and line.count(" | ") == 3]
 
 
-def test_every_registry_rule_is_documented_once_and_nothing_else():
-    groups, rows = registry_groups(), doc_rows()
-    documented = [ops for _, ops, _, _ in rows]
-    assert len(documented) == len(set(documented))
-    missing = set(groups) - set(documented)
-    extra = set(documented) - set(groups)
-    assert not missing, f"registry rules missing from docs/supported.md: {[sorted(m) for m in missing]}"
-    assert not extra, f"docs/supported.md lists operations the registry does not group so: {[sorted(e) for e in extra]}"
-
-
-def test_likelihood_column_matches_the_rules():
-    groups = registry_groups()
-    for likelihood, ops, layer, _ in doc_rows():
-        rule = groups[ops]
-        if rule.startswith("refused"):
-            assert likelihood == rule, (sorted(ops), likelihood, rule)
-            assert rule[9:14] in DIAGNOSTICS
-        else:
-            assert likelihood in LIKELIHOODS, likelihood
-            for name in layer.split(", "):
-                assert hasattr(fc, name), f"{name} is not exported by flowconvert"
-
-
-def test_relu_row_states_the_substitution_policy():
-    (row,) = [r for r in doc_rows() if "nn.ReLU" in r[1]]
-    assert row[0] == "refused (FC101) / substitution" and 'relu="leaky"' in row[3]
+def test_docs_table_is_the_generated_table():
+    assert table_rows(DOC) == table_rows(REGISTRY.markdown_table()), (
+        "docs/supported.md is stale: regenerate it from REGISTRY.markdown_table()"
+    )
 
 
 def test_readme_table_is_the_documented_table():
-    readme = Path(__file__).resolve().parents[1] / "README.md"
-    table = lambda path: [line for line in path.read_text().splitlines() if line.startswith("| ") and " | " in line]
-    doc_table = table(DOC)
-    assert doc_table and all(row in table(readme) for row in doc_table)
-    readme_rows = [row for row in table(readme) if row.count(" | ") == 3]
-    assert readme_rows == doc_table
+    assert table_rows(ROOT / "README.md") == table_rows(DOC)
+
+
+def test_every_spelling_appears_once():
+    ops = [op for line in table_rows(DOC)[1:] for op in re.findall(r"`([^`]+)`", line.split(" | ")[1])]
+    assert len(ops) == len(set(ops))
+    expected = [
+        r.documented_name for table in (REGISTRY.modules, REGISTRY.functions, REGISTRY.methods) for r in table.values()
+    ]
+    assert sorted(ops) == sorted(expected)
+
+
+@pytest.mark.parametrize("spec", [spec for spec, _ in REGISTRY.specs()], ids=lambda s: s.name)
+def test_declared_data_is_valid(spec):
+    assert spec.likelihood in LIKELIHOODS
+    assert all(code in DIAGNOSTICS for code in spec.codes), spec.codes
+    assert spec.conditions
+    if spec.likelihood in ("refused", "substitution"):
+        assert spec.codes
+    if spec.likelihood != "refused":
+        assert spec.layers
+        for name in spec.layers:
+            assert hasattr(fc, name), f"{name} is not exported by flowconvert"
+
+
+def test_codes_named_in_conditions_are_declared():
+    for spec, _ in REGISTRY.specs():
+        named = set(re.findall(r"FC\d{3}", spec.conditions))
+        assert named <= set(spec.codes), (spec.name, named - set(spec.codes))
+
+
+def test_relu_row_states_the_substitution_policy():
+    (row,) = [r for r in table_rows(DOC) if "`nn.ReLU`" in r]
+    assert row.startswith("| refused (FC101) / substitution |") and 'relu="leaky"' in row
+
+
+def test_a_new_rule_appears_in_the_table():
+    registry = Registry()
+    registry.reject("FC107", "activation", methods=["erf"], conditions="not yet")
+    assert "| refused (FC107) | `.erf()` | - | not yet |" in registry.markdown_table()

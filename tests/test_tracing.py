@@ -5,17 +5,26 @@ from __future__ import annotations
 import copy
 
 import pytest
+import source_lines
 import torch
 import torch.nn.functional as F
 from torch import nn
+from zoo import ZOO, make
 
 import flowconvert as fc
-import source_lines
 from flowconvert.registry import REGISTRY
 from flowconvert.tracing import (
-    DATA, METADATA, PARAMETER, ExampleInputError, FlowTracer, capture, node_location, user_location,
+    DATA,
+    METADATA,
+    PARAMETER,
+    ExampleInputError,
+    FlowTracer,
+    NodeRecord,
+    capture,
+    node_location,
+    record,
+    user_location,
 )
-from zoo import ZOO, make
 
 
 def line_of(marker: str) -> int:
@@ -65,13 +74,15 @@ def test_user_location_skips_library_frames():
 def test_kinds_shapes_and_values():
     cap = capture(Outer(), torch.randn(2, 2, 4))
     nodes = nodes_by_name(cap)
-    assert nodes["x"].meta["fc_kind"] == DATA
-    assert nodes["size"].meta["fc_kind"] == METADATA
-    assert nodes["w"].meta["fc_kind"] == PARAMETER
-    assert nodes["view"].meta["fc_shape"] == (2, 8)
-    assert nodes["size"].meta["fc_value"] == 2
-    assert torch.equal(nodes["w"].meta["fc_value"], cap.module.w)
-    assert all(n.meta.get("fc_batch_ok", True) for n in cap.graph.nodes)
+    assert all(isinstance(n.meta["flowconvert"], NodeRecord) for n in cap.graph.nodes)  # one typed record each
+    assert record(nodes["x"]).kind == DATA
+    assert record(nodes["size"]).kind == METADATA
+    assert record(nodes["w"]).kind == PARAMETER
+    assert record(nodes["view"]).shape == (2, 8) and record(nodes["view"]).sample_shape == (8,)
+    assert record(nodes["view"]).dtype == torch.float32
+    assert record(nodes["size"]).value == 2
+    assert torch.equal(record(nodes["w"]).value, cap.module.w)
+    assert all(record(n).batch_ok for n in cap.graph.nodes)
 
 
 def test_registered_modules_are_leaves_and_user_modules_are_traced_through():
@@ -142,9 +153,9 @@ class HardCodedBatch(nn.Module):
 
 def test_batch_mixing_is_detected_by_a_second_run():
     cap = capture(MixesBatch(), torch.randn(1, 2, 4))
-    assert not nodes_by_name(cap)["reshape"].meta["fc_batch_ok"]
+    assert not record(nodes_by_name(cap)["reshape"]).batch_ok
     cap = capture(HardCodedBatch(), torch.randn(1, 2, 4))  # looks fine at batch 1
-    assert not nodes_by_name(cap)["view"].meta["fc_batch_ok"]
+    assert not record(nodes_by_name(cap)["view"]).batch_ok
 
 
 class OptionalArg(nn.Module):

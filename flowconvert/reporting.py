@@ -1,0 +1,153 @@
+r"""Report: the audit :class:`~flowconvert.report.Report`, a pure function of the lowered graph.
+
+Reads the :class:`~flowconvert.tracing.NodeRecord` of every node (after capture, legalize
+and lower) and builds one :class:`~flowconvert.report.NodeReport` per node of the user's
+graph (nodes inserted by legalize are folded into the value they duplicate: its row says
+``fanout`` and how many times it is used), plus the summary and a :class:`networkx.DiGraph`
+of the graph for tools. Builds no layer and changes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import networkx as nx
+from torch import fx, nn
+
+from .analysis import origin
+from .densities import ConditionalDiagonalNormal, DiagonalNormal, GaussianNoise, StandardNormal
+from .registry import describe_target
+from .report import CONVERTED, PASSTHROUGH, REJECTED, NodeReport, Problem, Report
+from .tracing import OUTPUT, TracingError, record
+
+__all__ = ["report", "trace_failure_report", "density_parameters"]
+
+# Until every layer declares its density parts, modules of these families are counted too.
+_DENSITY_TYPES = (ConditionalDiagonalNormal, GaussianNoise, DiagonalNormal, StandardNormal)
+
+
+def density_parameters(modules: Iterable[nn.Module]) -> int:
+    """Parameters of the densities in ``modules``: their declared density parts (and density modules)."""
+    seen: set[int] = set()
+    total = 0
+    for module in modules:
+        parts = (
+            [module.get_submodule(p.name) for p in module.density_parts()] if hasattr(module, "density_parts") else []
+        )
+        parts += [m for m in module.modules() if isinstance(m, _DENSITY_TYPES)]
+        for part in parts:
+            for p in part.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    total += p.numel()
+    return total
+
+
+def _fanouts(graph: fx.Graph) -> dict[str, fx.Node]:
+    """The fan-out node inserted for each duplicated value, by the value's name."""
+    return {n.args[0].name: n for n in graph.nodes if record(n).inserted and record(n).piece is None}
+
+
+def _node_report(node: fx.Node, modules: dict[str, nn.Module], fan: fx.Node | None) -> NodeReport:
+    rec = record(node)
+    module = modules.get(node.target) if node.op == "call_module" else None
+    lowered = rec.layer is not None or rec.verdict is not None
+    problems = list(rec.problems)
+    if fan is not None:
+        problems += record(fan).problems
+    status = REJECTED if problems else (CONVERTED if lowered else PASSTHROUGH)
+    entry = NodeReport(
+        node.name,
+        node.op,
+        describe_target(node, module),
+        status,
+        node_location=rec.location,
+        shape=rec.sample_shape,
+        problems=problems,
+        substitution=rec.substitution,
+    )
+    if lowered:
+        exact = rec.layer.exact if rec.layer is not None else rec.verdict.exact
+        entry.likelihood = "exact" if exact else "bound"
+    notes = [str(rec.substitution)] if rec.substitution is not None else []
+    if fan is not None:
+        notes.append(f"used {record(fan).arity} times: duplicated (FlowDuplicate, bound)")
+        entry.fanout = True
+    entry.note = "; ".join(notes) or None
+    return entry
+
+
+def _nx_graph(graph: fx.Graph, modules: dict[str, nn.Module], entries: dict[str, NodeReport]) -> nx.DiGraph:
+    """The user's graph for tools (inserted nodes contracted): statuses, likelihoods, codes, uses."""
+    g = nx.DiGraph()
+    order = 0
+    for node in graph.nodes:
+        if record(node).inserted:
+            continue
+        rec, entry = record(node), entries[node.name]
+        module = modules.get(node.target) if node.op == "call_module" else None
+        g.add_node(
+            node.name,
+            op=node.op,
+            target=describe_target(node, module),
+            kind=rec.kind or OUTPUT,
+            shape=rec.sample_shape,
+            location=rec.location,
+            order=order,
+            status=entry.status,
+            likelihood=entry.likelihood,
+            codes=[p.code for p in entry.problems],
+        )
+        order += 1
+        occurrences: list[fx.Node] = []
+        fx.node.map_arg((node.args, node.kwargs), occurrences.append)
+        for src in occurrences:
+            edge = (origin(src).name, node.name)
+            if g.has_edge(*edge):
+                g.edges[edge]["uses"] += 1
+            else:
+                g.add_edge(*edge, uses=1)
+    return g
+
+
+def report(
+    graph: fx.Graph,
+    modules: dict[str, nn.Module],
+    name: str,
+    *,
+    input_shapes: list[tuple[int, ...]],
+    base: str,
+) -> Report:
+    """The report of a lowered graph (see the module docs)."""
+    fanouts = _fanouts(graph)
+    entries = {
+        node.name: _node_report(node, modules, fanouts.get(node.name))
+        for node in graph.nodes
+        if not record(node).inserted
+    }
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    layers = [record(n).layer for n in graph.nodes if record(n).layer is not None]
+    checked = sum(record(n).verdict.density_parameters for n in graph.nodes if record(n).verdict is not None)
+    return Report(
+        name,
+        list(entries.values()),
+        _nx_graph(graph, modules, entries),
+        input_shapes=input_shapes,
+        output_shapes=[record(n).sample_shape for n in _returned(output)],
+        density_parameters=density_parameters([*layers, *record(output).bases.values()]) + checked,
+        base=base,
+    )
+
+
+def _returned(output: fx.Node) -> list[fx.Node]:
+    """The returned data tensors (copies traced back to their value), in flattening order."""
+    found: list[fx.Node] = []
+    fx.node.map_aggregate(output.args[0], lambda a: found.append(origin(a)) if isinstance(a, fx.Node) else None)
+    return [n for n in found if record(n).shape is not None]
+
+
+def trace_failure_report(name: str, err: TracingError, input_shapes: list[tuple[int, ...]], base: str) -> Report:
+    """The report of a model that could not be traced: one ``<trace>`` row with the problem."""
+    problem = Problem(err.code or "FC303", err.message, err.location)
+    node = NodeReport("<trace>", "trace", name, REJECTED, problems=[problem])
+    return Report(name, [node], input_shapes=input_shapes, base=base)
