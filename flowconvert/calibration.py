@@ -64,7 +64,7 @@ from torch import Tensor, nn
 
 from ._data import iter_inputs
 from .densities import LOG_2PI, DiagonalNormal, GaussianNoise
-from .dequantization import Dequantize
+from .dequantization import Dequantize, warn_if_discrete
 from .linear import FlowLinear
 
 __all__ = ["calibrate", "CalibrationReport", "PartReport"]
@@ -499,6 +499,7 @@ def calibrate(
     Returns:
         a :class:`CalibrationReport` (print it for a summary).
     """
+    warn_if_discrete(data, dequantize, "calibrate")
     flow_was_training = flow.training
     flow.eval()
     batches = _split(data, holdout, val_data, batch_size, seed)
@@ -548,4 +549,5 @@ def calibrate(
                 p.updated, p.heldout_after = 0, p.heldout_before
         report.heldout_after = after
     flow.train(flow_was_training)
+    flow.density_state = "calibrated"  # read by flowconvert export (an untrained flow gets a warning)
     return report

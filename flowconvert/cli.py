@@ -1,9 +1,17 @@
-"""Command line: ``flowconvert audit|convert TARGET --input-shape 1,64 ...``.
+"""Command line: ``flowconvert audit|convert|export|demo ...``.
 
 TARGET is ``package.module:attr`` or ``path/to/file.py:attr`` naming an ``nn.Module``
-instance, an ``nn.Module`` class, or a zero-argument factory. Exit status: 0 convertible,
-1 not convertible (the report is printed), 2 bad usage or input.
+instance, an ``nn.Module`` class, or a zero-argument factory. Exit status: 0 success
+(convertible), 1 not convertible or a failed check (the report is printed), 2 bad usage or
+input (a message without a traceback; ``--debug`` shows it).
 
+The whole job from the shell, no Python written::
+
+    flowconvert audit   model.py:Net --input-shape 1,64 --weights net.pt
+    flowconvert convert model.py:Net --input-shape 1,64 --weights net.pt --calibrate train.npy -o flow.pt
+    flowconvert export  flow.pt -o flow.onnx
+
+Arguments are parsed before torch is imported (``--help`` and usage errors are quick).
 Subcommands are registered with :func:`register_command`; each has a ``configure(parser)``
 that adds its arguments and a ``run(args) -> int`` that returns the exit status:
 
@@ -18,13 +26,31 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import io
 import os
 import sys
 import traceback
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-__all__ = ["main", "build_parser", "register_command", "load_target", "example_inputs", "UsageError", "COMMANDS"]
+__all__ = [
+    "main",
+    "build_parser",
+    "register_command",
+    "load_target",
+    "load_data",
+    "example_inputs",
+    "UsageError",
+    "COMMANDS",
+    "EXIT_STATUS",
+]
+
+#: What the exit statuses mean (printed by every ``--help``).
+EXIT_STATUS = """exit status:
+  0  success (convertible; flow saved; ONNX exported and verified)
+  1  not convertible, or a check failed (the report is printed)
+  2  bad usage or input (a message on stderr, no traceback; --debug shows it)"""
 
 
 class UsageError(Exception):
@@ -48,26 +74,76 @@ def register_command(name: str, help: str, configure: Callable[[argparse.Argumen
     COMMANDS[name] = Command(name, help, configure, run)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends ``(default: X)`` to every option that has a default worth saying."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" not in text
+            and default is not None and default is not False and default is not argparse.SUPPRESS
+            and action.option_strings
+            and action.nargs != 0
+        ):
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            text += f" (default: {shown})"
+        return text
+
+
 # -- shared arguments and helpers ---------------------------------------------------------------
 def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1,64"`` -> ``(1, 64)``; the first size is the batch, so one number is refused.
+
+    >>> parse_shape("1,3,32,32")
+    (1, 3, 32, 32)
+    """
     try:
         shape = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a shape like 1,64 or 1,3,32,32") from None
     if not shape or any(s <= 0 for s in shape):
         raise argparse.ArgumentTypeError(f"{text!r} is not a shape like 1,64 (positive sizes, batch first)")
+    if len(shape) == 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has no batch dimension: shapes are batch first, so a model taking {shape[0]} "
+            f"features needs --input-shape 1,{shape[0]}"
+        )
     return shape
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, *, shape_required: bool = True) -> None:
     """TARGET, --input-shape, --weights, --dtype, --seed: what every model-taking command needs."""
     parser.add_argument("target", metavar="TARGET",
                         help="package.module:attr or path/to/file.py:attr (a module instance, class or zero-arg factory)")
-    parser.add_argument("--input-shape", type=parse_shape, action="append", required=True, metavar="SHAPE",
-                        help="example input shape, batch first, e.g. 1,64 (repeat for several inputs)")
-    parser.add_argument("--weights", metavar="FILE", help="state dict to load (torch.load(weights_only=True))")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="dtype of the example inputs")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random example inputs")
+    add_input_arguments(parser, shape_required=shape_required)
+
+
+def add_input_arguments(parser: argparse.ArgumentParser, *, shape_required: bool = True) -> None:
+    parser.add_argument("--input-shape", type=parse_shape, action="append", required=shape_required, metavar="SHAPE",
+                        help="example input shape, batch first, e.g. 1,64 or 1,3,32,32 (repeat for several inputs)"
+                        + ("" if shape_required else "; required when TARGET is a model"))
+    parser.add_argument("--weights", metavar="FILE",
+                        help="trained weights: a state dict saved with torch.save(model.state_dict(), FILE) "
+                        "or a .safetensors file (never unpickled)")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                        help="dtype of the model, the example inputs and the data")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random example inputs, noise and data splits")
+
+
+def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
+    """--relu, --negative-slope, --base, --density: how a model is converted (audit takes the same)."""
+    parser.add_argument("--relu", choices=["refuse", "leaky"], default="refuse",
+                        help="refuse: ReLU blocks the conversion (FC101); leaky: substitute LeakyReLU and "
+                        "report the output deviation")
+    parser.add_argument("--negative-slope", type=float, default=0.01, metavar="SLOPE",
+                        help="slope of the substituted LeakyReLU (with --relu leaky)")
+    parser.add_argument("--base", choices=["standard", "diagonal"], default="standard",
+                        help="base density of each output: standard normal, or a learnable diagonal Gaussian "
+                        "(fitted by --calibrate/--fit)")
+    parser.add_argument("--density", metavar="FAMILY", default=None,
+                        help="density family of the coordinates a layer drops: gaussian, mlp or flow "
+                        "(default: the library's, gaussian)")
 
 
 def _import_file(path: str):
@@ -94,6 +170,8 @@ def load_target(target: str):
 
     source, sep, attr = target.rpartition(":")
     if not sep or not source or not attr:
+        if os.path.splitext(target)[1] in FLOW_SUFFIXES + (".py",) and not os.path.exists(target):
+            raise UsageError(f"no such file: {target}")
         raise UsageError(f"TARGET must look like package.module:attr or path/to/file.py:attr, got {target!r}")
     if source.endswith(".py") or os.sep in source or "/" in source:
         module = _import_file(source)
@@ -123,23 +201,135 @@ def load_target(target: str):
     raise UsageError(f"{attr} is a {type(obj).__name__}, not an nn.Module, class or factory")
 
 
+def _torch_load_safely(path: str, what: str):
+    """``torch.load(weights_only=True)``, with advice the command line can act on."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        raise UsageError(
+            f"{path} holds pickled Python objects, which flowconvert never loads (unpickling runs arbitrary "
+            f"code). Save {what}"
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is bad input
+        raise UsageError(f"cannot read {path}: {type(exc).__name__}: {exc}") from exc
+
+
 def load_weights(model, path: str) -> None:
+    """Load a state dict (torch.save of ``model.state_dict()`` or .safetensors) into ``model``."""
     import torch
 
     if not os.path.isfile(path):
         raise UsageError(f"no such weights file: {path}")
-    try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is bad input
-        raise UsageError(f"cannot read weights from {path}: {exc}") from exc
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(path)
+        except Exception as exc:  # noqa: BLE001
+            raise UsageError(f"cannot read weights from {path}: {exc}") from exc
+    else:
+        state = _torch_load_safely(path, "the state dict instead: torch.save(model.state_dict(), path)")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise UsageError(f"{path} does not hold a state dict")
+    if isinstance(state, torch.nn.Module) or not isinstance(state, dict):
+        raise UsageError(f"{path} does not hold a state dict: save it with torch.save(model.state_dict(), path)")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise UsageError(f"weights in {path} do not fit the model: {exc}") from exc
+
+
+# -- data files ---------------------------------------------------------------------------------
+DATA_SUFFIXES = (".npy", ".npz", ".safetensors", ".pt", ".pth")
+
+
+def _split_key(spec: str) -> tuple[str, str | None]:
+    """``"train.npz:x"`` -> ``("train.npz", "x")``; a plain path has no key."""
+    path, sep, key = spec.rpartition(":")
+    if sep and path.endswith(DATA_SUFFIXES) and key and not os.path.exists(spec):
+        return path, key
+    return spec, None
+
+
+def _pick(arrays: dict, path: str, key: str | None):
+    if key is not None:
+        if key not in arrays:
+            raise UsageError(f"{path} has no array {key!r} (it has {', '.join(sorted(arrays)) or 'none'})")
+        return arrays[key]
+    if len(arrays) == 1:
+        return next(iter(arrays.values()))
+    if "x" in arrays:
+        return arrays["x"]
+    raise UsageError(f"{path} holds several arrays ({', '.join(sorted(arrays))}): name one as {path}:NAME")
+
+
+def load_data(spec: str, dtype: str = "float32"):
+    """A data tensor (examples first) from ``.npy``/``.npz``/``.safetensors``/``.pt``, loaded safely.
+
+    ``FILE:NAME`` picks one array of an ``.npz``, ``.safetensors`` or ``.pt`` dict (by default the
+    only one, or the one named ``x``). Nothing is unpickled: ``np.load(allow_pickle=False)``,
+    safetensors, ``torch.load(weights_only=True)``.
+    """
+    import numpy as np
+    import torch
+
+    path, key = _split_key(spec)
+    if not os.path.isfile(path):
+        raise UsageError(f"no such data file: {path}")
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in (".npy", ".npz"):
+        try:
+            loaded = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise UsageError(f"{path} holds Python objects, which flowconvert never unpickles: save a numeric array "
+                             f"(np.save(path, x.astype('float32')))") from exc
+        except Exception as exc:  # noqa: BLE001
+            raise UsageError(f"cannot read {path}: {exc}") from exc
+        if isinstance(loaded, np.ndarray):
+            array = loaded
+        else:
+            with loaded:
+                try:
+                    array = _pick({k: loaded[k] for k in loaded.files}, path, key)
+                except ValueError as exc:
+                    raise UsageError(f"{path} holds Python objects, which flowconvert never unpickles") from exc
+        if array.dtype.kind not in "biuf":
+            raise UsageError(f"{path} holds {array.dtype} values, not numbers")
+        data = torch.from_numpy(np.ascontiguousarray(array))
+    elif suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            data = _pick(load_file(path), path, key)
+        except UsageError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise UsageError(f"cannot read {path}: {exc}") from exc
+    elif suffix in (".pt", ".pth"):
+        loaded = _torch_load_safely(path, "a tensor instead (torch.save(x, path)), or np.save an array")
+        if isinstance(loaded, (tuple, list)) and loaded and isinstance(loaded[0], torch.Tensor):
+            loaded = loaded[0]  # (inputs, labels)
+        if isinstance(loaded, dict):
+            loaded = _pick(loaded, path, key)
+        if not isinstance(loaded, torch.Tensor):
+            raise UsageError(f"{path} holds a {type(loaded).__name__}, not a tensor")
+        data = loaded
+    else:
+        raise UsageError(f"{path}: data must be a {', '.join(DATA_SUFFIXES)} file")
+    if data.dim() < 1 or data.shape[0] == 0:
+        raise UsageError(f"{path} holds no examples (shape {tuple(data.shape)})")
+    if data.dtype == torch.bool or data.is_complex():
+        raise UsageError(f"{path} holds {data.dtype} values, not real numbers")
+    return data.to(getattr(torch, dtype))
+
+
+# -- the model and its conversion ----------------------------------------------------------------
+#: file endings of a saved flow
+FLOW_SUFFIXES = (".pt", ".pth", ".safetensors", ".fcflow")
 
 
 def example_inputs(args: argparse.Namespace) -> tuple:
@@ -160,25 +350,77 @@ def load_model(args: argparse.Namespace):
     return model.to(getattr(torch, args.dtype))
 
 
+def conversion_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of ``fc.convert`` given by the policy options."""
+    options: dict[str, Any] = {"base": getattr(args, "base", "standard")}
+    if getattr(args, "relu", "refuse") == "leaky":
+        options.update(relu="leaky", negative_slope=args.negative_slope)
+    if getattr(args, "density", None):
+        options["density"] = args.density
+    return options
+
+
 def _audit(args: argparse.Namespace):
     from .conversion import audit_and_convert
     from .tracing import ExampleInputError
 
     model = load_model(args)
     try:
-        return audit_and_convert(model, example_inputs(args), base=getattr(args, "base", "standard"))
+        return audit_and_convert(model, example_inputs(args), **conversion_options(args))
     except ExampleInputError as exc:
         raise UsageError(str(exc)) from exc
+    except TypeError as exc:
+        if "density" in str(exc):
+            raise UsageError(f"--density is not supported by this version of flowconvert ({exc})") from exc
+        raise
+    except ValueError as exc:
+        if "density" in str(exc):
+            raise UsageError(str(exc)) from exc
+        raise
 
 
 def _render(report, fmt: str) -> str:
     return {"text": str, "markdown": lambda r: r.to_markdown(), "json": lambda r: r.to_json()}[fmt](report)
 
 
+def save_flow(flow, path: str) -> None:
+    """Write ``flow`` to ``path`` (the one place the command line saves a flow)."""
+    import torch
+
+    torch.save(flow, path)
+
+
+def load_flow(path: str):
+    """Read a flow written by :func:`save_flow` (the one place the command line loads one)."""
+    import torch
+
+    try:
+        flow = torch.load(path, weights_only=False, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is bad input
+        raise UsageError(f"cannot load a flow from {path}: {exc}") from exc
+    from .core import Flow
+
+    if not isinstance(flow, Flow):
+        raise UsageError(f"{path} holds a {type(flow).__name__}, not a flow saved by 'flowconvert convert'")
+    return flow
+
+
+def check_output_path(path: str) -> None:
+    """Fail before any work when ``path`` cannot be written."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise UsageError(f"cannot write {path}: no such directory {os.path.dirname(path) or '.'}")
+    if os.path.isdir(path):
+        raise UsageError(f"cannot write {path}: it is a directory")
+    if not os.access(directory, os.W_OK):
+        raise UsageError(f"cannot write {path}: the directory is not writable")
+
+
 # -- audit ----------------------------------------------------------------------------------
 def _configure_audit(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--format", choices=["text", "markdown", "json"], default="text")
+    add_policy_arguments(parser)
+    parser.add_argument("--format", choices=["text", "markdown", "json"], default="text", help="report format")
 
 
 def _run_audit(args: argparse.Namespace) -> int:
@@ -190,32 +432,109 @@ def _run_audit(args: argparse.Namespace) -> int:
 # -- convert --------------------------------------------------------------------------------
 def _configure_convert(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("-o", "--output", required=True, metavar="FILE", help="where to torch.save the flow model")
-    parser.add_argument("--base", choices=["standard", "diagonal"], default="standard", help="base density per output")
-    parser.add_argument("--format", choices=["text", "markdown", "json"], default="text")
+    parser.add_argument("-o", "--output", required=True, metavar="FLOW", help="where to save the flow")
+    add_policy_arguments(parser)
+    group = parser.add_argument_group("densities (without these the densities stay untrained and log p is meaningless)")
+    group.add_argument("--calibrate", metavar="DATA",
+                       help="fit the densities in closed form on DATA (.npy, .npz, .safetensors or .pt; "
+                       "FILE:NAME picks one array), network untouched")
+    group.add_argument("--fit", metavar="DATA", help="then train the densities by maximum likelihood on DATA")
+    group.add_argument("--epochs", type=int, default=10, help="epochs of --fit")
+    group.add_argument("--lr", type=float, default=1e-3, help="learning rate of --fit")
+    group.add_argument("--train", choices=["densities", "all"], default="densities",
+                       help="what --fit trains: densities (network frozen, outputs unchanged) or all")
+    group.add_argument("--val", metavar="DATA",
+                       help="validation data of --fit (early stopping); by default --val-fraction of the --fit data")
+    group.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
+                       help="share of the --fit data held out for early stopping when --val is not given")
+    group.add_argument("--levels", type=int, metavar="K",
+                       help="DATA holds integer levels 0..K-1 (K=256 for 8-bit images): dequantize as (k + u) / K")
+    parser.add_argument("--format", choices=["text", "markdown", "json"], default="text", help="report format")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar for --fit")
+
+
+def _data_for(spec: str, args: argparse.Namespace):
+    """DATA as a tensor checked against the per-example input shape (and --levels)."""
+    data = load_data(spec, args.dtype)
+    if len(args.input_shape) != 1:
+        raise UsageError("--calibrate/--fit take one data file, but the model has several inputs")
+    want = tuple(args.input_shape[0][1:])
+    if tuple(data.shape[1:]) != want:
+        raise UsageError(
+            f"{spec} has examples of shape {tuple(data.shape[1:])} ({data.shape[0]} of them); the model takes "
+            f"{want} (per example, from --input-shape): reshape the array to ({data.shape[0]}, {', '.join(map(str, want))})"
+        )
+    if args.levels is not None:
+        if args.levels < 2:
+            raise UsageError("--levels must be at least 2")
+        bad = (data != data.round()) | (data < 0) | (data > args.levels - 1)
+        if bool(bad.any()):
+            raise UsageError(f"--levels {args.levels}: {spec} must hold integers 0..{args.levels - 1}, "
+                             f"found {data[bad].flatten()[0].item():g}")
+    return data
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    import torch
-
+    check_output_path(args.output)
+    for spec in (args.calibrate, args.fit, args.val):
+        if spec is not None and not os.path.isfile(_split_key(spec)[0]):
+            raise UsageError(f"no such data file: {_split_key(spec)[0]}")
+    if args.val is not None and args.fit is None:
+        raise UsageError("--val is the validation data of --fit")
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise UsageError("--val-fraction must be in [0, 1)")
+    if args.epochs < 1:
+        raise UsageError("--epochs must be at least 1")
+    # every file is read and checked before any work is done or printed
+    data = {key: _data_for(spec, args) for key, spec in (("calibrate", args.calibrate), ("fit", args.fit),
+                                                            ("val", args.val)) if spec is not None}
     report, flow = _audit(args)
     print(_render(report, args.format))
     if flow is None:
         return 1
-    torch.save(flow, args.output)
-    print(f"saved the flow model to {args.output} (load with torch.load(path, weights_only=False))", file=sys.stderr)
+    import torch
+
+    from .dequantization import Dequantize
+
+    deq = Dequantize(args.levels) if args.levels is not None else None
+    if args.calibrate is not None:
+        from .calibration import calibrate
+
+        print(calibrate(flow, data["calibrate"], dequantize=deq, seed=args.seed), file=sys.stderr)
+        flow.density_state = "calibrated"
+    if args.fit is not None:
+        from .training import fit
+
+        train, val = data["fit"], data.get("val")
+        if val is None and args.val_fraction > 0 and len(train) >= 2:  # early stopping on a split of the fit data
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
+            n_val = max(1, int(round(args.val_fraction * len(train))))
+            train, val = train[order[n_val:]], train[order[:n_val]]
+        history = fit(flow, train, epochs=args.epochs, lr=args.lr, train=args.train, val_data=val, dequantize=deq,
+                      progress=not args.no_progress, seed=args.seed)
+        best = f", best epoch {history.best_epoch} (0: the starting point)" if history.best_epoch is not None else ""
+        last = history.val_bpd[-1] if history.val_bpd else history.train_bpd[-1] if history.train_bpd else float("nan")
+        print(f"fitted {args.train} for {len(history.epochs)} epochs ({history.steps} steps){best}; "
+              f"{'validation' if history.val_bpd else 'training'} bits/dim {last:.4f}", file=sys.stderr)
+        flow.density_state = "fitted"
+    if args.calibrate is None and args.fit is None:
+        print("flowconvert convert: warning: the densities are untrained (no --calibrate or --fit), so log p is "
+              "not a meaningful likelihood yet", file=sys.stderr)
+    save_flow(flow, args.output)
+    print(f"saved the flow to {args.output}", file=sys.stderr)
     return 0
 
 
 register_command("audit", "report which nodes of a model can become a flow, and why not", _configure_audit, _run_audit)
-register_command("convert", "convert a model into a flow and save it with torch.save", _configure_convert, _run_convert)
+register_command("convert", "convert a model into a flow, calibrate or fit its densities, and save it",
+                 _configure_convert, _run_convert)
 
-# -- demo (flowconvert/demo.py, which imports torch: loaded only when the demo runs) ----------------
+
+# -- demo (flowconvert/demo.py; imported only when it runs) ----------------------------------
 def configure_demo(parser: argparse.ArgumentParser) -> None:
-    """The demo's arguments (also used by ``python -m flowconvert.demo``)."""
-    parser.add_argument("--out", default="flowconvert-demo", help="output directory (default: ./flowconvert-demo)")
+    parser.add_argument("--out", default="flowconvert-demo", metavar="DIR", help="output directory")
     parser.add_argument("--quick", action="store_true", help="a quarter of the epochs (a smoke run)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of data split, training and sampling")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -225,7 +544,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
-register_command("demo", "run the digits demo: classifiers -> flows -> bits/dim, OOD, pictures, ONNX", configure_demo, _run_demo)
+register_command("demo", "run the digits demo: classifiers -> flows -> bits/dim, OOD, pictures, ONNX (minutes)",
+                 configure_demo, _run_demo)
 
 
 # -- export (flowconvert/export_cli.py) --------------------------------------------------------
@@ -236,22 +556,87 @@ register_command("export", "export a model or a saved flow to ONNX, verified in 
 
 
 # -- entry point ----------------------------------------------------------------------------
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("flowconvert")
+    except Exception:  # noqa: BLE001 - not installed: the source tree's version
+        from . import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flowconvert", description="Turn trained PyTorch networks into normalizing flows.")
+    parser = argparse.ArgumentParser(
+        prog="flowconvert", description="Turn trained PyTorch networks into normalizing flows.",
+        epilog=EXIT_STATUS, formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"flowconvert {_version()}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS.values():
-        child = sub.add_parser(command.name, help=command.help, description=command.help)
+        child = sub.add_parser(command.name, help=command.help, description=command.help, epilog=EXIT_STATUS,
+                               formatter_class=HelpFormatter)
         child.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
         command.configure(child)
         child.set_defaults(_run=command.run)
     return parser
 
 
+class _PipeSafeStream(io.TextIOBase):
+    """stdout that goes quiet when the reader leaves (``flowconvert audit ... | head``).
+
+    The command still finishes (a ``convert`` still saves its flow) and exits with its own status.
+    """
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._broken = False
+
+    def _quiet(self) -> None:
+        self._broken = True
+        try:  # later writes and the interpreter's final flush go nowhere
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, io.UnsupportedOperation):
+            pass
+
+    def write(self, text: str) -> int:
+        if not self._broken:
+            try:
+                self._stream.write(text)
+            except BrokenPipeError:
+                self._quiet()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._broken:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._quiet()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    @property
+    def encoding(self):  # noqa: D401 - mirrors the wrapped stream
+        return getattr(self._stream, "encoding", "utf-8")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0, 1 or 2)."""
     parser = build_parser()
     args = parser.parse_args(argv)  # exits with status 2 on bad usage
+    stdout, formatwarning = sys.stdout, warnings.formatwarning
+    sys.stdout = _PipeSafeStream(stdout)
+    # library warnings (discrete data, ...) read as messages of the command, not as Python source lines
+    warnings.formatwarning = lambda message, category, *rest: f"flowconvert {args.command}: warning: {message}\n"
     try:
         return int(args._run(args))
     except UsageError as exc:
@@ -259,11 +644,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"flowconvert {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"flowconvert {args.command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:  # noqa: BLE001 - the model's own code may raise anything
         if args.debug:
             raise
         print(f"flowconvert {args.command}: error: {type(exc).__name__}: {exc} (use --debug for the traceback)", file=sys.stderr)
         return 2
+    finally:
+        sys.stdout.flush()
+        sys.stdout, warnings.formatwarning = stdout, formatwarning
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -137,17 +137,22 @@ class DigitsCNN(nn.Module):
         return self.head(x.flatten(1))
 
 
-def train_classifier(net: nn.Module, data: Digits, deq: Dequantize, *, epochs: int = 15, lr: float = 3e-3, seed: int = 0) -> float:
+def train_classifier(net: nn.Module, data: Digits, deq: Dequantize, *, epochs: int = 15, lr: float = 3e-3, seed: int = 0,
+                     progress: bool = False) -> float:
     """Cross-entropy training on dequantized inputs; returns the test accuracy (cell midpoints)."""
+    from tqdm.auto import tqdm
+
     torch.manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     net.train()
-    for _ in range(epochs):
+    bar = tqdm(range(epochs), desc=f"training {type(net).__name__}", unit="epoch", disable=not progress, leave=False)
+    for _ in bar:
         for idx in torch.randperm(len(data.train_x)).split(64):
             loss = F.cross_entropy(net(deq(data.train_x[idx])), data.train_y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
     net.eval()
     return accuracy(net, data, deq)
 
@@ -215,7 +220,7 @@ def run_demo(out: str | Path = "flowconvert-demo", *, quick: bool = False, seed:
     for name, net, epochs in (("MLP", DigitsMLP(), ep(20)), ("CNN", DigitsTileCNN(), ep(20))):
         print(f"\n== {name} classifier ==")
         t = time.perf_counter()
-        acc = train_classifier(net, data, deq, epochs=epochs, seed=seed)
+        acc = train_classifier(net, data, deq, epochs=epochs, seed=seed, progress=progress)
         results["accuracy"][f"{name} classifier"] = acc
         print(f"  trained in {time.perf_counter() - t:.1f}s: test accuracy {acc:.3f}")
         report = fc.audit(net, ex, base="diagonal")
@@ -248,7 +253,7 @@ def run_demo(out: str | Path = "flowconvert-demo", *, quick: bool = False, seed:
 
     print("\n== for contrast: a CNN with 3x3 convolutions and padding 1 ==")
     net = DigitsCNN()
-    acc = train_classifier(net, data, deq, epochs=ep(8), seed=seed)
+    acc = train_classifier(net, data, deq, epochs=ep(8), seed=seed, progress=progress)
     results["accuracy"]["3x3 CNN classifier"] = acc
     flow = fc.convert(net, ex, base="diagonal")
     calibrate(flow, data.train_x, dequantize=deq)
@@ -301,9 +306,10 @@ def run_demo(out: str | Path = "flowconvert-demo", *, quick: bool = False, seed:
     else:
         try:
             res = export_onnx(gen, out / "mlp_flow_likelihood.onnx", deq.center(data.test_x[:4]), graph="likelihood", noise="zero")
-            diff = getattr(res, "max_abs_diff", None)
-            results["onnx_max_abs_diff"] = diff
-            print(f"  wrote {out / 'mlp_flow_likelihood.onnx'}; onnxruntime vs PyTorch max abs diff: {diff}")
+            from .export_cli import parity_verdict
+
+            results["onnx_max_abs_diff"] = res.max_abs_diff
+            print(f"  wrote {out / 'mlp_flow_likelihood.onnx'}\n  {parity_verdict(res)}")
         except Exception as exc:  # an optional step: report and go on
             print(f"  export failed: {type(exc).__name__}: {exc}")
 

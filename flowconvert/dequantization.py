@@ -31,11 +31,13 @@ True
 from __future__ import annotations
 
 import math
+import warnings
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["Dequantize", "nats_to_bits_per_dim"]
+__all__ = ["Dequantize", "nats_to_bits_per_dim", "DiscreteDataWarning", "warn_if_discrete"]
 
 
 class Dequantize:
@@ -89,3 +91,73 @@ def nats_to_bits_per_dim(nll: Tensor | float, num_dims: int) -> Tensor | float:
     """
     return nll / (num_dims * math.log(2.0))
 
+
+
+class DiscreteDataWarning(UserWarning):
+    """Data looks discrete but no dequantization was given (see :func:`warn_if_discrete`)."""
+
+
+#: at most this many distinct values (all integers) make data look discrete
+DISCRETE_MAX_LEVELS = 256
+
+
+def _peek(data: Any, rows: int = 512) -> Tensor | None:
+    """The first ``rows`` inputs of a tensor, tensors tuple, Dataset or DataLoader (no loader is iterated)."""
+    from torch.utils.data import DataLoader, Dataset
+
+    if isinstance(data, DataLoader):
+        data = data.dataset
+    if isinstance(data, (tuple, list)) and data and isinstance(data[0], Tensor):
+        data = data[0]
+    if isinstance(data, Tensor):
+        return data[:rows]
+    if isinstance(data, Dataset):
+        try:
+            items = [data[i] for i in range(min(len(data), rows))]
+        except Exception:  # noqa: BLE001 - an unusual dataset: no check
+            return None
+        items = [i[0] if isinstance(i, (tuple, list)) and i else i for i in items]
+        if items and all(isinstance(i, Tensor) for i in items) and len({i.shape for i in items}) == 1:
+            return torch.stack(items)
+    return None
+
+
+def warn_if_discrete(data: Any, dequantize: "Dequantize | None", where: str, *, stacklevel: int = 3) -> bool:
+    """Warn (:class:`DiscreteDataWarning`) when ``data`` looks discrete and ``dequantize`` is None.
+
+    Discrete means: the first examples hold only integers, and at most 256 distinct values.
+    A continuous density fitted to such data can pile its mass onto the levels and grow
+    without bound (negative bits/dim); ``dequantize=Dequantize(K)`` spreads each level over
+    its cell. Returns True when it warned. Called by ``fit``, ``calibrate`` and ``bits_per_dim``.
+
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     warn_if_discrete(torch.randint(0, 17, (50, 4)).float(), None, "fit")
+    True
+    >>> warn_if_discrete(torch.rand(50, 4), None, "fit")
+    False
+    """
+    if dequantize is not None:
+        return False
+    x = _peek(data)
+    if x is None or x.numel() == 0 or x.is_complex() or x.dtype == torch.bool:
+        return False
+    if x.is_floating_point():
+        if not bool(torch.isfinite(x).all()) or not bool((x == x.round()).all()):
+            return False
+    values = torch.unique(x)
+    if len(values) > DISCRETE_MAX_LEVELS:
+        return False
+    lo, hi = int(values.min().item()), int(values.max().item())
+    levels = hi + 1 if lo >= 0 else None
+    fix = (f"dequantize=fc.Dequantize({levels}) (--levels {levels} on the command line)" if levels and levels >= 2
+           else "dequantize=fc.Dequantize(K) (--levels K on the command line) after mapping the values to 0..K-1")
+    warnings.warn(
+        f"the data given to {where} looks discrete ({len(values)} distinct integer values, {lo}..{hi}, in the "
+        f"first {len(x)} examples) and no dequantize= was given: a continuous density on discrete data can grow "
+        f"without bound (negative bits/dim). Pass {fix}.",
+        DiscreteDataWarning,
+        stacklevel=stacklevel,
+    )
+    return True

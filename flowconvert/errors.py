@@ -217,6 +217,11 @@ class ConversionError(FlowConversionError):
         self.report = report
         super().__init__(message, code=code, location=location)
 
+    def _format(self) -> str:
+        # the message lists every problem with its code and location; add only the first one's why and hint
+        diag = self.diagnostic
+        return self.message + (f"\n  why: {diag.explanation}\n  hint: {diag.hint}" if diag is not None else "")
+
 
 class ExportError(FlowConversionError):
     """ONNX export or its verification failed (``FC4xx``)."""
@@ -228,7 +233,9 @@ register_diagnostic(
     "ReLU is not invertible",
     "ReLU maps all negative inputs to 0, so it has no inverse: many inputs give the same "
     "output and the change of log-density is -infinity there.",
-    "Replace nn.ReLU with nn.LeakyReLU(negative_slope=0.01) and fine-tune.",
+    "Replace nn.ReLU with nn.LeakyReLU(negative_slope=0.01) and fine-tune, or convert with "
+    'relu="leaky" (--relu leaky on the command line) to substitute LeakyReLU as is; the report '
+    "then gives the largest output deviation it causes.",
 )
 register_diagnostic(
     "FC102",

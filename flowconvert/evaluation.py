@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ._data import iter_inputs
 from .core import Flow
-from .dequantization import Dequantize, nats_to_bits_per_dim
+from .dequantization import Dequantize, nats_to_bits_per_dim, warn_if_discrete
 
 __all__ = ["log_likelihood", "bits_per_dim", "mean_log_likelihood"]
 
@@ -103,6 +103,7 @@ def bits_per_dim(
     ``data`` is a tensor, Dataset or DataLoader; see :func:`log_likelihood` for the other
     arguments. Lower is better; with ``dequantize`` it is comparable with discrete models.
     """
+    warn_if_discrete(data, dequantize, "bits_per_dim")
     mean, dims = mean_log_likelihood(
         flow, data, batch_size=batch_size, dequantize=dequantize, num_samples=num_samples, deterministic=deterministic
     )

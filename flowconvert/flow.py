@@ -113,7 +113,12 @@ class FlowModel(nn.Module):
     parameters and buffers. Follows the :class:`flowconvert.core.Flow` protocol and its
     defaults: ``log_prob`` and ``forward_with_log_prob`` are stochastic unless
     ``deterministic=True``; ``inverse`` uses conditional means unless ``sample=True``.
+    ``density_state`` records whether the densities were trained: ``"untrained"`` after
+    conversion, ``"calibrated"`` or ``"fitted"`` after :func:`~flowconvert.calibrate` /
+    :func:`~flowconvert.fit` (``flowconvert export`` warns on an untrained one).
     """
+
+    density_state: str = "untrained"
 
     def __init__(self, plan: FlowPlan, layers: Mapping[str, FlowLayer], bases: Mapping[str, nn.Module]):
         super().__init__()
@@ -217,7 +222,7 @@ class FlowModel(nn.Module):
     @property
     def code(self) -> str:
         """Python source of the likelihood program (``print(flow.code)``)."""
-        return self.likelihood_graph.code
+        return self.likelihood_graph.code.lstrip("\n")
 
     @property
     def exact(self) -> bool:

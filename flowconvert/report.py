@@ -11,8 +11,8 @@ catalogue :data:`flowconvert.errors.DIAGNOSTICS`.
 >>> report = Report("MLP", [node])
 >>> report.convertible, report.counts
 (False, {'FC101': 1})
->>> print(report.nodes[0].hint)
-Replace nn.ReLU with nn.LeakyReLU(negative_slope=0.01) and fine-tune.
+>>> print(report.nodes[0].hint)  # doctest: +ELLIPSIS
+Replace nn.ReLU with nn.LeakyReLU(negative_slope=0.01) and fine-tune, or convert with relu="leaky" ...
 """
 
 from __future__ import annotations

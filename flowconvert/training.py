@@ -56,7 +56,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from ._data import first
 from .core import FlowLayer, network_training
-from .dequantization import Dequantize
+from .dequantization import Dequantize, warn_if_discrete
 
 __all__ = ["fit", "History", "network_parameter_set"]
 
@@ -199,6 +199,7 @@ def fit(
     """
     if train not in ("densities", "all"):
         raise ValueError(f'train must be "densities" or "all", got {train!r}')
+    warn_if_discrete(data, dequantize, "fit")
     rank, world = _distributed()
     torch.manual_seed(seed + rank)  # different dequantization/noise draws per rank
     loader = _loader(data, batch_size, True, world, rank, seed)
@@ -284,6 +285,7 @@ def fit(
             raise RuntimeError('train="densities" changed a network parameter; this is a bug')
     flow.train(was_training)
     history.seconds = time.perf_counter() - start
+    flow.density_state = "fitted"  # read by flowconvert export (an untrained flow gets a warning)
     return history
 
 
