@@ -125,7 +125,7 @@ def _peek(data: Any, rows: int = 512) -> Tensor | None:
 def warn_if_discrete(data: Any, dequantize: "Dequantize | None", where: str, *, stacklevel: int = 3) -> bool:
     """Warn (:class:`DiscreteDataWarning`) when ``data`` looks discrete and ``dequantize`` is None.
 
-    Discrete means: the first examples hold only integers, and at most 256 distinct values.
+    Discrete means: the first examples hold only integers, 2 to 256 distinct values.
     A continuous density fitted to such data can pile its mass onto the levels and grow
     without bound (negative bits/dim); ``dequantize=Dequantize(K)`` spreads each level over
     its cell. Returns True when it warned. Called by ``fit``, ``calibrate`` and ``bits_per_dim``.
@@ -147,7 +147,7 @@ def warn_if_discrete(data: Any, dequantize: "Dequantize | None", where: str, *, 
         if not bool(torch.isfinite(x).all()) or not bool((x == x.round()).all()):
             return False
     values = torch.unique(x)
-    if len(values) > DISCRETE_MAX_LEVELS:
+    if not 2 <= len(values) <= DISCRETE_MAX_LEVELS:  # a constant says nothing about being discrete
         return False
     lo, hi = int(values.min().item()), int(values.max().item())
     levels = hi + 1 if lo >= 0 else None

@@ -49,6 +49,7 @@ def test_discrete_data_without_dequantization_warns_once_per_call(flow, entry):
         (torch.randn(200, 6), False),
         (torch.randint(0, 10_000, (200, 6)).float(), False),  # integers, but too many distinct values
         (torch.tensor([[float("nan"), 1.0]]), False),
+        (torch.zeros(10, 6), False),  # a constant
     ],
 )
 def test_what_looks_discrete(data, discrete):
