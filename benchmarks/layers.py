@@ -50,7 +50,10 @@ def cases():
     conv = nn.Conv2d(c_in, c_out, k, padding=1)
     flow = FlowConv.from_module(conv, (c_in, hw, hw))
     ck = c_in * k * k
-    floor = (ck * c_out + (ck - c_out) * c_out) / (ck * c_out)  # per location: the kernel plus A y
+    # per location: the kernel plus A y (the arithmetic floor of x_S - A y; the implementation
+    # uses one convolution with M = (E_S - A W) / sigma instead, C_in k^2 / C_out = 9x, because
+    # the gather of x_S is memory-bound on CPU)
+    floor = (ck * c_out + (ck - c_out) * c_out) / (ck * c_out)
     out.append((f"Conv2d {c_in}->{c_out} {k}x{k} pad 1, {hw}x{hw} ({flow.kernel.kind})", conv, flow, (c_in, hw, hw), floor, floor))
     return out
 
