@@ -40,7 +40,7 @@ _PUBLIC = {
     "activations": ("FlowLeakyReLU",),
     "grouped": ("FlowGroupedConv",),
     "merging": ("FlowCat", "FlowDuplicate", "FlowSplit", "FlowSum"),
-    "pooling": ("FlowAvgPool", "FlowMaxPool"),
+    "pooling": ("FlowAvgPool", "FlowMaxPool", "FlowReduce", "FlowWindowPool"),
     "elementwise": (
         "FlowBatchNorm",
         "FlowELU",

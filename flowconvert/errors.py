@@ -121,12 +121,12 @@ register_diagnostic(
 register_diagnostic(
     "FC214",
     "pooling configuration is not supported",
-    "Pooling is flowified for windows that tile the input exactly (kernel == stride, no "
-    "padding, no dilation, sizes divisible by the kernel). Overlapping windows would use an "
-    "input value several times, and padding or a ragged border adds or silently drops values.",
-    "Use kernel_size == stride with an input size divisible by it (e.g. nn.MaxPool2d(2) on "
-    "even sizes), an adaptive pool to a size that divides the input, or replace the pooling "
-    "by a strided convolution.",
+    "Max and average pooling are flowified for any kernel, stride, padding, dilation (max), "
+    "ceil_mode and adaptive output size, but this configuration asks for something without a "
+    "flow version: indices returned beside the values (return_indices=True), dilation in an "
+    "average pool, a window with no input cell, or an input of more than two spatial dimensions.",
+    "Use return_indices=False (the indices are not a function a flow can invert), or pool a "
+    "(C, L) or (C, H, W) input with windows that each contain at least one input cell.",
 )
 register_diagnostic(
     "FC215",
@@ -264,11 +264,11 @@ register_diagnostic(
 register_diagnostic(
     "FC105",
     "pooling is not supported",
-    "Adaptive max pooling, LP pooling and 3-D pooling have no flow layer: adaptive max "
-    "windows overlap or differ in size, and LP pooling mixes a window's values non-linearly. "
-    "(MaxPool1d/2d and AvgPool1d/2d over windows that tile the input are supported.)",
-    "Use nn.MaxPool2d(k) / nn.AvgPool2d(k) with kernel == stride on sizes divisible by k, an "
-    "adaptive average pool to a size that divides the input, or a strided convolution.",
+    "LP pooling and 3-D pooling have no flow layer: LP pooling mixes a window's values "
+    "non-linearly, and 3-D windows are not implemented. (Max, average and adaptive pooling in "
+    "1-D and 2-D are supported with any kernel, stride, padding and ceil_mode.)",
+    "Use nn.MaxPool2d / nn.AvgPool2d / nn.AdaptiveAvgPool2d (1-D or 2-D), fold a 3-D input into "
+    "2-D, or replace the pooling by a strided convolution.",
 )
 register_diagnostic(
     "FC106",

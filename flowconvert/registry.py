@@ -47,7 +47,7 @@ from .densities import DiagonalNormal, StandardNormal
 from .elementwise import FlowBatchNorm, FlowELU, FlowPReLU, FlowScalarAffine, FlowSigmoid, FlowSoftplus, FlowTanh
 from .linear import DEFAULT_RTOL, FlowLinear
 from .merging import FlowCat, FlowDuplicate, FlowSplit, FlowSum
-from .pooling import FlowAvgPool, FlowMaxPool
+from .pooling import FlowAvgPool, FlowMaxPool, FlowReduce, FlowWindowPool, pooling_layer
 from .report import Substitution
 from .shapes import FlowIdentity, Permute, Reshape
 
@@ -864,60 +864,78 @@ def _getitem(ctx: NodeContext) -> FlowLayer:
     return Reshape(ctx.in_shape, ctx.out_shape)
 
 
-# -- pooling over tiling windows (flowconvert.pooling) ---------------------------------------------
-@REGISTRY.rule(
-    [nn.MaxPool1d, nn.MaxPool2d, F.max_pool1d, F.max_pool2d],
-    "exact",
-    [FlowMaxPool],
-    "SurVAE max-pooling surjection; kernel == stride, no padding, tiling input (FC214)",
-    codes=["FC214"],
+# -- pooling (flowconvert.pooling): tiling windows exact; overlapping windows Tile first (a bound) --
+_POOL_CONDITIONS = (
+    "any kernel, stride, padding, dilation (max), ceil_mode, count_include_pad, divisor_override, adaptive output "
+    "size. Windows that tile the input: exact (max surjection / mean funnel). Padded cells are absent from their "
+    "window (they never win a max and add nothing to a mean), so padded or ragged windows without overlap stay "
+    "exact. Overlapping windows (MaxPool2d(3, 2, 1), AvgPool2d(3, 1, 1), adaptive to a non-dividing size) Tile "
+    "first: a cell in N windows is copied N times with zero-sum noise (bound). A window covering the whole input "
+    "is global pooling (exact), whatever its stride; F.adaptive_avg_pool2d(x, 1) too. return_indices=True is "
+    "refused (FC214)"
 )
-def _max_pool(ctx: NodeContext) -> FlowLayer:
-    module = ctx.module
-    if module is None:
-        module = (nn.MaxPool1d if len(ctx.in_shape) == 2 else nn.MaxPool2d)(
-            ctx.arg(1, "kernel_size"),
-            ctx.arg(2, "stride", None),
-            ctx.arg(3, "padding", 0),
-            ctx.arg(4, "dilation", 1),
-            ctx.arg(6, "return_indices", False),
-            ctx.arg(5, "ceil_mode", False),
-        )
-    return FlowMaxPool.from_module(module, ctx.in_shape)
 
 
 @REGISTRY.rule(
-    [nn.AvgPool1d, nn.AvgPool2d, F.avg_pool1d, F.avg_pool2d],
-    "exact",
-    [FlowAvgPool],
-    "funnel; kernel == stride, no padding, tiling input (FC214)",
+    [nn.MaxPool1d, nn.MaxPool2d, F.max_pool1d, F.max_pool2d, torch.max_pool1d, torch.max_pool2d,
+     nn.AvgPool1d, nn.AvgPool2d, F.avg_pool1d, F.avg_pool2d,
+     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d],
+    "exact / bound",
+    [FlowMaxPool, FlowAvgPool, FlowWindowPool],
+    _POOL_CONDITIONS,
     codes=["FC214"],
 )
-def _avg_pool(ctx: NodeContext) -> FlowLayer:
+def _pool(ctx: NodeContext) -> FlowLayer:
     module = ctx.module
     if module is None:
-        args = (
-            ctx.arg(1, "kernel_size"),
-            ctx.arg(2, "stride", None),
-            ctx.arg(3, "padding", 0),
-            ctx.arg(4, "ceil_mode", False),
-        )
-        if len(ctx.in_shape) == 2:
-            module = nn.AvgPool1d(*args)
+        target, two_d = ctx.node.target, len(ctx.in_shape) == 3
+        if target in (F.max_pool1d, F.max_pool2d, torch.max_pool1d, torch.max_pool2d):
+            module = (nn.MaxPool2d if two_d else nn.MaxPool1d)(
+                ctx.arg(1, "kernel_size"), ctx.arg(2, "stride", None), ctx.arg(3, "padding", 0),
+                ctx.arg(4, "dilation", 1), ctx.arg(6, "return_indices", False), ctx.arg(5, "ceil_mode", False),
+            )
+        elif target in (F.avg_pool1d, F.avg_pool2d):
+            args = (ctx.arg(1, "kernel_size"), ctx.arg(2, "stride", None), ctx.arg(3, "padding", 0),
+                    ctx.arg(4, "ceil_mode", False), ctx.arg(5, "count_include_pad", True))
+            module = nn.AvgPool2d(*args, divisor_override=ctx.arg(6, "divisor_override", None)) if two_d else nn.AvgPool1d(*args)
+        elif target in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d):
+            module = (nn.AdaptiveAvgPool2d if two_d else nn.AdaptiveAvgPool1d)(ctx.arg(1, "output_size"))
         else:
-            module = nn.AvgPool2d(*args, divisor_override=ctx.arg(6, "divisor_override", None))
-    return FlowAvgPool.from_module(module, ctx.in_shape)
+            module = (nn.AdaptiveMaxPool2d if two_d else nn.AdaptiveMaxPool1d)(
+                ctx.arg(1, "output_size"), ctx.arg(2, "return_indices", False))
+    return pooling_layer(module, ctx.in_shape)
+
+
+_REDUCTIONS = {torch.mean: "mean", "mean": "mean", torch.sum: "sum", "sum": "sum", torch.amax: "amax", "amax": "amax"}
 
 
 @REGISTRY.rule(
-    [nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d],
+    [torch.mean, torch.sum, torch.amax, "mean", "sum", "amax"],
     "exact",
-    [FlowAvgPool],
-    "output size divides the input size (FC214)",
-    codes=["FC214"],
+    [FlowReduce],
+    "global pooling over any non-batch dimensions (x.mean((2, 3)), x.mean([-2, -1], keepdim=True), a token mean): "
+    "the mean/sum is kept and the Helmert complement dropped (exact funnel), amax is the max surjection (exact); "
+    "over the batch dimension FC113",
+    codes=["FC113"],
 )
-def _adaptive_avg_pool(ctx: NodeContext) -> FlowLayer:
-    return FlowAvgPool.adaptive_from_size(ctx.in_shape, ctx.param("output_size", 1))
+def _reduce(ctx: NodeContext) -> FlowLayer:
+    """``x.mean(dims)`` and friends: global pooling over the reduced dimensions (an exact funnel)."""
+    how = _REDUCTIONS[ctx.node.target]
+    dims = ctx.arg(1, "dim", ctx.kwargs.get("axis"))
+    keepdim = bool(ctx.arg(2, "keepdim", False))
+    if ctx.kwargs.get("dtype") is not None:
+        raise Rejection(unsupported_code(ctx.node), f"`{ctx.node.name}` changes the dtype while reducing")
+    ndim = len(ctx.in_shape) + 1
+    if dims is None or (isinstance(dims, (tuple, list)) and len(dims) == 0):
+        raise Rejection("FC113", f"`{ctx.node.name}` reduces over every dimension, the batch included")
+    dims = tuple(dims) if isinstance(dims, (tuple, list)) else (dims,)
+    if not all(isinstance(d, int) for d in dims):
+        raise Rejection(unsupported_code(ctx.node), f"`{ctx.node.name}` reduces over dimensions {dims!r}")
+    dims = tuple(int(d) % ndim for d in dims)
+    if 0 in dims:
+        raise Rejection("FC113", f"`{ctx.node.name}` reduces over the batch dimension")
+    return FlowReduce(ctx.in_shape, tuple(d - 1 for d in dims), keepdim, how)
 
 
 # -- refusals, with the reason in the diagnostic catalogue -----------------------------------
@@ -961,11 +979,9 @@ REGISTRY.reject(
     methods=["softmax", "log_softmax"],
 )
 REGISTRY.reject(
-    "FC105", "pooling", conditions="3-D, adaptive max and LP pooling",
-    modules=[nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-             nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d],
-    functions=[F.max_pool3d, F.avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
-               torch.max_pool1d, torch.max_pool2d],
+    "FC105", "pooling", conditions="3-D and LP pooling",
+    modules=[nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d],
+    functions=[F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, F.adaptive_max_pool3d, F.lp_pool1d, F.lp_pool2d],
 )  # fmt: skip
 REGISTRY.reject(
     "FC106",
