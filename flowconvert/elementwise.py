@@ -260,7 +260,10 @@ class FlowSoftplus(_Elementwise):
     :math:`y = x`. :math:`\log f'(x) = \log\sigma(\beta x)` on the smooth branch, 0 on the
     linear one. (torch's switch leaves a jump of :math:`\log(1+e^{-t})/\beta` at
     :math:`\beta x = t`, about :math:`2\cdot10^{-9}/\beta` for the default :math:`t = 20`:
-    below float32 resolution there, and a negligible non-monotone sliver in float64.)
+    below float32 resolution there, and a negligible non-monotone sliver in float64.) A
+    threshold whose jump exceeds float32 resolution, :math:`\log(1+e^{-t}) > 2^{-23}\max(|t|, 1)`
+    (:math:`t \lesssim 13.5`), makes the map visibly non-injective (outputs just above
+    :math:`t/\beta` have two preimages) and is refused (FC212).
     Inverse, stably: :math:`x = y + \tfrac1\beta\log(-\operatorname{expm1}(-\beta y))`; an
     output that underflowed to 0 (:math:`\beta x \lesssim -103` in float32) has no finite
     preimage and is clamped to the smallest positive float.
@@ -277,7 +280,15 @@ class FlowSoftplus(_Elementwise):
         beta = float(beta)
         if not (beta > 0 and math.isfinite(beta)):
             raise LayerConfigurationError(f"Softplus beta={beta:g} must be > 0", code="FC212")
-        self.beta, self.threshold = beta, float(threshold)
+        t = float(threshold)
+        jump = max(-t, 0.0) + math.log1p(math.exp(-abs(t))) if math.isfinite(t) else (0.0 if t > 0 else math.inf)
+        if not jump <= 2.0**-23 * max(abs(t), 1.0):
+            raise LayerConfigurationError(
+                f"Softplus threshold={t:g}: torch switches to the identity at beta * x = threshold with a downward "
+                f"jump of {jump / beta:.3g}, so the map is not injective there (use threshold >= 15; the default is 20)",
+                code="FC212",
+            )
+        self.beta, self.threshold = beta, t
 
     @classmethod
     def from_module(cls, module: nn.Softplus) -> "FlowSoftplus":
