@@ -328,7 +328,7 @@ class _Builder:
         n = shape[-1]
         rest = math.prod(shape[:-1])
         hi = max(1, MAX_NUMEL // rest)
-        m = n if square_only else self.c.choice([n, self.c.integer(1, max(1, n - 1)), self.c.integer(n, min(hi, 2 * n + 2))])
+        m = n if square_only else self.c.choice([n, self.c.integer(1, max(1, n - 1)), self.c.integer(n, max(n, min(hi, 2 * n + 2)))])
         m = max(1, min(m, hi))
         layer = self.w.fill_linear(nn.Linear(n, m, bias=self.c.integer(0, 3) > 0))
         kind = "square" if m == n else ("reducing" if m < n else "increasing")
@@ -519,7 +519,7 @@ def build(choices: Choices, seed: int | None = None) -> Architecture:
     elif start == "seq":
         shape = (c.integer(1, 4), c.integer(1, 10))
     else:
-        shape = (c.integer(1, 3), c.integer(1, 5), c.integer(1, 5))
+        shape = (c.integer(1, 3), c.integer(1, 4), c.integer(1, 4))
     input_shape = shape
     pieces: list[_Piece] = []
     for _ in range(c.integer(1, 6)):
