@@ -303,7 +303,14 @@ class FlowSoftplus(_Elementwise):
 
     def inverse(self, y: Tensor, sample: bool = False, noise: Tensor | None = None) -> Tensor:
         by = (y * self.beta).clamp_min(torch.finfo(y.dtype).tiny)
-        smooth = y + torch.log(-torch.expm1(-by)) / self.beta
+        # log(1 - e^{-t}) = log(-expm1(-t)); below t = 0.1 its series log t - t/2 + t^2/24 - t^4/2880 +
+        # t^6/181440 (error < 1e-15), which stays accurate where expm1 is not available: ONNX
+        # has no Expm1, and exp(-t) - 1 cancels to 0 in float32 for t < 6e-8 (an inverse of -inf)
+        small = by < 0.1
+        t = torch.where(small, by, torch.ones_like(by))
+        t2 = t * t
+        series = torch.log(t) - 0.5 * t + t2 / 24 - t2 * t2 / 2880 + t2 * t2 * t2 / 181440
+        smooth = y + torch.where(small, series, torch.log(-torch.expm1(-by))) / self.beta
         return torch.where(by > self.threshold, y, smooth)
 
     def extra_repr(self) -> str:
