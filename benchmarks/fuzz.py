@@ -6,7 +6,8 @@
 Model ``i`` is ``build(RandomChoices(seed * 1_000_003 + i))`` from ``tests/architectures.py``,
 so any failure is reproduced by its index alone (``--only i``). Every model is checked with
 ``tests/model_obligations.check``; every ``--onnx-every``-th one also exports both graphs to
-ONNX (slow: seconds per export). Prints a progress bar, a table of outcomes per obligation
+ONNX (slow: seconds per export), and every ``--train-every``-th one is calibrated and trained
+(``fc.fit(train="all")``, a few steps) and checked again. Prints a progress bar, a table of outcomes per obligation
 (``ok`` / ``fail`` / ``skip`` = not applicable / ``known`` = a known open defect, named below
 the table) and the first ``--show`` failures with their architecture, and exits with status 1
 when any obligation failed.
@@ -22,6 +23,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# this directory holds benchmarks/onnx.py, which must not shadow the onnx package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import torch
@@ -39,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("n", nargs="?", type=int, default=2000, help="number of models (default 2000)")
     parser.add_argument("--seed", type=int, default=0, help="run seed (default 0)")
     parser.add_argument("--onnx-every", type=int, default=100, help="ONNX parity on every k-th model (0: never)")
+    parser.add_argument("--train-every", type=int, default=10,
+                        help="calibrate + fit(train='all') checks on every k-th model (0: never)")
     parser.add_argument("--show", type=int, default=10, help="print the first SHOW failures in full")
     parser.add_argument("--only", type=int, default=None, help="check only model INDEX, verbosely")
     args = parser.parse_args(argv)
@@ -55,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     for i in bar:
         arch = build(RandomChoices(model_seed(args.seed, i)))
         onnx = args.only is not None or (args.onnx_every > 0 and i % args.onnx_every == 0)
-        results = check(arch, onnx=onnx, seed=i)
+        train = args.only is not None or (args.train_every > 0 and i % args.train_every == 0)
+        results = check(arch, onnx=onnx, train=train, seed=i)
         any_fail = False
         for name, out in results.items():
             counts[name][out.status] += 1

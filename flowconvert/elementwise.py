@@ -260,7 +260,10 @@ class FlowSoftplus(_Elementwise):
     :math:`y = x`. :math:`\log f'(x) = \log\sigma(\beta x)` on the smooth branch, 0 on the
     linear one. (torch's switch leaves a jump of :math:`\log(1+e^{-t})/\beta` at
     :math:`\beta x = t`, about :math:`2\cdot10^{-9}/\beta` for the default :math:`t = 20`:
-    below float32 resolution there, and a negligible non-monotone sliver in float64.)
+    below float32 resolution there, and a negligible non-monotone sliver in float64.) A
+    threshold whose jump exceeds float32 resolution, :math:`\log(1+e^{-t}) > 2^{-23}\max(|t|, 1)`
+    (:math:`t \lesssim 13.5`), makes the map visibly non-injective (outputs just above
+    :math:`t/\beta` have two preimages) and is refused (FC212).
     Inverse, stably: :math:`x = y + \tfrac1\beta\log(-\operatorname{expm1}(-\beta y))`; an
     output that underflowed to 0 (:math:`\beta x \lesssim -103` in float32) has no finite
     preimage and is clamped to the smallest positive float.
@@ -277,7 +280,15 @@ class FlowSoftplus(_Elementwise):
         beta = float(beta)
         if not (beta > 0 and math.isfinite(beta)):
             raise LayerConfigurationError(f"Softplus beta={beta:g} must be > 0", code="FC212")
-        self.beta, self.threshold = beta, float(threshold)
+        t = float(threshold)
+        jump = max(-t, 0.0) + math.log1p(math.exp(-abs(t))) if math.isfinite(t) else (0.0 if t > 0 else math.inf)
+        if not jump <= 2.0**-23 * max(abs(t), 1.0):
+            raise LayerConfigurationError(
+                f"Softplus threshold={t:g}: torch switches to the identity at beta * x = threshold with a downward "
+                f"jump of {jump / beta:.3g}, so the map is not injective there (use threshold >= 15; the default is 20)",
+                code="FC212",
+            )
+        self.beta, self.threshold = beta, t
 
     @classmethod
     def from_module(cls, module: nn.Softplus) -> "FlowSoftplus":
@@ -292,7 +303,14 @@ class FlowSoftplus(_Elementwise):
 
     def inverse(self, y: Tensor, sample: bool = False, noise: Tensor | None = None) -> Tensor:
         by = (y * self.beta).clamp_min(torch.finfo(y.dtype).tiny)
-        smooth = y + torch.log(-torch.expm1(-by)) / self.beta
+        # log(1 - e^{-t}) = log(-expm1(-t)); below t = 0.1 its series log t - t/2 + t^2/24 - t^4/2880 +
+        # t^6/181440 (error < 1e-15), which stays accurate where expm1 is not available: ONNX
+        # has no Expm1, and exp(-t) - 1 cancels to 0 in float32 for t < 6e-8 (an inverse of -inf)
+        small = by < 0.1
+        t = torch.where(small, by, torch.ones_like(by))
+        t2 = t * t
+        series = torch.log(t) - 0.5 * t + t2 / 24 - t2 * t2 / 2880 + t2 * t2 * t2 / 181440
+        smooth = y + torch.where(small, series, torch.log(-torch.expm1(-by))) / self.beta
         return torch.where(by > self.threshold, y, smooth)
 
     def extra_repr(self) -> str:

@@ -190,6 +190,62 @@ class Fn(nn.Module):
         return f"{self.name}{self.args}"
 
 
+class Functional(nn.Module):
+    """The functional form of a layer (``F.linear``, ``F.conv2d``, ``F.batch_norm``, pools, ``F.prelu``) with the
+    layer's tensors as parameters/buffers of this module (``get_attr`` nodes), arguments by position or keyword."""
+
+    def __init__(self, layer: nn.Module, keywords: bool):
+        super().__init__()
+        self.kind, self.keywords = type(layer).__name__, keywords
+        self.config = {}
+        if isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.PReLU)):
+            self.weight = nn.Parameter(layer.weight.detach().clone())
+            bias = getattr(layer, "bias", None)
+            self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+            self.config = {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation,
+                           "groups": layer.groups}
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            self.register_buffer("running_mean", layer.running_mean.clone())
+            self.register_buffer("running_var", layer.running_var.clone())
+            self.weight = nn.Parameter(layer.weight.detach().clone()) if layer.weight is not None else None
+            self.bias = nn.Parameter(layer.bias.detach().clone()) if layer.bias is not None else None
+            self.config = {"eps": layer.eps}
+        if isinstance(layer, (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)):
+            self.config = {"kernel_size": layer.kernel_size}
+        if isinstance(layer, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
+            self.config = {"output_size": layer.output_size}
+
+    def forward(self, x):
+        k, c, kw = self.kind, self.config, self.keywords
+        if k == "Linear":
+            return F.linear(x, self.weight, bias=self.bias) if kw else F.linear(x, self.weight, self.bias)
+        if k in ("Conv1d", "Conv2d"):
+            conv = F.conv1d if k == "Conv1d" else F.conv2d
+            if kw:
+                return conv(x, self.weight, self.bias, stride=c["stride"], padding=c["padding"],
+                            dilation=c["dilation"], groups=c["groups"])
+            return conv(x, self.weight, self.bias, c["stride"], c["padding"], c["dilation"], c["groups"])
+        if k == "PReLU":
+            return F.prelu(x, self.weight)
+        if k.startswith("BatchNorm"):
+            if kw:
+                return F.batch_norm(x, self.running_mean, self.running_var, weight=self.weight, bias=self.bias,
+                                    training=False, eps=c["eps"])
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, c["eps"])
+        pools = {"MaxPool1d": F.max_pool1d, "MaxPool2d": F.max_pool2d, "AvgPool1d": F.avg_pool1d,
+                 "AvgPool2d": F.avg_pool2d, "AdaptiveAvgPool1d": F.adaptive_avg_pool1d,
+                 "AdaptiveAvgPool2d": F.adaptive_avg_pool2d}
+        if k.startswith("Adaptive"):
+            return pools[k](x, c["output_size"])
+        if kw:
+            return pools[k](x, kernel_size=c["kernel_size"])
+        return pools[k](x, c["kernel_size"])
+
+    def extra_repr(self):
+        return f"F.{self.kind}, keywords={self.keywords}"
+
+
 class Residual(nn.Module):
     """``x + f(x)`` (or ``f(x) - x``): a fan-out and a sum."""
 
@@ -328,7 +384,7 @@ class _Builder:
         n = shape[-1]
         rest = math.prod(shape[:-1])
         hi = max(1, MAX_NUMEL // rest)
-        m = n if square_only else self.c.choice([n, self.c.integer(1, max(1, n - 1)), self.c.integer(n, min(hi, 2 * n + 2))])
+        m = n if square_only else self.c.choice([n, self.c.integer(1, max(1, n - 1)), self.c.integer(n, max(n, min(hi, 2 * n + 2)))])
         m = max(1, min(m, hi))
         layer = self.w.fill_linear(nn.Linear(n, m, bias=self.c.integer(0, 3) > 0))
         kind = "square" if m == n else ("reducing" if m < n else "increasing")
@@ -451,8 +507,13 @@ class _Builder:
         )
 
     def residual(self, shape) -> _Piece:
-        inner = self.chain([self.same_shape(shape) for _ in range(self.c.integer(1, 2))], shape)
-        subtract, functional = self.c.integer(0, 3) == 0, self.c.boolean()
+        parts = [self.same_shape(shape) for _ in range(self.c.integer(1, 2))]
+        inner = self.chain(parts, shape)
+        # f(x) - x with f an activation alone is exactly 0 wherever f is the identity: a degenerate
+        # (constant) map; subtract only around a branch that mixes coordinates or scales them
+        mixes = any(not isinstance(p.module, (nn.LeakyReLU, nn.ELU, nn.SELU, nn.PReLU, nn.Softplus, nn.Tanh,
+                                               nn.Sigmoid, Fn)) for p in parts)
+        subtract, functional = self.c.integer(0, 3) == 0 and mixes, self.c.boolean()
         hazard_inside = inner.bounded  # the sum is a funnel after the branch
         text = f"residual[{'sub' if subtract else 'add'}]({inner.text})"
         return _Piece(Residual(inner.module, subtract, functional), shape, exact=False, drops=True,
@@ -504,7 +565,16 @@ class _Builder:
             "unflatten": self.unflatten, "conv": self.conv, "pool": self.pool, "flatten": self.flatten,
             "permute": self.permute,
         }[kind]
-        return builder(shape)
+        piece = builder(shape)
+        if piece is not None and isinstance(piece.module, _FUNCTIONAL) and c.integer(0, 3) == 0:
+            piece.module = Functional(piece.module, keywords=c.boolean())
+            piece.text = f"F[{piece.text}]"
+            piece.plain = False
+        return piece
+
+
+_FUNCTIONAL = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.PReLU, nn.BatchNorm1d, nn.BatchNorm2d, nn.MaxPool1d, nn.MaxPool2d,
+               nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 
 
 def build(choices: Choices, seed: int | None = None) -> Architecture:
@@ -519,7 +589,7 @@ def build(choices: Choices, seed: int | None = None) -> Architecture:
     elif start == "seq":
         shape = (c.integer(1, 4), c.integer(1, 10))
     else:
-        shape = (c.integer(1, 3), c.integer(1, 5), c.integer(1, 5))
+        shape = (c.integer(1, 3), c.integer(1, 4), c.integer(1, 4))
     input_shape = shape
     pieces: list[_Piece] = []
     for _ in range(c.integer(1, 6)):

@@ -51,7 +51,7 @@ def cases(dtype):
         "tanh": (torch.nn.Tanh(), (4, 3)),
         "sigmoid": (torch.nn.Sigmoid(), (4, 3)),
         "softplus": (torch.nn.Softplus(), (4, 3)),
-        "softplus_beta": (torch.nn.Softplus(beta=2.5, threshold=5.0), (4, 3)),
+        "softplus_beta": (torch.nn.Softplus(beta=2.5, threshold=15.0), (4, 3)),
         "prelu": (prelu(dtype=dtype), (3, 2, 2)),
         "prelu_single": (torch.nn.PReLU(init=0.3).to(dtype), (3, 4)),
     }
@@ -217,7 +217,10 @@ def test_batchnorm_refusals():
 @pytest.mark.parametrize(
     "make",
     [lambda: FlowELU(0.0), lambda: FlowELU(-1.0), lambda: FlowPReLU(torch.tensor([0.2, 0.0, 0.1])),
-     lambda: FlowPReLU(torch.tensor([-0.25])), lambda: FlowSoftplus(beta=0.0)],
+     lambda: FlowPReLU(torch.tensor([-0.25])), lambda: FlowSoftplus(beta=0.0),
+     # torch's switch to the identity at beta * x = threshold jumps down: not injective unless negligible
+     lambda: FlowSoftplus(threshold=5.0), lambda: FlowSoftplus(beta=2.0, threshold=1.0),
+     lambda: FlowSoftplus(threshold=-3.0)],
 )
 def test_non_injective_parameters_are_refused(make):
     with pytest.raises(LayerConfigurationError) as err:
