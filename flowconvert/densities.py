@@ -31,6 +31,7 @@ __all__ = [
     "ConditionalDiagonalNormal",
     "ElementwiseConditionalNormal",
     "GaussianNoise",
+    "HalfNormal",
 ]
 
 LOG_2PI = math.log(2 * math.pi)
@@ -78,6 +79,29 @@ class ConditionalDensity(nn.Module):
     def mean(self, y: Tensor) -> Tensor:
         shape = (*y.shape[:-1], self.features)
         return self.sample(y, torch.zeros(shape, dtype=y.dtype, device=y.device))
+
+    # -- closed-form calibration (optional) ---------------------------------------------
+    def linear_regressors(self) -> Tensor | str | None:
+        r"""Which linear-Gaussian model :func:`flowconvert.calibrate` fits in closed form, or None.
+
+        ``"full"``: :math:`d \sim \mathcal N(A y + c, \operatorname{diag}\sigma^2)` with a dense
+        ``(features, context)`` matrix :math:`A`; a long tensor ``idx`` of shape ``(features,)``:
+        coordinate :math:`j` regresses on the single context coordinate ``y[idx[j]]`` (``A`` of
+        shape ``(features,)``). Richer families return the structure of the linear-Gaussian
+        part they start from; ``None`` (the default): no closed form, the part is only fitted.
+        """
+        return None
+
+    def read_linear(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(A, c, var)`` of the linear-Gaussian part, float64 (see :meth:`linear_regressors`)."""
+        raise NotImplementedError
+
+    def write_linear(self, A: Tensor, c: Tensor, var: Tensor, context_mean: Tensor | None = None,
+                     context_var: Tensor | None = None) -> None:
+        """Set the linear-Gaussian part; a richer family also resets the rest to its identity, so
+        that it then *equals* that linear Gaussian (``context_mean``/``context_var``: moments of
+        ``y`` a family may use to standardize its conditioner's input)."""
+        raise NotImplementedError
 
 
 class BaseDensity(nn.Module):
@@ -191,27 +215,61 @@ class ConditionalDiagonalNormal(ConditionalNormal):
         """Conditional mean :math:`A y + c` over the last dimension."""
         return nn.functional.linear(y, self.weight, self.bias)
 
+    def linear_regressors(self) -> str:
+        return "full"
+
+    def read_linear(self) -> tuple[Tensor, Tensor, Tensor]:
+        return _read(self)
+
+    def write_linear(self, A, c, var, context_mean=None, context_var=None) -> None:
+        _write(self, A, c, var)
+
+
+def _read(q: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+    """``(A, c, var)`` of a linear Gaussian with parameters ``weight``, ``bias``, ``log_scale``, flattened per feature."""
+    A = q.weight.detach().double()
+    if not isinstance(q.linear_regressors(), str):
+        A = A.reshape(-1)
+    var = (2 * q.log_scale.detach().double()).exp().expand(q.bias.shape).reshape(-1)
+    return A, q.bias.detach().double().reshape(-1), var
+
+
+def _write(q: nn.Module, A: Tensor, c: Tensor, var: Tensor) -> None:
+    with torch.no_grad():
+        q.weight.copy_(A.reshape(q.weight.shape).to(q.weight.dtype))
+        q.bias.copy_(c.reshape(q.bias.shape).to(q.bias.dtype))
+        q.log_scale.copy_((0.5 * var.log()).reshape(q.log_scale.shape).to(q.log_scale.dtype))
+
 
 class ElementwiseConditionalNormal(ConditionalNormal):
-    r""":math:`q(d \mid y) = \mathcal N(\alpha \odot y + \beta, \operatorname{diag} e^{2\lambda})`, parameters of shape ``event_shape``.
+    r""":math:`q(d \mid y) = \mathcal N(\alpha \odot y + \beta, \operatorname{diag} e^{2\lambda})` for rows of ``features`` coordinates.
 
-    Each dropped coordinate depends on the kept coordinate at the same position (the
-    funnel of ``a + b``). Starts as a standard normal independent of :math:`y`.
+    Each dropped coordinate depends on the kept coordinate at the same position (the funnel of
+    ``a + b``); ``context_features == features``. Starts as a standard normal independent of :math:`y`.
 
-    >>> q = ElementwiseConditionalNormal((2, 3))
+    >>> q = ElementwiseConditionalNormal(3)
     >>> q.log_prob(torch.zeros(4, 2, 3), torch.randn(4, 2, 3)).shape
     torch.Size([4])
     """
 
-    def __init__(self, event_shape: Sequence[int]):
+    def __init__(self, features: int):
         super().__init__()
-        self.event_shape = tuple(int(s) for s in event_shape)
-        self.weight = nn.Parameter(torch.zeros(self.event_shape))
-        self.bias = nn.Parameter(torch.zeros(self.event_shape))
-        self.log_scale = nn.Parameter(torch.zeros(self.event_shape))
+        self.features = self.context_features = int(features)
+        self.weight = nn.Parameter(torch.zeros(self.features))
+        self.bias = nn.Parameter(torch.zeros(self.features))
+        self.log_scale = nn.Parameter(torch.zeros(self.features))
 
     def mean(self, y: Tensor) -> Tensor:
         return self.weight * y + self.bias
+
+    def linear_regressors(self) -> Tensor:
+        return torch.arange(self.features)
+
+    def read_linear(self) -> tuple[Tensor, Tensor, Tensor]:
+        return _read(self)
+
+    def write_linear(self, A, c, var, context_mean=None, context_var=None) -> None:
+        _write(self, A, c, var)
 
 
 class GaussianNoise(nn.Module):
@@ -238,3 +296,30 @@ class GaussianNoise(nn.Module):
 
     def log_prob(self, u: Tensor) -> Tensor:
         return sum_except_batch(normal_log_prob(u, 0.0, self.log_scale))
+
+
+class HalfNormal(nn.Module):
+    r"""Half-normal density of non-negative gaps :math:`g = s\,|\varepsilon|` with a learnable
+    per-channel scale (``log_scale`` = :math:`\log s`, shape ``(channels,)``):
+
+    .. math:: \log q(g) = \log 2 + \log\mathcal N(g; 0, s^2), \quad g \ge 0 .
+
+    Its maximum-likelihood scale is closed form, :math:`s^2 = \overline{g^2}` per channel.
+
+    >>> h = HalfNormal(2)
+    >>> h.log_prob(torch.zeros(3, 2)).shape
+    torch.Size([3])
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = int(channels)
+        self.log_scale = nn.Parameter(torch.zeros(self.channels))
+
+    def log_prob(self, g: Tensor) -> Tensor:
+        """``g`` of shape ``(B, ..., channels)``: summed over all but the batch dimension."""
+        return sum_except_batch(math.log(2.0) + normal_log_prob(g, 0.0, self.log_scale))
+
+    def sample(self, eps: Tensor) -> Tensor:
+        """``s |eps|`` for standard-normal ``eps`` of shape ``(..., channels)``."""
+        return eps.abs() * self.log_scale.exp()
