@@ -119,6 +119,19 @@ class BaseDensity(nn.Module):
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
         raise NotImplementedError
 
+    def fit_closed_form(self, z: Tensor, min_var: float = 1e-6) -> bool:
+        """Fit to outputs ``z`` ``(N, *event_shape)`` in closed form (used by :func:`flowconvert.calibrate`);
+        return False when there is nothing to fit this way (the default)."""
+        return False
+
+
+def _moments(z: Tensor, min_var: float) -> tuple[Tensor, Tensor]:
+    """Mean and variance (floored at ``min_var``) over the first dimension, float64."""
+    z = z.double()
+    mean = z.mean(0)
+    var = (z * z).mean(0) - mean * mean
+    return mean, var.clamp_min(min_var)
+
 
 class StandardNormal(BaseDensity):
     """Standard normal base density on an event of shape ``event_shape``.
@@ -160,6 +173,14 @@ class DiagonalNormal(BaseDensity):
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
         eps = torch.randn(n, *self.event_shape, dtype=self.loc.dtype, device=self.loc.device)
         return self.loc + temperature * eps * self.log_scale.exp()
+
+    @torch.no_grad()
+    def fit_closed_form(self, z: Tensor, min_var: float = 1e-6) -> bool:
+        """Moment matching: ``loc = mean z``, ``scale^2 = max(Var z, min_var)``."""
+        mean, var = _moments(z, min_var)
+        self.loc.copy_(mean.to(self.loc.dtype))
+        self.log_scale.copy_((0.5 * var.log()).to(self.log_scale.dtype))
+        return True
 
 
 class ConditionalNormal(ConditionalDensity):

@@ -52,6 +52,7 @@ from .densities import (
     ConditionalDiagonalNormal,
     DiagonalNormal,
     StandardNormal,
+    _moments,
     normal_log_prob,
     sum_except_batch,
 )
@@ -67,6 +68,8 @@ __all__ = [
     "make_conditional",
     "make_base",
     "apply_family",
+    "resolve_base",
+    "use_densities",
 ]
 
 #: A user family: ``family(features, context) -> ConditionalDensity``.
@@ -291,6 +294,11 @@ class GaussianMixture(BaseDensity):
         z = self.loc[k] + temperature * eps * self.log_scale[k].exp()
         return z.reshape(n, *self.event_shape)
 
+    def fit_closed_form(self, z: Tensor, min_var: float = 1e-6) -> bool:
+        """EM from a k-means++ start (see :meth:`em`)."""
+        self.em(z, min_var=max(min_var, 1e-4))
+        return True
+
     @torch.no_grad()
     def em(self, z: Tensor, iterations: int = 50, min_var: float = 1e-4, seed: int = 0) -> None:
         """Maximum likelihood by expectation-maximization on rows ``z`` (k-means++ start)."""
@@ -353,9 +361,15 @@ class FlowBase(BaseDensity):
         u = v if self.flow is None else self.flow.transform(None).inv(v)
         return self.loc + u.reshape(n, *self.event_shape) * self.log_scale.exp()
 
-    def reset_to_diagonal(self) -> None:
+    @torch.no_grad()
+    def fit_closed_form(self, z: Tensor, min_var: float = 1e-6) -> bool:
+        """Moment matching of the standardization, the flow reset to the identity."""
+        mean, var = _moments(z, min_var)
+        self.loc.copy_(mean.to(self.loc.dtype))
+        self.log_scale.copy_((0.5 * var.log()).to(self.log_scale.dtype))
         if self.flow is not None:
             _identity(self.flow)
+        return True
 
 
 # -- choosing a family --------------------------------------------------------------------------
@@ -450,3 +464,38 @@ def apply_family(flow: nn.Module, density: str | Family = "gaussian") -> list[st
             layer.set_submodule(part.name, new)
             replaced.append(f"{name}.{part.name}" if name else part.name)
     return replaced
+
+
+def resolve_base(density: str | Family, base: str | Callable | None) -> str | Callable:
+    """The base to use: ``base`` when given, else the family's default (:data:`DEFAULT_BASE`)."""
+    if base is not None:
+        return base
+    return DEFAULT_BASE.get(density, "diagonal") if isinstance(density, str) else "diagonal"
+
+
+def use_densities(flow: nn.Module, density: str | Family = "gaussian", base: str | Callable | None = None) -> nn.Module:
+    """Give a built :class:`~flowconvert.flow.FlowModel` the family ``density`` and the base ``base``.
+
+    Every conditional part declared by its layers is replaced by the family (starting as the
+    linear Gaussian it replaces, :func:`apply_family`); every output whose base is not already
+    of the requested kind gets a new base (same dtype and device). Called by
+    :func:`flowconvert.convert`; returns ``flow``.
+    """
+    apply_family(flow, density)
+    base = resolve_base(density, base)
+    bases = getattr(flow, "bases", None)
+    if bases is None:
+        return flow
+    changed = False
+    for key, old in list(bases.items()):
+        if isinstance(base, str) and type(old) is BASES.get(base):
+            continue
+        ref = next(iter(old.buffers()), None) if not list(old.parameters()) else next(old.parameters())
+        new = make_base(base, old.event_shape)
+        if ref is not None:
+            new = new.to(dtype=ref.dtype, device=ref.device)
+        bases[key] = new
+        changed = True
+    if changed and hasattr(flow, "_build_graphs"):
+        flow._build_graphs()  # the generated programs hold the base modules they call
+    return flow
