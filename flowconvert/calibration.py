@@ -188,10 +188,11 @@ def _undeclared(flow: nn.Module) -> list[str]:
 class _FullMoments:
     """Fit/held-out sums of [y, 1] [y, 1]^T, [y, 1] d^T and d*d for a dense linear-Gaussian regression."""
 
-    def __init__(self, context: int, features: int):
+    def __init__(self, context: int, features: int, full_cov: bool = False):
         self.S = [torch.zeros(context + 1, context + 1, dtype=torch.float64) for _ in range(2)]
         self.T = [torch.zeros(context + 1, features, dtype=torch.float64) for _ in range(2)]
         self.dd = [torch.zeros(features, dtype=torch.float64) for _ in range(2)]
+        self.DD = [torch.zeros(features, features, dtype=torch.float64) for _ in range(2)] if full_cov else None
         self.n = [0, 0]
 
     def add(self, d: Tensor, y: Tensor, part: int) -> None:
@@ -201,7 +202,37 @@ class _FullMoments:
         self.S[part] += z.mT @ z
         self.T[part] += z.mT @ d
         self.dd[part] += (d * d).sum(0)
+        if self.DD is not None:
+            self.DD[part] += d.mT @ d
         self.n[part] += d.shape[0]
+
+    def _residual_matrix(self, B: Tensor, part: int) -> Tensor:
+        S, T = self.S[part], self.T[part]
+        BT = B.mT @ T
+        return self.DD[part] - BT - BT.mT + B.mT @ S @ B
+
+    def solve_cov(self, ridge: float, min_var: float) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``(A, c, covariance)``: least squares and the residual covariance (floored, positive definite)."""
+        solved = self.solve(ridge, min_var)
+        if solved is None:
+            return None
+        A, c, var = solved
+        n = self.n[0]
+        R = self._residual_matrix(torch.cat([A.mT, c[None]]), 0) / n
+        R = 0.5 * (R + R.mT)
+        floor = (var - R.diagonal()).clamp_min(0) + 1e-12 * var.max().clamp_min(1e-30)
+        return A, c, R + torch.diag(floor)
+
+    def heldout_ll_cov(self, A: Tensor, c: Tensor, cov: Tensor) -> Tensor | None:
+        """Held-out *sum* of the full-covariance Gaussian log-likelihood (a 1-element tensor)."""
+        n = self.n[1]
+        if n == 0:
+            return None
+        R = self._residual_matrix(torch.cat([A.mT, c[None]]), 1)
+        L = torch.linalg.cholesky(cov)
+        quad = torch.cholesky_solve(R, L).diagonal().sum()
+        F = cov.shape[0]
+        return (-0.5 * quad - n * (L.diagonal().log().sum() + 0.5 * F * LOG_2PI)).reshape(1)
 
     def solve(self, ridge: float, min_var: float) -> tuple[Tensor, Tensor, Tensor] | None:
         """``(A, c, var)`` of the least-squares fit on the fit part."""
@@ -303,7 +334,11 @@ class _Conditional(_Calibrator):
     def reset(self) -> None:
         structure = self.q.linear_regressors()
         F, C = int(self.q.features), int(self.q.context_features)
-        self.moments = _FullMoments(C, F) if isinstance(structure, str) else _IndexMoments(structure, F)
+        self.full_cov = structure == "full-cov"
+        if isinstance(structure, str):
+            self.moments = _FullMoments(C, F, full_cov=self.full_cov)
+        else:
+            self.moments = _IndexMoments(structure, F)
         self.before = 0.0  # measured held-out sum of log q under the current parameters
 
     def record(self, rows, context, part):
@@ -312,6 +347,8 @@ class _Conditional(_Calibrator):
             self.before += self.q.log_prob(rows, context).double().sum().item()
 
     def fit(self, ridge, min_var, heldout_samples):
+        if self.full_cov:
+            return self._fit_cov(ridge, min_var, heldout_samples)
         solved = self.moments.solve(ridge, min_var)
         if solved is None:
             return None
@@ -334,6 +371,25 @@ class _Conditional(_Calibrator):
                               "kept: better than its linear-Gaussian fit")
         self.q.write_linear(A, c, var, *(self.moments.context_stats() or (None, None)))
         return PartReport(self.name, self.kind, F, int(keep.sum()), before / heldout_samples, after / heldout_samples)
+
+
+    def _fit_cov(self, ridge, min_var, heldout_samples):
+        """Full covariance: the whole part takes the new parameters or keeps its own."""
+        new = self.moments.solve_cov(ridge, min_var)
+        if new is None:
+            return None
+        F = int(self.q.features)
+        stats = self.moments.context_stats() or (None, None)
+        ll_new = self.moments.heldout_ll_cov(*new)
+        if ll_new is None:
+            self.q.write_linear(*new, *stats)
+            return PartReport(self.name, self.kind, F, F)
+        after, before = ll_new.item(), self.before
+        if not after >= before:
+            return PartReport(self.name, self.kind, F, 0, before / heldout_samples, before / heldout_samples,
+                              "kept: better than its linear-Gaussian fit")
+        self.q.write_linear(*new, *stats)
+        return PartReport(self.name, self.kind, F, F, before / heldout_samples, after / heldout_samples)
 
 
 class _Gaps(_Calibrator):

@@ -9,20 +9,23 @@ chosen at conversion, ``flowconvert.convert(model, x, density=...)``:
   (:class:`~flowconvert.densities.ConditionalDiagonalNormal` and its structured relatives),
   fitted in closed form by :func:`~flowconvert.calibrate`, with the fused fast path of the
   layers; base: a learnable diagonal Gaussian (:class:`~flowconvert.densities.DiagonalNormal`).
-* ``"mlp"``: :class:`MLPConditionalNormal`, a heteroscedastic Gaussian
-  :math:`\mathcal N(Ay + c + \mu_\theta(y), \operatorname{diag} e^{2(\lambda + \rho_\theta(y))})`,
+* ``"mlp"``: :class:`MLPConditionalNormal`, a heteroscedastic Gaussian: the residual
+  :math:`d - Ay - c - \mu_\theta(y)`, whitened by a full precision factor :math:`P`
+  (:class:`~flowconvert.densities.ConditionalFullNormal`), is
+  :math:`\mathcal N(0, \operatorname{diag} e^{2\rho_\theta(y)})`,
   :math:`(\mu_\theta, \rho_\theta)` a small MLP of the kept output (for convolutions the rows
   are per location, so it acts over channels: a 1x1-convolution MLP); base: a Gaussian
   mixture (:class:`GaussianMixture`; a classifier's logits form one cluster per class).
 * ``"flow"``: :class:`FlowConditional`, a conditional neural spline flow from zuko on the
-  standardized residual of the linear Gaussian, :math:`r = (d - Ay - c)/\sigma`,
+  whitened residual of the full-covariance linear Gaussian, :math:`r = P(d - Ay - c)`,
   :math:`u = T_\theta(r; y) \sim \mathcal N(0, I)`,
   :math:`\log q(d\mid y) = \log\mathcal N(u) + \log|\partial T/\partial r| - \sum\log\sigma`;
   base: :class:`FlowBase` (a zuko spline flow on the standardized output).
 * a callable ``family(features, context) -> ConditionalDensity`` (see :func:`make_conditional`)
   for your own conditionals.
 
-Richer families *contain* the linear Gaussian and start as exactly it: the MLP's output layer
+Richer families *contain* a full-covariance linear Gaussian (closed-form calibration of
+:math:`A, c, P`) and start as exactly it: the MLP's output layer
 and the last layer of every zuko hypernetwork are zero (a spline with zero parameters is the
 identity), so calibration fits the linear part in closed form and fitting starts no worse.
 
@@ -50,6 +53,7 @@ from .densities import (
     BaseDensity,
     ConditionalDensity,
     ConditionalDiagonalNormal,
+    ConditionalFullNormal,
     DiagonalNormal,
     StandardNormal,
     _moments,
@@ -86,7 +90,7 @@ def _dense_linear(q: ConditionalDensity, features: int, context: int) -> tuple[T
         dense = A.new_zeros(features, context)
         dense[torch.arange(features), structure] = A
         A = dense
-    return A, c, var
+    return A, c, var  # var: variances, or a covariance matrix ("full-cov")
 
 
 class _Standardize(nn.Module):
@@ -111,11 +115,11 @@ class _Standardize(nn.Module):
 class _WithLinear(ConditionalDensity):
     """A richer family around a linear-Gaussian part ``self.linear``: calibrated through it."""
 
-    linear: ConditionalDiagonalNormal
+    linear: ConditionalFullNormal
     standardize: _Standardize
 
     def linear_regressors(self) -> str:
-        return "full"
+        return "full-cov"
 
     def read_linear(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.linear.read_linear()
@@ -152,7 +156,7 @@ class MLPConditionalNormal(_WithLinear):
     def __init__(self, features: int, context_features: int, hidden: int = 64, depth: int = 2):
         super().__init__()
         self.features, self.context_features = int(features), int(context_features)
-        self.linear = ConditionalDiagonalNormal(self.features, self.context_features)
+        self.linear = ConditionalFullNormal(self.features, self.context_features)
         self.standardize = _Standardize(self.context_features)
         layers: list[nn.Module] = []
         width = self.context_features
@@ -167,21 +171,24 @@ class MLPConditionalNormal(_WithLinear):
         _zero_last_linear(self.net)
 
     def params(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        """``(mean, log_scale)`` of the Gaussian given ``y`` (both of shape ``(..., features)``)."""
+        """``(mean, rho)``: the mean :math:`Ay + c + \mu_\theta(y)` and the log-scales :math:`\rho_\theta(y)`
+        of the whitened residual (both of shape ``(..., features)``)."""
         h = self.net(self.standardize(y))
         mu = self.linear.mean(y) + h[..., : self.features]
-        log_scale = self.linear.log_scale + 5.0 * torch.tanh(h[..., self.features :] / 5.0)
-        return mu, log_scale
+        rho = 5.0 * torch.tanh(h[..., self.features :] / 5.0)
+        return mu, rho
 
     def log_prob(self, d: Tensor, y: Tensor) -> Tensor:
-        mu, log_scale = self.params(y)
-        return sum_except_batch(normal_log_prob(d, mu, log_scale))
+        mu, rho = self.params(y)
+        r = nn.functional.linear(d - mu, self.linear.precision_factor())
+        rows = d[0].numel() // self.features
+        return sum_except_batch(normal_log_prob(r, 0.0, rho)) - rows * self.linear.log_scale.sum()
 
     def sample(self, y: Tensor, eps: Tensor | None = None) -> Tensor:
-        mu, log_scale = self.params(y)
+        mu, rho = self.params(y)
         if eps is None:
             eps = torch.randn_like(mu)
-        return mu + eps.reshape(mu.shape) * log_scale.exp()
+        return mu + self.linear.color(eps.reshape(mu.shape) * rho.exp())
 
     def mean(self, y: Tensor) -> Tensor:
         return self.params(y)[0]
@@ -210,8 +217,8 @@ def _identity(flow: nn.Module) -> None:
 class FlowConditional(_WithLinear):
     r"""Conditional normalizing flow on the standardized residual of a linear Gaussian.
 
-    .. math:: r = (d - Ay - c)/\sigma, \quad u = T_\theta(r; \tilde y) \sim \mathcal N(0, I), \quad
-              \log q(d\mid y) = \log\mathcal N(u; 0, I) + \log\Big|\frac{\partial T_\theta}{\partial r}\Big| - \sum_j \log\sigma_j,
+    .. math:: r = P(d - Ay - c), \quad u = T_\theta(r; \tilde y) \sim \mathcal N(0, I), \quad
+              \log q(d\mid y) = \log\mathcal N(u; 0, I) + \log\Big|\frac{\partial T_\theta}{\partial r}\Big| + \log|\det P|,
 
     with :math:`T_\theta` zuko's autoregressive neural spline flow (``kind="nsf"``, ``bins``
     rational-quadratic bins on :math:`[-5, 5]`, identity outside) or affine MAF (``"maf"``),
@@ -228,7 +235,7 @@ class FlowConditional(_WithLinear):
                  bins: int = 8, kind: str = "nsf"):
         super().__init__()
         self.features, self.context_features = int(features), int(context_features)
-        self.linear = ConditionalDiagonalNormal(self.features, self.context_features)
+        self.linear = ConditionalFullNormal(self.features, self.context_features)
         self.standardize = _Standardize(self.context_features)
         self.flow = _zuko_flow(self.features, self.context_features, transforms, hidden, bins, kind)
 
@@ -240,7 +247,7 @@ class FlowConditional(_WithLinear):
 
     def log_prob(self, d: Tensor, y: Tensor) -> Tensor:
         lin = self.linear
-        r = (d - lin.mean(y)) * torch.exp(-lin.log_scale)
+        r = lin.whiten(d, y)
         u, ladj = self._transform(y).call_and_ladj(r)
         ll = -0.5 * (u * u).sum(-1) + ladj - lin.log_scale.sum() - 0.5 * LOG_2PI * self.features
         return sum_except_batch(ll) if ll.dim() > 1 else ll
@@ -251,7 +258,7 @@ class FlowConditional(_WithLinear):
         if eps is None:
             eps = torch.randn_like(mu)
         r = self._transform(y).inv(eps.reshape(mu.shape))
-        return mu + r * lin.log_scale.exp()
+        return mu + lin.color(r)
 
 
 # -- base densities ---------------------------------------------------------------------------
@@ -422,7 +429,7 @@ def make_conditional(density: str | Family, features: int, context: int,
         params = [p for p in like.parameters()]
         q = q.to(dtype=params[0].dtype if params else torch.get_default_dtype())
         dense = _dense_linear(like, features, context)
-        if dense is not None and q.linear_regressors() == "full":
+        if dense is not None and q.linear_regressors() in ("full", "full-cov"):
             q.write_linear(*dense)
     return q
 

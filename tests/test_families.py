@@ -9,7 +9,13 @@ import torch
 from torch.autograd.functional import jacobian
 
 import flowconvert as fc
-from flowconvert.densities import ConditionalDiagonalNormal, ElementwiseConditionalNormal, normal_log_prob
+from flowconvert.densities import (
+    ConditionalDiagonalNormal,
+    ConditionalFullNormal,
+    ElementwiseConditionalNormal,
+    normal_log_prob,
+    triangular_inverse,
+)
 from flowconvert.families import FlowBase, FlowConditional, GaussianMixture, MLPConditionalNormal, make_base, make_conditional
 from flowconvert.pooling import ChannelConditionalNormal
 
@@ -28,6 +34,7 @@ def _perturb(module: torch.nn.Module, scale: float = 0.2, seed: int = 0) -> torc
 #: name -> factory(features, context) of a conditional family, perturbed away from its initialisation
 CONDITIONALS = {
     "gaussian": lambda f, c: ConditionalDiagonalNormal(f, c),
+    "gaussian-full": lambda f, c: ConditionalFullNormal(f, c),
     "elementwise": lambda f, c: ElementwiseConditionalNormal(f),
     "channel": lambda f, c: ChannelConditionalNormal(c, f // c),
     "mlp": lambda f, c: MLPConditionalNormal(f, c, hidden=16),
@@ -57,7 +64,7 @@ def test_conditional_integrates_to_one(name, features):
     assert abs(total - 1) < 2e-3, total
 
 
-@pytest.mark.parametrize("name", ["gaussian", "mlp", "flow-nsf", "flow-maf"])
+@pytest.mark.parametrize("name", ["gaussian", "gaussian-full", "mlp", "flow-nsf", "flow-maf"])
 def test_conditional_integrates_to_one_in_three_dims(name):
     q, y = _case(name, 3)
     # importance sampling from a wide Gaussian proposal: E[q / r] = 1
@@ -177,3 +184,20 @@ def test_make_base_by_name_and_callable():
     assert isinstance(make_base(lambda s: FlowBase(s), (4,)), FlowBase)
     with pytest.raises(ValueError):
         make_base("nope", (4,))
+
+
+def test_triangular_inverse_and_full_covariance_round_trip():
+    g = torch.Generator().manual_seed(0)
+    for F in (1, 2, 3, 5, 8, 13):
+        P = torch.tril(torch.randn(F, F, generator=g, dtype=torch.float64), -1) + torch.diag(torch.rand(F, generator=g, dtype=torch.float64) + 0.5)
+        torch.testing.assert_close(triangular_inverse(P) @ P, torch.eye(F, dtype=torch.float64))
+    q = ConditionalFullNormal(3, 2).double()
+    M = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    cov = M @ M.mT + 0.1 * torch.eye(3, dtype=torch.float64)
+    A, c = torch.randn(3, 2, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
+    q.write_linear(A, c, cov)
+    A2, c2, cov2 = q.read_linear()
+    torch.testing.assert_close(cov2, cov)
+    y, d = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    ref = torch.distributions.MultivariateNormal(y @ A.mT + c, cov).log_prob(d)
+    torch.testing.assert_close(q.log_prob(d, y), ref)
