@@ -1,11 +1,14 @@
 r"""Closed-form calibration of a flow's density parts, without touching the network.
 
 A converted network computes :math:`z = f(x)` with its original weights; what conversion
-leaves untrained are the *density parts*. Their forward values never depend on them, so
-they can be fitted from one pass of statistics:
+leaves untrained are the *density parts*, which every flow layer declares
+(:meth:`~flowconvert.core.FlowLayer.density_parts`) and whose data it reports
+(:meth:`~flowconvert.core.FlowLayer.observe`). Their forward values never depend on them, so
+they can be fitted from one pass of statistics. Calibration iterates over the declarations
+only; each part is fitted by what its density *can do* in closed form:
 
-* **Dropped coordinates** of every funnel (reducing linear map, or a convolution kernel):
-  :math:`d = V_\perp^\top x` given the kept output :math:`y`, modelled as
+* **Conditionals** with a linear-Gaussian form
+  (:meth:`~flowconvert.densities.ConditionalDensity.linear_regressors`):
   :math:`q(d\mid y) = \mathcal N(Ay + c, \operatorname{diag}\sigma^2)`. Maximum likelihood is
   least squares: with :math:`\tilde y = [y; 1]`, :math:`S = \sum \tilde y\tilde y^\top`,
   :math:`T = \sum \tilde y d^\top`,
@@ -13,23 +16,32 @@ they can be fitted from one pass of statistics:
   .. math:: [A\; c]^\top = (S + \lambda I')^{-1} T, \qquad
             \sigma_j^2 = \max\Big(\tfrac1N \sum (d_j - A_j y - c_j)^2,\ \epsilon\,\mathrm{Var}(d_j)\Big),
 
-  (:math:`\lambda` a tiny ridge on :math:`A`, :math:`\epsilon` the floor ``min_var``).
-* **A diagonal base** :math:`\mathcal N(\mu, \operatorname{diag} s^2)` on an output: moment
-  matching, :math:`\mu = \bar z`, :math:`s^2 = \max(\mathrm{Var}\, z, \epsilon)`.
+  (:math:`\lambda` a tiny ridge on :math:`A`, :math:`\epsilon` the floor ``min_var``); a
+  structured form (coordinate :math:`j` on one context coordinate, e.g. pooling and sums) is the
+  same regression per coordinate. Richer families (:mod:`flowconvert.families`) are set to
+  exactly this linear Gaussian (their nonlinear parts reset to the identity), so fitting
+  starts from it.
+* **Gaps** of a max surjection (half-normal): :math:`s_c^2 = \overline{g_c^2}` per channel.
+* **Bases** on the outputs: a diagonal Gaussian by moment matching, a Gaussian mixture by EM,
+  a flow base by moment matching of its standardization (its flow reset to the identity);
+  whatever :meth:`~flowconvert.densities.BaseDensity.fit_closed_form` does.
 * **Noise scales** :math:`\tau` of bound layers: moment matching sets :math:`\tau^2` to the
-  average variance of the signal the noise is added to (per range direction for a linear
-  augmentation, per element of the input otherwise). The best multiple of it (from
+  average variance of the signal the noise is added to. The best multiple of it (from
   ``noise_factors``) is chosen on held-out data, since the bound's optimum depends on the
   layers downstream.
 
+Parts with no closed form (a user's own family) are left as they are and reported as such;
+:func:`flowconvert.fit` trains them.
+
 **Guard.** Statistics are accumulated separately on a fit part and a held-out part of the
-data (``holdout`` fraction, or ``val_data``). Every Gaussian part's held-out log-likelihood
-is available in closed form from the held-out statistics, *per coordinate*, so each
-coordinate keeps its old parameters unless the new ones score higher on held-out data. For
-an exact flow, :math:`\log p` is a sum of these per-coordinate terms plus terms the
-calibration does not touch, so the held-out log-likelihood can only go up. For a flow with
-noise, the candidate noise settings and the uncalibrated model are compared on the held-out
-part with the same random draws, and the best is kept.
+data (``holdout`` fraction, or ``val_data``). For linear-Gaussian parts the held-out
+log-likelihood of any parameters is available in closed form *per coordinate*, so each
+coordinate keeps its old parameters unless the new ones score higher on held-out data; every
+other part keeps its old state unless its held-out log-likelihood (measured) goes up. For an
+exact flow, :math:`\log p` is a sum of these per-part terms plus terms the calibration does
+not touch, so the held-out log-likelihood can only go up. For a flow with noise, the candidate
+noise settings and the uncalibrated model are compared on the held-out part with the same
+random draws, and the best is kept.
 
 >>> import torch, flowconvert as fc
 >>> class Funnel(torch.nn.Module):          # one 2 -> 1 funnel with a standard-normal base
@@ -63,11 +75,14 @@ import torch
 from torch import Tensor, nn
 
 from ._data import iter_inputs
-from .densities import LOG_2PI, DiagonalNormal, GaussianNoise
+from .core import FlowLayer
+from .densities import LOG_2PI, BaseDensity, ConditionalDensity, GaussianNoise, HalfNormal
 from .dequantization import Dequantize, warn_if_discrete
-from .linear import FlowLinear
 
-__all__ = ["calibrate", "CalibrationReport", "PartReport"]
+__all__ = ["calibrate", "CalibrationReport", "PartReport", "flow_layers", "declared_parts"]
+
+#: At most this many output rows per base are kept for bases fitted from stored rows (EM).
+MAX_BASE_ROWS = 50_000
 
 
 @dataclass
@@ -75,11 +90,16 @@ class PartReport:
     """One density part: held-out log-likelihood (nats per sample) before and after."""
 
     name: str
-    kind: str  # "conditional", "base" or "noise"
+    kind: str  # "conditional", "gaps", "base", "noise" or "undeclared"
     coords: int
-    updated: int  # coordinates that took the new parameters
+    updated: int  # coordinates (or parameters groups) that took the new parameters
     heldout_before: float = float("nan")
     heldout_after: float = float("nan")
+    note: str = ""
+
+    @property
+    def calibrated(self) -> bool:
+        return not self.note.startswith("not calibrated")
 
 
 @dataclass
@@ -93,6 +113,11 @@ class CalibrationReport:
     fit_examples: int = 0
     heldout_examples: int = 0
 
+    @property
+    def not_calibrated(self) -> list[PartReport]:
+        """Parts that calibration could not fit (no closed form, or not declared by their layer)."""
+        return [p for p in self.parts if not p.calibrated]
+
     def __str__(self) -> str:
         lines = [
             f"calibrated on {self.fit_examples} examples, checked on {self.heldout_examples} held out: "
@@ -101,169 +126,370 @@ class CalibrationReport:
         if self.noise_factor is not None:
             lines.append(f"  noise scales: {self.noise_factor:g} x moment-matched")
         for p in self.parts:
-            if p.kind == "noise":
+            if not p.calibrated:
+                lines.append(f"  {p.kind:<11} {p.name:<32} {p.note}")
+            elif p.kind == "noise":
                 lines.append(f"  {p.kind:<11} {p.name:<32} {'rescaled' if p.updated else 'unchanged'}")
-                continue
-            lines.append(
-                f"  {p.kind:<11} {p.name:<32} {p.updated}/{p.coords} coords updated, "
-                f"held-out {p.heldout_before:.3f} -> {p.heldout_after:.3f}"
-            )
+            else:
+                lines.append(
+                    f"  {p.kind:<11} {p.name:<32} {p.updated}/{p.coords} updated, "
+                    f"held-out {p.heldout_before:.3f} -> {p.heldout_after:.3f}" + (f" ({p.note})" if p.note else "")
+                )
         return "\n".join(lines)
 
 
-# -- sufficient statistics -----------------------------------------------------------------
-class _Moments:
-    """Fit/held-out sums of [y, 1] [y, 1]^T, [y, 1] d^T and d*d for a linear-Gaussian regression."""
+# -- finding the parts ------------------------------------------------------------------------
+def flow_layers(flow: nn.Module) -> list[tuple[str, FlowLayer]]:
+    """The outermost flow layers of ``flow`` (a layer's nested layers are its own business)."""
+    found: list[tuple[str, FlowLayer]] = []
 
-    def __init__(self, context: int, features: int):
+    def walk(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            path = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, FlowLayer):
+                found.append((path, child))
+            else:
+                walk(child, path)
+
+    if isinstance(flow, FlowLayer):
+        return [("", flow)]
+    walk(flow, "")
+    return found
+
+
+def declared_parts(flow: nn.Module):
+    """``(layer path, layer, DensityPart, module)`` for every declared part, in module order."""
+    out = []
+    for path, layer in flow_layers(flow):
+        for part in layer.density_parts():
+            out.append((path, layer, part, layer.get_submodule(part.name)))
+    return out
+
+
+def _modelling(module: nn.Module) -> bool:
+    return isinstance(module, (ConditionalDensity, GaussianNoise, HalfNormal, BaseDensity))
+
+
+def _undeclared(flow: nn.Module) -> list[str]:
+    """Density modules inside flow layers that no declaration covers (reported, never skipped silently)."""
+    missing = []
+    for path, layer in flow_layers(flow):
+        covered: set[int] = set()
+        for part in layer.density_parts():
+            covered.update(id(m) for m in layer.get_submodule(part.name).modules())
+        for name, m in layer.named_modules():
+            if name and _modelling(m) and id(m) not in covered:
+                missing.append(f"{path}.{name}" if path else name)
+                covered.update(id(s) for s in m.modules())
+    return missing
+
+
+# -- sufficient statistics --------------------------------------------------------------------
+class _FullMoments:
+    """Fit/held-out sums of [y, 1] [y, 1]^T, [y, 1] d^T and d*d for a dense linear-Gaussian regression."""
+
+    def __init__(self, context: int, features: int, full_cov: bool = False):
         self.S = [torch.zeros(context + 1, context + 1, dtype=torch.float64) for _ in range(2)]
         self.T = [torch.zeros(context + 1, features, dtype=torch.float64) for _ in range(2)]
         self.dd = [torch.zeros(features, dtype=torch.float64) for _ in range(2)]
+        self.DD = [torch.zeros(features, features, dtype=torch.float64) for _ in range(2)] if full_cov else None
         self.n = [0, 0]
 
-    def add(self, y: Tensor, d: Tensor, part: int) -> None:
+    def add(self, d: Tensor, y: Tensor, part: int) -> None:
         d = d.reshape(-1, d.shape[-1]).double()
         y = y.reshape(d.shape[0], -1).double()
         z = torch.cat([y, y.new_ones(y.shape[0], 1)], 1)
         self.S[part] += z.mT @ z
         self.T[part] += z.mT @ d
         self.dd[part] += (d * d).sum(0)
-        self.n[part] += y.shape[0]
+        if self.DD is not None:
+            self.DD[part] += d.mT @ d
+        self.n[part] += d.shape[0]
 
-    def solve(self, ridge: float, min_var: float) -> tuple[Tensor, Tensor] | None:
-        """Least-squares coefficients ``B`` (``(context+1) x features``, bias last) and variances."""
+    def _residual_matrix(self, B: Tensor, part: int) -> Tensor:
+        S, T = self.S[part], self.T[part]
+        BT = B.mT @ T
+        return self.DD[part] - BT - BT.mT + B.mT @ S @ B
+
+    def solve_cov(self, ridge: float, min_var: float) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``(A, c, covariance)``: least squares and the residual covariance (floored, positive definite)."""
+        solved = self.solve(ridge, min_var)
+        if solved is None:
+            return None
+        A, c, var = solved
+        n = self.n[0]
+        R = self._residual_matrix(torch.cat([A.mT, c[None]]), 0) / n
+        R = 0.5 * (R + R.mT)
+        floor = (var - R.diagonal()).clamp_min(0) + 1e-12 * var.max().clamp_min(1e-30)
+        return A, c, R + torch.diag(floor)
+
+    def heldout_ll_cov(self, A: Tensor, c: Tensor, cov: Tensor) -> Tensor | None:
+        """Held-out *sum* of the full-covariance Gaussian log-likelihood (a 1-element tensor)."""
+        n = self.n[1]
+        if n == 0:
+            return None
+        R = self._residual_matrix(torch.cat([A.mT, c[None]]), 1)
+        L = torch.linalg.cholesky(cov)
+        quad = torch.cholesky_solve(R, L).diagonal().sum()
+        F = cov.shape[0]
+        return (-0.5 * quad - n * (L.diagonal().log().sum() + 0.5 * F * LOG_2PI)).reshape(1)
+
+    def solve(self, ridge: float, min_var: float) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``(A, c, var)`` of the least-squares fit on the fit part."""
         S, T, dd, n = self.S[0], self.T[0], self.dd[0], self.n[0]
         if n == 0:
             return None
         reg = torch.zeros_like(S)
         idx = torch.arange(S.shape[0] - 1)
-        reg[idx, idx] = ridge * (S.diagonal()[:-1].mean() / n + 1e-12) * n
+        reg[idx, idx] = ridge * (S.diagonal()[:-1].mean() / n + 1e-12) * n if S.shape[0] > 1 else 0.0
         B = torch.linalg.lstsq(S + reg, T).solution
         resid = self._sq_err(B, 0) / n
         mean_d = T[-1] / n
         var_d = (dd / n - mean_d**2).clamp_min(0)
         var = torch.maximum(resid, min_var * var_d).clamp_min(1e-30)
-        return B, var
+        return B[:-1].mT.contiguous(), B[-1].clone(), var
 
     def _sq_err(self, B: Tensor, part: int) -> Tensor:
-        """Per-coordinate sum of squared residuals of ``d - B^T [y, 1]`` on one part."""
         S, T, dd = self.S[part], self.T[part], self.dd[part]
         return (dd - 2 * (B * T).sum(0) + (B * (S @ B)).sum(0)).clamp_min(0)
 
-    def heldout_ll(self, B: Tensor, var: Tensor) -> Tensor | None:
-        """Per-coordinate held-out mean Gaussian log-likelihood."""
+    def heldout_ll(self, A: Tensor, c: Tensor, var: Tensor) -> Tensor | None:
+        """Per-coordinate held-out *sum* of Gaussian log-likelihoods."""
         n = self.n[1]
         if n == 0:
             return None
-        return -0.5 * self._sq_err(B, 1) / n / var - 0.5 * var.log() - 0.5 * LOG_2PI
+        B = torch.cat([A.mT, c[None]])
+        return -0.5 * self._sq_err(B, 1) / var - n * (0.5 * var.log() + 0.5 * LOG_2PI)
+
+    def context_stats(self) -> tuple[Tensor, Tensor] | None:
+        n = self.n[0]
+        if n == 0:
+            return None
+        mean = self.S[0][-1, :-1] / n
+        return mean, (self.S[0].diagonal()[:-1] / n - mean**2).clamp_min(0)
 
 
-class _Part:
+class _IndexMoments:
+    """Per-coordinate sums for ``d_j ~ N(a_j y_idx[j] + c_j, var_j)``."""
+
+    def __init__(self, index: Tensor, features: int):
+        self.index = index.long()
+        self.s = [torch.zeros(6, features, dtype=torch.float64) for _ in range(2)]  # n, y, yy, d, dy, dd
+        self.n = [0, 0]
+
+    def add(self, d: Tensor, y: Tensor, part: int) -> None:
+        d = d.reshape(-1, d.shape[-1]).double()
+        yj = y.reshape(d.shape[0], -1).double()[:, self.index]
+        ones = torch.ones_like(d)
+        self.s[part] += torch.stack([ones, yj, yj * yj, d, d * yj, d * d]).sum(1)
+        self.n[part] += d.shape[0]
+
+    def solve(self, ridge: float, min_var: float) -> tuple[Tensor, Tensor, Tensor] | None:
+        n_, sy, syy, sd, sdy, sdd = self.s[0]
+        n = self.n[0]
+        if n == 0:
+            return None
+        vy = (syy - sy * sy / n).clamp_min(0)
+        a = (sdy - sy * sd / n) / (vy + ridge * (syy / n + 1e-12) * n + 1e-300)
+        c = (sd - a * sy) / n
+        resid = self._sq_err(a, c, 0) / n
+        var_d = (sdd / n - (sd / n) ** 2).clamp_min(0)
+        return a, c, torch.maximum(resid, min_var * var_d).clamp_min(1e-30)
+
+    def _sq_err(self, a: Tensor, c: Tensor, part: int) -> Tensor:
+        n_, sy, syy, sd, sdy, sdd = self.s[part]
+        return (sdd - 2 * a * sdy - 2 * c * sd + a * a * syy + 2 * a * c * sy + c * c * n_).clamp_min(0)
+
+    def heldout_ll(self, a: Tensor, c: Tensor, var: Tensor) -> Tensor | None:
+        n = self.n[1]
+        if n == 0:
+            return None
+        return -0.5 * self._sq_err(a, c, 1) / var - n * (0.5 * var.log() + 0.5 * LOG_2PI)
+
+    def context_stats(self) -> None:
+        return None
+
+
+# -- one calibrator per part ----------------------------------------------------------------
+class _Calibrator:
     name: str
     kind: str
-    rows_per_sample: int = 1
 
-    def heldout_scale(self, moments: _Moments) -> float:
-        # held-out log-likelihood is reported per *sample*: rows per sample times per-row mean
-        return self.rows_per_sample
+    def reset(self) -> None: ...
+
+    def record(self, rows: Tensor, context: Tensor | None, part: int) -> None: ...
+
+    def fit(self, ridge: float, min_var: float, heldout_samples: int) -> PartReport | None: ...
 
 
-class _ConditionalPart(_Part):
-    """The dropped coordinates of a funnel FlowLinear (used on its own or as a conv kernel)."""
+class _Conditional(_Calibrator):
+    """A conditional part with a linear-Gaussian closed form (and a measured held-out guard)."""
 
     kind = "conditional"
 
-    def __init__(self, name: str, layer: FlowLinear):
-        self.name, self.layer, self.q = name, layer, layer.dropped
-        self.moments = _Moments(self.q.context_features, self.q.features)
+    def __init__(self, name: str, q: ConditionalDensity):
+        self.name, self.q = name, q
+        self.reset()
 
     def reset(self) -> None:
-        self.moments = _Moments(self.q.context_features, self.q.features)
+        structure = self.q.linear_regressors()
+        F, C = int(self.q.features), int(self.q.context_features)
+        self.full_cov = structure == "full-cov"
+        if isinstance(structure, str):
+            self.moments = _FullMoments(C, F, full_cov=self.full_cov)
+        else:
+            self.moments = _IndexMoments(structure, F)
+        self.before = 0.0  # measured held-out sum of log q under the current parameters
 
-    def record(self, x: Tensor, y: Tensor, part: int) -> None:
-        n = self.layer.in_features
-        xr = x.detach().reshape(-1, n)
-        self.rows_per_sample = xr.shape[0] // max(x.shape[0], 1)
-        d = self.layer.observe(xr)["dropped"][0].double()
-        self.moments.add(y.detach().reshape(-1, self.layer.out_features), d, part)
+    def record(self, rows, context, part):
+        self.moments.add(rows, context, part)
+        if part == 1:
+            self.before += self.q.log_prob(rows, context).double().sum().item()
 
-    def current(self) -> tuple[Tensor, Tensor]:
-        q = self.q
-        B = torch.cat([q.weight.detach().mT, q.bias.detach()[None]]).double()
-        return B, (2 * q.log_scale.detach().double()).exp().expand(q.features)
+    def fit(self, ridge, min_var, heldout_samples):
+        if self.full_cov:
+            return self._fit_cov(ridge, min_var, heldout_samples)
+        solved = self.moments.solve(ridge, min_var)
+        if solved is None:
+            return None
+        new = solved
+        old = self.q.read_linear()
+        ll_new, ll_old = self.moments.heldout_ll(*new), self.moments.heldout_ll(*old)
+        F = int(self.q.features)
+        if ll_new is None:  # no held-out data: take the fit
+            A, c, var = new
+            self.q.write_linear(A, c, var, *(self.moments.context_stats() or (None, None)))
+            return PartReport(self.name, self.kind, F, F)
+        keep = ll_new > ll_old  # per coordinate, closed form
+        mask = keep[:, None] if new[0].dim() == 2 else keep
+        A = torch.where(mask, new[0], old[0])
+        c, var = torch.where(keep, new[1], old[1]), torch.where(keep, new[2], old[2])
+        after = torch.where(keep, ll_new, ll_old).sum().item()
+        before = self.before
+        if not after >= before:  # the current (possibly richer, fitted) density is better held out
+            return PartReport(self.name, self.kind, F, 0, before / heldout_samples, before / heldout_samples,
+                              "kept: better than its linear-Gaussian fit")
+        self.q.write_linear(A, c, var, *(self.moments.context_stats() or (None, None)))
+        return PartReport(self.name, self.kind, F, int(keep.sum()), before / heldout_samples, after / heldout_samples)
 
-    def apply(self, B: Tensor, var: Tensor) -> None:
-        q = self.q
+
+    def _fit_cov(self, ridge, min_var, heldout_samples):
+        """Full covariance: the whole part takes the new parameters or keeps its own."""
+        new = self.moments.solve_cov(ridge, min_var)
+        if new is None:
+            return None
+        F = int(self.q.features)
+        stats = self.moments.context_stats() or (None, None)
+        ll_new = self.moments.heldout_ll_cov(*new)
+        if ll_new is None:
+            self.q.write_linear(*new, *stats)
+            return PartReport(self.name, self.kind, F, F)
+        after, before = ll_new.item(), self.before
+        if not after >= before:
+            return PartReport(self.name, self.kind, F, 0, before / heldout_samples, before / heldout_samples,
+                              "kept: better than its linear-Gaussian fit")
+        self.q.write_linear(*new, *stats)
+        return PartReport(self.name, self.kind, F, F, before / heldout_samples, after / heldout_samples)
+
+
+class _Gaps(_Calibrator):
+    """Half-normal gaps: closed-form per-channel scale, per-channel held-out guard."""
+
+    kind = "gaps"
+
+    def __init__(self, name: str, gaps: HalfNormal):
+        self.name, self.gaps = name, gaps
+        self.reset()
+
+    def reset(self):
+        C = self.gaps.channels
+        self.sq = [torch.zeros(C, dtype=torch.float64) for _ in range(2)]
+        self.n = [0, 0]
+
+    def record(self, rows, context, part):
+        r = rows.double()
+        self.sq[part] += (r * r).sum(0)
+        self.n[part] += r.shape[0]
+
+    def _ll(self, var: Tensor) -> Tensor:
+        n = self.n[1]
+        return n * (math.log(2.0) - 0.5 * var.log() - 0.5 * LOG_2PI) - 0.5 * self.sq[1] / var
+
+    def fit(self, ridge, min_var, heldout_samples):
+        if self.n[0] == 0:
+            return None
+        C = self.gaps.channels
+        new = (self.sq[0] / self.n[0]).clamp_min(1e-30)
+        old = (2 * self.gaps.log_scale.detach().double()).exp()
+        if self.n[1] == 0:
+            keep = torch.ones(C, dtype=torch.bool)
+            before = after = float("nan")
+        else:
+            ll_new, ll_old = self._ll(new), self._ll(old)
+            keep = ll_new > ll_old
+            before = ll_old.sum().item() / heldout_samples
+            after = torch.where(keep, ll_new, ll_old).sum().item() / heldout_samples
+        var = torch.where(keep, new, old)
         with torch.no_grad():
-            q.weight.copy_(B[:-1].mT.to(q.weight.dtype))
-            q.bias.copy_(B[-1].to(q.bias.dtype))
-            q.log_scale.copy_((0.5 * var.log()).to(q.log_scale.dtype))
+            self.gaps.log_scale.copy_((0.5 * var.log()).to(self.gaps.log_scale.dtype))
+        return PartReport(self.name, self.kind, C, int(keep.sum()), before, after)
 
 
-class _PixelPart(_ConditionalPart):
-    """Pixels no convolution window reaches, given the output at the nearest location."""
-
-    def __init__(self, name: str, conv: nn.Module):
-        self.name, self.conv, self.q = name, conv, conv.dropped_pixels
-        self.moments = _Moments(self.q.context_features, self.q.features)
-
-    def record(self, x: Tensor, y: Tensor, part: int) -> None:
-        conv = self.conv
-        xd, yd = conv.dropped_pixel_pairs(x.detach(), y.detach())
-        self.rows_per_sample = xd.shape[1]
-        self.moments.add(yd.reshape(-1, conv.out_channels), xd.reshape(-1, conv.in_channels), part)
-
-
-class _BasePart(_Part):
-    """A learnable diagonal Gaussian base on one output."""
+class _Base(_Calibrator):
+    """A base density fitted by its own ``fit_closed_form`` on stored rows, guarded on held-out rows."""
 
     kind = "base"
 
-    def __init__(self, name: str, base: DiagonalNormal):
+    def __init__(self, name: str, base: BaseDensity):
         self.name, self.base = name, base
         self.reset()
 
-    def reset(self) -> None:
-        numel = self.base.loc.numel()
-        self.moments = _Moments(0, numel)
+    def reset(self):
+        self.rows: list[list[Tensor]] = [[], []]
+        self.count = [0, 0]
 
-    def record(self, z: Tensor, part: int) -> None:
-        z = z.detach().reshape(z.shape[0], -1)
-        self.moments.add(z.new_zeros(z.shape[0], 0), z, part)
+    def record(self, rows, context, part):
+        if self.count[part] >= MAX_BASE_ROWS:
+            return
+        r = rows.detach().reshape(rows.shape[0], -1)[: MAX_BASE_ROWS - self.count[part]]
+        self.rows[part].append(r.clone())
+        self.count[part] += r.shape[0]
 
-    def current(self) -> tuple[Tensor, Tensor]:
-        b = self.base
-        return b.loc.detach().reshape(1, -1).double(), (2 * b.log_scale.detach().double()).exp().reshape(-1)
-
-    def apply(self, B: Tensor, var: Tensor) -> None:
-        b = self.base
+    def fit(self, ridge, min_var, heldout_samples):
+        if not self.rows[0]:
+            return None
+        shape = tuple(self.base.event_shape)
+        fit_rows = torch.cat(self.rows[0]).reshape(-1, *shape)
+        held = torch.cat(self.rows[1]).reshape(-1, *shape) if self.rows[1] else None
+        coords = math.prod(shape)
+        state = {k: v.detach().clone() for k, v in self.base.state_dict().items()}
         with torch.no_grad():
-            b.loc.copy_(B[0].reshape(b.loc.shape).to(b.loc.dtype))
-            b.log_scale.copy_((0.5 * var.log()).reshape(b.log_scale.shape).to(b.log_scale.dtype))
+            before = self.base.log_prob(held).double().mean().item() if held is not None else float("nan")
+            if not self.base.fit_closed_form(fit_rows, min_var=min_var):
+                return PartReport(self.name, self.kind, coords, 0, before, before,
+                                  "not calibrated: fixed base" if not list(self.base.parameters())
+                                  else "not calibrated: no closed form (fit() trains it)")
+            after = self.base.log_prob(held).double().mean().item() if held is not None else float("nan")
+        if held is not None and not after >= before:
+            self.base.load_state_dict(state)
+            return PartReport(self.name, self.kind, coords, 0, before, before, "kept: the fit was worse held out")
+        return PartReport(self.name, self.kind, coords, coords, before, after)
 
 
-class _NoisePart:
-    """Noise of a bound layer; records the variance of the signal it is added to."""
+class _Noise(_Calibrator):
+    """Noise of a bound layer; records the average variance of the signal it is added to."""
 
     kind = "noise"
 
-    def __init__(self, name: str, owner: nn.Module, noise: GaussianNoise):
-        self.name, self.owner, self.noise = name, owner, noise
+    def __init__(self, name: str, noise: GaussianNoise):
+        self.name, self.noise = name, noise
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self):
         self.total, self.count = 0.0, 0
 
-    def record(self, x: Tensor) -> None:
-        x = x.detach().double()
-        if isinstance(self.owner, FlowLinear):
-            # deterministic output W x, whose variance lives in the rank-r range directions
-            rows = x.reshape(-1, self.owner.in_features) @ self.owner.weight.double().mT
-            if rows.shape[0] > 1:
-                self.total += rows.var(0).sum().item() / self.owner.rank
-                self.count += 1
-            return
-        flat = x.reshape(x.shape[0], -1)
+    def record(self, rows, context, part):
+        flat = rows.detach().double().reshape(rows.shape[0], -1)
         if flat.shape[0] > 1:
             self.total += flat.var(0).mean().item()
             self.count += 1
@@ -274,108 +500,66 @@ class _NoisePart:
         return 0.5 * math.log(self.total / self.count)
 
 
-# -- discovery and recording ---------------------------------------------------------------
-def _find_parts(flow: nn.Module):
-    """Gaussian parts and noises; a convolution's kernel and dropped pixels are fed by the convolution."""
-    conditionals, bases, noises, convs = [], [], [], []
-    fed_by_conv: set[int] = set()
-    for name, module in flow.named_modules():
-        if _is_conv(module):
-            kernel_part = pixel_part = kernel_noise = None
-            if module.kernel.kind == "funnel":
-                kernel_part = _ConditionalPart(f"{name}.kernel", module.kernel)
-                conditionals.append(kernel_part)
-            if module.dropped_pixels is not None:
-                pixel_part = _PixelPart(f"{name}.dropped_pixels", module)
-                conditionals.append(pixel_part)
-            if module.kernel.kind == "augment":
-                kernel_noise = _NoisePart(f"{name}.kernel.noise", module.kernel, module.kernel.noise)
-                noises.append(kernel_noise)
-            convs.append((module, kernel_part, pixel_part, kernel_noise))
-            fed_by_conv.add(id(module.kernel))
-    for name, module in flow.named_modules():
-        if id(module) in fed_by_conv:
-            continue
-        if isinstance(module, FlowLinear) and module.kind == "funnel":
-            conditionals.append(_ConditionalPart(name or "<root>", module))
-        elif isinstance(module, DiagonalNormal):
-            bases.append(_BasePart(name or "<root>", module))
-        for child_name, child in module.named_children():
-            if isinstance(child, GaussianNoise):
-                full = f"{name}.{child_name}" if name else child_name
-                noises.append(_NoisePart(full, module, child))
-    return conditionals, bases, noises, convs
+class _Unfit(_Calibrator):
+    """A declared part with no closed form: reported, fitted only by :func:`flowconvert.fit`."""
+
+    def __init__(self, name: str, kind: str, coords: int, why: str):
+        self.name, self.kind, self.coords, self.why = name, kind, coords, why
+
+    def fit(self, ridge, min_var, heldout_samples):
+        return PartReport(self.name, self.kind, self.coords, 0, note=f"not calibrated: {self.why}")
 
 
-def _is_conv(module: nn.Module) -> bool:
-    """A :class:`flowconvert.conv.FlowConv` (checked by its parts, so this module does not import it)."""
-    return type(module).__name__ == "FlowConv" and isinstance(getattr(module, "kernel", None), FlowLinear)
+def _calibrator(name: str, part, module: nn.Module) -> _Calibrator:
+    if part.kind == "conditional":
+        if isinstance(module, ConditionalDensity) and module.linear_regressors() is not None:
+            return _Conditional(name, module)
+        return _Unfit(name, part.kind, part.features, "no closed form (fit() trains it)")
+    if part.kind == "noise" and isinstance(module, GaussianNoise):
+        return _Noise(name, module)
+    if part.kind == "gaps" and isinstance(module, HalfNormal):
+        return _Gaps(name, module)
+    return _Unfit(name, part.kind, part.features, f"no calibration for a {part.kind} part of type {type(module).__name__}")
 
 
-def _conv_patches(conv: nn.Module, x: Tensor, noise: Tensor | None) -> Tensor:
-    """The patches the convolution's kernel sees (padding and duplication noise included), ``(B * L_o, C_in k)``."""
-    patches = conv.kernel_patches(x, noise)
-    return patches.mT.reshape(-1, patches.shape[1])
+def _bases(flow: nn.Module) -> list[tuple[str, BaseDensity]]:
+    """Base densities outside the flow layers (``flow.bases`` of a FlowModel, or anywhere else)."""
+    inside = {id(m) for _, layer in flow_layers(flow) for m in layer.modules()}
+    return [(name or "<root>", m) for name, m in flow.named_modules() if isinstance(m, BaseDensity) and id(m) not in inside]
 
 
+# -- recording ---------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _recording(conditionals, bases, noises, convs, state: dict) -> Iterator[None]:
+def _recording(flow: nn.Module, by_layer: dict, bases: list, state: dict) -> Iterator[None]:
     """Patch ``call_and_ll`` / ``log_prob`` on the instances to observe values; undone on exit."""
     patched: list[tuple[Any, str]] = []
-
-    def patch(obj, attr, wrapper):
-        setattr(obj, attr, wrapper)
-        patched.append((obj, attr))
-
-    def wrap_layer(layer, on_call):
+    for layer, calibrators in by_layer.values():
         original = type(layer).call_and_ll.__get__(layer)
 
-        def call_and_ll(x, noise=None):
-            y, ll = original(x, noise)
-            on_call(x, y, noise)
-            return y, ll
+        def call_and_ll(*xs, noise=None, layer=layer, calibrators=calibrators, original=original):
+            if len(xs) > layer.num_inputs:  # noise passed positionally
+                xs, noise = xs[: layer.num_inputs], xs[layer.num_inputs]
+            out = original(*xs, noise=noise)
+            observed = layer.observe(*xs, noise=noise)
+            for part_name, cal in calibrators.items():
+                if part_name not in observed:
+                    raise RuntimeError(f"{type(layer).__name__}.observe() returned no rows for declared part {part_name!r}")
+                rows, context = observed[part_name]
+                cal.record(rows.detach(), None if context is None else context.detach(), state["part"])
+            return out
 
-        patch(layer, "call_and_ll", call_and_ll)
+        layer.call_and_ll = call_and_ll
+        patched.append((layer, "call_and_ll"))
+    for cal in bases:
+        base = cal.base
+        original = type(base).log_prob.__get__(base)
 
-    def conv_callback(conv, kernel_part, pixel_part, kernel_noise):
-        def on_call(x, y, noise):
-            if kernel_part is not None or kernel_noise is not None:
-                rows = _conv_patches(conv, x.detach(), noise)
-                if kernel_part is not None:
-                    y_rows = y.detach().reshape(x.shape[0], conv.out_channels, -1).mT.reshape(-1, conv.out_channels)
-                    kernel_part.record(rows, y_rows, state["part"])
-                    kernel_part.rows_per_sample = conv.n_locations
-                if kernel_noise is not None:
-                    kernel_noise.record(rows)
-            if pixel_part is not None:
-                pixel_part.record(x, y, state["part"])
-
-        return on_call
-
-    by_layer: dict[int, list] = {}
-    for conv, kernel_part, pixel_part, kernel_noise in convs:
-        by_layer.setdefault(id(conv), [conv, []])[1].append(conv_callback(conv, kernel_part, pixel_part, kernel_noise))
-    fed = {id(c[1]) for c in convs} | {id(c[2]) for c in convs}
-    noise_fed = {id(c[3]) for c in convs}
-    for c in conditionals:
-        if id(c) in fed:
-            continue
-        by_layer.setdefault(id(c.layer), [c.layer, []])[1].append(lambda x, y, n, c=c: c.record(x, y, state["part"]))
-    for nz in noises:
-        if id(nz) in noise_fed:
-            continue
-        by_layer.setdefault(id(nz.owner), [nz.owner, []])[1].append(lambda x, y, n, nz=nz: nz.record(x))
-    for layer, callbacks in by_layer.values():
-        if hasattr(layer, "call_and_ll"):
-            wrap_layer(layer, lambda x, y, n, cbs=callbacks: [cb(x, y, n) for cb in cbs])
-    for b in bases:
-        original = type(b.base).log_prob.__get__(b.base)
-
-        def log_prob(z, b=b, original=original):
-            b.record(z, state["part"])
+        def log_prob(z, cal=cal, original=original):
+            cal.record(z, None, state["part"])
             return original(z)
 
-        patch(b.base, "log_prob", log_prob)
+        base.log_prob = log_prob
+        patched.append((base, "log_prob"))
     try:
         yield
     finally:
@@ -415,50 +599,19 @@ def _heldout_mean(flow, batches, dequantize, deterministic, seed) -> float:
 
 
 @torch.no_grad()
-def _collect(flow, batches, conditionals, bases, noises, convs, dequantize, deterministic, seed) -> None:
-    for p in (*conditionals, *bases, *noises):
-        p.reset()
+def _collect(flow, batches, by_layer, bases, dequantize, deterministic, seed) -> None:
+    for _, cals in by_layer.values():
+        for cal in cals.values():
+            cal.reset()
+    for cal in bases:
+        cal.reset()
     state = {"part": 0}
-    with torch.random.fork_rng(devices=[]), _recording(conditionals, bases, noises, convs, state):
+    with torch.random.fork_rng(devices=[]), _recording(flow, by_layer, bases, state):
         torch.manual_seed(seed)
         for x, part in batches:
             state["part"] = part
             xi = dequantize(x) if dequantize is not None else x
             flow.log_prob(xi, deterministic=deterministic)
-
-
-def _fit_gaussians(parts, ridge: float, min_var: float) -> list[PartReport]:
-    """Solve every part and keep, per coordinate, whichever of old/new scores higher held out."""
-    reports = []
-    for p in parts:
-        solved = p.moments.solve(ridge, min_var) if p.kind == "conditional" else _solve_base(p.moments, min_var)
-        if solved is None:
-            continue
-        B_new, var_new = solved
-        B_old, var_old = p.current()
-        ll_new, ll_old = p.moments.heldout_ll(B_new, var_new), p.moments.heldout_ll(B_old, var_old)
-        if ll_new is None:  # no held-out data: take the fit
-            keep_new = torch.ones_like(var_new, dtype=torch.bool)
-            before = after = float("nan")
-        else:
-            keep_new = ll_new > ll_old
-            scale = p.rows_per_sample
-            before = scale * ll_old.sum().item()
-            after = scale * torch.where(keep_new, ll_new, ll_old).sum().item()
-        B = torch.where(keep_new[None, :], B_new, B_old)
-        var = torch.where(keep_new, var_new, var_old)
-        p.apply(B, var)
-        reports.append(PartReport(p.name, p.kind, int(var.numel()), int(keep_new.sum()), before, after))
-    return reports
-
-
-def _solve_base(m: _Moments, min_var: float) -> tuple[Tensor, Tensor] | None:
-    n = m.n[0]
-    if n == 0:
-        return None
-    mean = m.T[0][-1] / n
-    var = (m.dd[0] / n - mean**2).clamp_min(0)
-    return mean[None, :], torch.maximum(var, torch.full_like(var, min_var)).clamp_min(1e-30)
 
 
 def _snapshot(module: nn.Module) -> dict[str, Tensor]:
@@ -479,13 +632,13 @@ def calibrate(
     batch_size: int = 512,
     seed: int = 0,
 ) -> CalibrationReport:
-    r"""Fit every density part of ``flow`` in closed form; the network's weights are untouched.
+    r"""Fit every declared density part of ``flow`` in closed form; the network's weights are untouched.
 
     Args:
-        flow: a converted model (anything with ``log_prob(x, deterministic=...)``) whose
-            funnels are :class:`FlowLinear` (also as convolution kernels), bases
-            :class:`DiagonalNormal` and noises :class:`GaussianNoise`. A standard-normal
-            base has nothing to fit (convert with ``base="diagonal"`` for a fittable one).
+        flow: a converted model (anything with ``log_prob(x, deterministic=...)``) whose flow
+            layers declare their density parts (:meth:`~flowconvert.core.FlowLayer.density_parts`);
+            base densities are found as :class:`~flowconvert.densities.BaseDensity` modules
+            outside the layers.
         data: inputs as a tensor, a Dataset or a DataLoader (labels are ignored).
         val_data: held-out inputs for the guard; by default a ``holdout`` fraction of
             ``data`` (random rows of a tensor, every ``1/holdout``-th batch of a loader).
@@ -497,24 +650,34 @@ def calibrate(
             relative to the data's own scale.
 
     Returns:
-        a :class:`CalibrationReport` (print it for a summary).
+        a :class:`CalibrationReport` (print it for a summary; ``report.not_calibrated`` lists
+        the parts it could not fit, e.g. density modules a layer does not declare).
     """
     warn_if_discrete(data, dequantize, "calibrate")
     flow_was_training = flow.training
     flow.eval()
     batches = _split(data, holdout, val_data, batch_size, seed)
-    conditionals, bases, noises, convs = _find_parts(flow)
+    by_layer: dict[int, tuple[FlowLayer, dict[str, _Calibrator]]] = {}
+    calibrators: list[_Calibrator] = []
+    for path, layer, part, module in declared_parts(flow):
+        cal = _calibrator(f"{path}.{part.name}" if path else part.name, part, module)
+        calibrators.append(cal)
+        if not isinstance(cal, _Unfit):
+            by_layer.setdefault(id(layer), (layer, {}))[1][part.name] = cal
+    bases = [_Base(name, b) for name, b in _bases(flow)]
+    noises = [c for c in calibrators if isinstance(c, _Noise)]
     report = CalibrationReport(
         fit_examples=sum(b.shape[0] for b, p in batches if p == 0),
         heldout_examples=sum(b.shape[0] for b, p in batches if p == 1),
     )
     have_heldout = report.heldout_examples > 0
+    held = max(report.heldout_examples, 1)
     report.heldout_before = _heldout_mean(flow, batches, dequantize, deterministic, seed) if have_heldout else float("nan")
-    gaussians = [*conditionals, *bases]
+    fitted = [c for c in calibrators if not isinstance(c, (_Noise, _Unfit))] + bases
 
     def run() -> list[PartReport]:
-        _collect(flow, batches, conditionals, bases, noises, convs, dequantize, deterministic, seed)
-        return _fit_gaussians(gaussians, ridge, min_var)
+        _collect(flow, batches, by_layer, bases, dequantize, deterministic, seed)
+        return [r for r in (c.fit(ridge, min_var, held) for c in fitted) if r is not None]
 
     original = _snapshot(flow)
     parts = run()
@@ -535,9 +698,15 @@ def calibrate(
         _, report.noise_factor, state, parts = best
         flow.load_state_dict(state)
         for nz in noises:
-            parts.append(
-                PartReport(nz.name, "noise", int(nz.noise.log_scale.numel()), int(report.noise_factor is not None) * int(nz.noise.log_scale.numel()))
-            )
+            n = int(nz.noise.log_scale.numel())
+            parts.append(PartReport(nz.name, "noise", n, n * int(report.noise_factor is not None)))
+    elif noises:
+        parts += [PartReport(nz.name, "noise", int(nz.noise.log_scale.numel()), 0,
+                             note="not calibrated: deterministic mode adds no noise" if deterministic else "")
+                  for nz in noises]
+    parts += [c.fit(ridge, min_var, held) for c in calibrators if isinstance(c, _Unfit)]
+    parts += [PartReport(name, "undeclared", 0, 0, note="not calibrated: its layer does not declare it in density_parts()")
+              for name in _undeclared(flow)]
     report.parts = parts
     if have_heldout:
         after = _heldout_mean(flow, batches, dequantize, deterministic, seed)

@@ -88,17 +88,28 @@ def audit(model: nn.Module, example_inputs: Any, **options: Any) -> Report:
     return _run(model, example_inputs, Options(**options), build=False)[0]
 
 
-def convert(model: nn.Module, example_inputs: Any, **options: Any) -> FlowModel:
+def convert(model: nn.Module, example_inputs: Any, *, density: Any = "gaussian", **options: Any) -> FlowModel:
     """Convert ``model`` into a :class:`~flowconvert.flow.FlowModel`.
 
-    ``options`` are those of :class:`Options`: ``base="standard" | "diagonal"``, ``registry``,
-    ``relu="leaky"`` with ``negative_slope`` (substitutes LeakyReLU for every ReLU; refused by
-    default, FC101). Raises :class:`~flowconvert.errors.ConversionError` (with the full report
-    as ``.report``) when any node blocks the conversion. ``flow.report`` is the report.
+    ``density`` is the family of the densities of dropped coordinates (:mod:`flowconvert.families`):
+    ``"gaussian"`` (linear-Gaussian, closed-form calibration, the fused fast path), ``"mlp"``,
+    ``"flow"`` (zuko conditional splines) or a callable ``(features, context) -> ConditionalDensity``.
+    ``base`` is the base density of each output: ``"standard"``, ``"diagonal"`` (learnable),
+    ``"mixture"``, ``"flow"`` or a callable ``event_shape -> BaseDensity``; by default the
+    family's (``"diagonal"`` for ``"gaussian"``). The other ``options`` are those of
+    :class:`Options`: ``registry``, ``relu="leaky"`` with ``negative_slope`` (substitutes
+    LeakyReLU for every ReLU; refused by default, FC101). Raises
+    :class:`~flowconvert.errors.ConversionError` (with the full report as ``.report``) when any
+    node blocks the conversion. ``flow.report`` is the report.
     """
-    report, flow = audit_and_convert(model, example_inputs, **options)
+    from .families import resolve_base, use_densities
+
+    base = resolve_base(density, options.pop("base", None))
+    built = base if isinstance(base, str) and base in ("standard", "diagonal") else "diagonal"
+    report, flow = audit_and_convert(model, example_inputs, base=built, **options)
     if flow is None:
         raise _conversion_error(report)
+    use_densities(flow, density, base)  # the family's conditionals and bases replace the built ones
     return flow
 
 

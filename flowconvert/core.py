@@ -78,7 +78,9 @@ class DensityPart:
         kind: ``"conditional"``: the density of ``features`` dropped coordinates per row given
             ``context`` kept ones (a :class:`~flowconvert.densities.ConditionalDensity`);
             ``"noise"``: the scale of ``features`` added noise coordinates per row
-            (a :class:`~flowconvert.densities.GaussianNoise`), ``context == 0``.
+            (a :class:`~flowconvert.densities.GaussianNoise`), ``context == 0``;
+            ``"gaps"``: the non-negative gaps of a max surjection, one per channel and row
+            (a :class:`~flowconvert.densities.HalfNormal`), ``context == 0``.
         features: coordinates per row the part models.
         context: coordinates per row it is conditioned on (0 for noise).
     """

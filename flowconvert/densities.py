@@ -29,8 +29,10 @@ __all__ = [
     "DiagonalNormal",
     "ConditionalNormal",
     "ConditionalDiagonalNormal",
+    "ConditionalFullNormal",
     "ElementwiseConditionalNormal",
     "GaussianNoise",
+    "HalfNormal",
 ]
 
 LOG_2PI = math.log(2 * math.pi)
@@ -79,6 +81,29 @@ class ConditionalDensity(nn.Module):
         shape = (*y.shape[:-1], self.features)
         return self.sample(y, torch.zeros(shape, dtype=y.dtype, device=y.device))
 
+    # -- closed-form calibration (optional) ---------------------------------------------
+    def linear_regressors(self) -> Tensor | str | None:
+        r"""Which linear-Gaussian model :func:`flowconvert.calibrate` fits in closed form, or None.
+
+        ``"full"``: :math:`d \sim \mathcal N(A y + c, \operatorname{diag}\sigma^2)` with a dense
+        ``(features, context)`` matrix :math:`A`; a long tensor ``idx`` of shape ``(features,)``:
+        coordinate :math:`j` regresses on the single context coordinate ``y[idx[j]]`` (``A`` of
+        shape ``(features,)``). Richer families return the structure of the linear-Gaussian
+        part they start from; ``None`` (the default): no closed form, the part is only fitted.
+        """
+        return None
+
+    def read_linear(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(A, c, var)`` of the linear-Gaussian part, float64 (see :meth:`linear_regressors`)."""
+        raise NotImplementedError
+
+    def write_linear(self, A: Tensor, c: Tensor, var: Tensor, context_mean: Tensor | None = None,
+                     context_var: Tensor | None = None) -> None:
+        """Set the linear-Gaussian part; a richer family also resets the rest to its identity, so
+        that it then *equals* that linear Gaussian (``context_mean``/``context_var``: moments of
+        ``y`` a family may use to standardize its conditioner's input)."""
+        raise NotImplementedError
+
 
 class BaseDensity(nn.Module):
     """The interface of every base density on one output of shape ``event_shape``.
@@ -94,6 +119,19 @@ class BaseDensity(nn.Module):
 
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
         raise NotImplementedError
+
+    def fit_closed_form(self, z: Tensor, min_var: float = 1e-6) -> bool:
+        """Fit to outputs ``z`` ``(N, *event_shape)`` in closed form (used by :func:`flowconvert.calibrate`);
+        return False when there is nothing to fit this way (the default)."""
+        return False
+
+
+def _moments(z: Tensor, min_var: float) -> tuple[Tensor, Tensor]:
+    """Mean and variance (floored at ``min_var``) over the first dimension, float64."""
+    z = z.double()
+    mean = z.mean(0)
+    var = (z * z).mean(0) - mean * mean
+    return mean, var.clamp_min(min_var)
 
 
 class StandardNormal(BaseDensity):
@@ -136,6 +174,14 @@ class DiagonalNormal(BaseDensity):
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
         eps = torch.randn(n, *self.event_shape, dtype=self.loc.dtype, device=self.loc.device)
         return self.loc + temperature * eps * self.log_scale.exp()
+
+    @torch.no_grad()
+    def fit_closed_form(self, z: Tensor, min_var: float = 1e-6) -> bool:
+        """Moment matching: ``loc = mean z``, ``scale^2 = max(Var z, min_var)``."""
+        mean, var = _moments(z, min_var)
+        self.loc.copy_(mean.to(self.loc.dtype))
+        self.log_scale.copy_((0.5 * var.log()).to(self.log_scale.dtype))
+        return True
 
 
 class ConditionalNormal(ConditionalDensity):
@@ -191,27 +237,157 @@ class ConditionalDiagonalNormal(ConditionalNormal):
         """Conditional mean :math:`A y + c` over the last dimension."""
         return nn.functional.linear(y, self.weight, self.bias)
 
+    def linear_regressors(self) -> str:
+        return "full"
+
+    def read_linear(self) -> tuple[Tensor, Tensor, Tensor]:
+        return _read(self)
+
+    def write_linear(self, A, c, var, context_mean=None, context_var=None) -> None:
+        _write(self, A, c, var)
+
+
+def _read(q: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+    """``(A, c, var)`` of a linear Gaussian with parameters ``weight``, ``bias``, ``log_scale``, flattened per feature."""
+    A = q.weight.detach().double()
+    if not isinstance(q.linear_regressors(), str):
+        A = A.reshape(-1)
+    var = (2 * q.log_scale.detach().double()).exp().expand(q.bias.shape).reshape(-1)
+    return A, q.bias.detach().double().reshape(-1), var
+
+
+def _write(q: nn.Module, A: Tensor, c: Tensor, var: Tensor) -> None:
+    with torch.no_grad():
+        q.weight.copy_(A.reshape(q.weight.shape).to(q.weight.dtype))
+        q.bias.copy_(c.reshape(q.bias.shape).to(q.bias.dtype))
+        q.log_scale.copy_((0.5 * var.log()).reshape(q.log_scale.shape).to(q.log_scale.dtype))
+
+
+def triangular_inverse(P: Tensor) -> Tensor:
+    r"""Inverse of a lower-triangular matrix with nonzero diagonal, by matrix products only.
+
+    With :math:`P = D(I + N)`, :math:`N` strictly lower (nilpotent, :math:`N^F = 0`),
+    :math:`(I + N)^{-1} = \prod_{j<m} (I + (-N)^{2^j})` for :math:`2^m \ge F`, so
+    :math:`P^{-1} = (I+N)^{-1} D^{-1}` takes :math:`2\lceil\log_2 F\rceil` products and no
+    solver (it exports to ONNX).
+
+    >>> P = torch.tensor([[2.0, 0.0], [1.0, 4.0]])
+    >>> torch.allclose(triangular_inverse(P) @ P, torch.eye(2))
+    True
+    """
+    F = P.shape[-1]
+    diag = P.diagonal(dim1=-2, dim2=-1)
+    N = torch.tril(P, -1) / diag[..., :, None]
+    eye = torch.eye(F, dtype=P.dtype, device=P.device)
+    inv, power, k = eye, -N, 1
+    while k < F:
+        inv = inv @ (eye + power) if k == 1 else (eye + power) @ inv
+        power = power @ power
+        k *= 2
+    return inv / diag[..., None, :]
+
+
+class ConditionalFullNormal(ConditionalDensity):
+    r"""Linear Gaussian with a full covariance: :math:`q(d\mid y) = \mathcal N(Ay + c, (P^\top P)^{-1})`.
+
+    :math:`P` is the lower-triangular Cholesky factor of the precision, diagonal
+    :math:`e^{-\lambda}` (``log_scale`` = :math:`\lambda`) and strictly lower part ``tril``, so
+    :math:`\log q = \log\mathcal N(P(d - Ay - c); 0, I) + \log|\det P|`; the standardized residual
+    is affine in :math:`d` and :math:`y`. Unlike a diagonal Gaussian it captures the correlations
+    of the dropped coordinates (a near-deterministic combination of them gets its small variance).
+    Calibration fits :math:`A, c` by least squares and :math:`P` from the residual covariance,
+    in closed form. Starts as a standard normal independent of :math:`y`.
+
+    >>> q = ConditionalFullNormal(2, 3)
+    >>> q.log_prob(torch.zeros(5, 2), torch.randn(5, 3)).shape
+    torch.Size([5])
+    """
+
+    def __init__(self, features: int, context_features: int):
+        super().__init__()
+        self.features = int(features)
+        self.context_features = int(context_features)
+        self.weight = nn.Parameter(torch.zeros(self.features, self.context_features))
+        self.bias = nn.Parameter(torch.zeros(self.features))
+        self.log_scale = nn.Parameter(torch.zeros(self.features))
+        self.tril = nn.Parameter(torch.zeros(self.features, self.features))
+
+    def precision_factor(self) -> Tensor:
+        """:math:`P`: lower triangular, ``exp(-log_scale)`` on the diagonal."""
+        return torch.tril(self.tril, -1) + torch.diag(torch.exp(-self.log_scale))
+
+    def mean(self, y: Tensor) -> Tensor:
+        return nn.functional.linear(y, self.weight, self.bias)
+
+    def whiten(self, d: Tensor, y: Tensor) -> Tensor:
+        """:math:`P(d - Ay - c)`, standard normal under the model."""
+        return nn.functional.linear(d - self.mean(y), self.precision_factor())
+
+    def log_prob(self, d: Tensor, y: Tensor) -> Tensor:
+        r = self.whiten(d, y)
+        return sum_except_batch(-0.5 * r * r - 0.5 * LOG_2PI) - (d[0].numel() // self.features) * self.log_scale.sum()
+
+    def color(self, eps: Tensor) -> Tensor:
+        """:math:`P^{-1}\varepsilon` (the inverse of :meth:`whiten` around the mean)."""
+        return nn.functional.linear(eps, triangular_inverse(self.precision_factor()))
+
+    def sample(self, y: Tensor, eps: Tensor | None = None) -> Tensor:
+        mu = self.mean(y)
+        if eps is None:
+            eps = torch.randn_like(mu)
+        return mu + self.color(eps.reshape(mu.shape))
+
+    def linear_regressors(self) -> str:
+        return "full-cov"
+
+    def read_linear(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(A, c, covariance)``, float64."""
+        P = self.precision_factor().detach().double()
+        Pinv = torch.linalg.solve_triangular(P, torch.eye(self.features, dtype=P.dtype), upper=False)
+        return self.weight.detach().double(), self.bias.detach().double(), Pinv @ Pinv.mT
+
+    @torch.no_grad()
+    def write_linear(self, A, c, cov, context_mean=None, context_var=None) -> None:
+        """Set :math:`A, c` and :math:`P = \operatorname{chol}(\Sigma)^{-1}` (``cov`` a matrix, or a vector of variances)."""
+        if cov.dim() == 1:
+            cov = torch.diag(cov)
+        L = torch.linalg.cholesky(cov.double())
+        P = torch.linalg.solve_triangular(L, torch.eye(self.features, dtype=L.dtype), upper=False)
+        self.weight.copy_(A.to(self.weight.dtype))
+        self.bias.copy_(c.to(self.bias.dtype))
+        self.log_scale.copy_((-P.diagonal().log()).to(self.log_scale.dtype))
+        self.tril.copy_(torch.tril(P, -1).to(self.tril.dtype))
+
 
 class ElementwiseConditionalNormal(ConditionalNormal):
-    r""":math:`q(d \mid y) = \mathcal N(\alpha \odot y + \beta, \operatorname{diag} e^{2\lambda})`, parameters of shape ``event_shape``.
+    r""":math:`q(d \mid y) = \mathcal N(\alpha \odot y + \beta, \operatorname{diag} e^{2\lambda})` for rows of ``features`` coordinates.
 
-    Each dropped coordinate depends on the kept coordinate at the same position (the
-    funnel of ``a + b``). Starts as a standard normal independent of :math:`y`.
+    Each dropped coordinate depends on the kept coordinate at the same position (the funnel of
+    ``a + b``); ``context_features == features``. Starts as a standard normal independent of :math:`y`.
 
-    >>> q = ElementwiseConditionalNormal((2, 3))
+    >>> q = ElementwiseConditionalNormal(3)
     >>> q.log_prob(torch.zeros(4, 2, 3), torch.randn(4, 2, 3)).shape
     torch.Size([4])
     """
 
-    def __init__(self, event_shape: Sequence[int]):
+    def __init__(self, features: int):
         super().__init__()
-        self.event_shape = tuple(int(s) for s in event_shape)
-        self.weight = nn.Parameter(torch.zeros(self.event_shape))
-        self.bias = nn.Parameter(torch.zeros(self.event_shape))
-        self.log_scale = nn.Parameter(torch.zeros(self.event_shape))
+        self.features = self.context_features = int(features)
+        self.weight = nn.Parameter(torch.zeros(self.features))
+        self.bias = nn.Parameter(torch.zeros(self.features))
+        self.log_scale = nn.Parameter(torch.zeros(self.features))
 
     def mean(self, y: Tensor) -> Tensor:
         return self.weight * y + self.bias
+
+    def linear_regressors(self) -> Tensor:
+        return torch.arange(self.features)
+
+    def read_linear(self) -> tuple[Tensor, Tensor, Tensor]:
+        return _read(self)
+
+    def write_linear(self, A, c, var, context_mean=None, context_var=None) -> None:
+        _write(self, A, c, var)
 
 
 class GaussianNoise(nn.Module):
@@ -238,3 +414,30 @@ class GaussianNoise(nn.Module):
 
     def log_prob(self, u: Tensor) -> Tensor:
         return sum_except_batch(normal_log_prob(u, 0.0, self.log_scale))
+
+
+class HalfNormal(nn.Module):
+    r"""Half-normal density of non-negative gaps :math:`g = s\,|\varepsilon|` with a learnable
+    per-channel scale (``log_scale`` = :math:`\log s`, shape ``(channels,)``):
+
+    .. math:: \log q(g) = \log 2 + \log\mathcal N(g; 0, s^2), \quad g \ge 0 .
+
+    Its maximum-likelihood scale is closed form, :math:`s^2 = \overline{g^2}` per channel.
+
+    >>> h = HalfNormal(2)
+    >>> h.log_prob(torch.zeros(3, 2)).shape
+    torch.Size([3])
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = int(channels)
+        self.log_scale = nn.Parameter(torch.zeros(self.channels))
+
+    def log_prob(self, g: Tensor) -> Tensor:
+        """``g`` of shape ``(B, ..., channels)``: summed over all but the batch dimension."""
+        return sum_except_batch(math.log(2.0) + normal_log_prob(g, 0.0, self.log_scale))
+
+    def sample(self, eps: Tensor) -> Tensor:
+        """``s |eps|`` for standard-normal ``eps`` of shape ``(..., channels)``."""
+        return eps.abs() * self.log_scale.exp()

@@ -325,11 +325,13 @@ class FlowModel(nn.Module):
 
         return bits_per_dim(self, data, **kwargs)
 
-    def inverse(self, *outputs: Tensor, sample: bool = False, noise: Mapping[str, Tensor] | None = None) -> Any:
+    def inverse(self, *outputs: Tensor, sample: bool = False, noise: Mapping[str, Tensor] | None = None,
+                temperature: float = 1.0) -> Any:
         """Inputs from outputs (outputs in flattening order; a single tuple is unpacked).
 
         ``sample=True`` draws what the forward pass dropped (from ``noise`` when given, keys
         and shapes as :meth:`inverse_noise_shapes`); ``sample=False`` uses conditional means.
+        ``temperature`` :math:`T` scales every standard-normal draw (given or drawn), as in Glow.
         Returns a tensor for single-input models, a tuple otherwise.
         """
         if len(outputs) == 1 and isinstance(outputs[0], (tuple, list)):
@@ -337,13 +339,19 @@ class FlowModel(nn.Module):
         if len(outputs) != len(self.plan.output_names):
             raise ValueError(f"expected {len(self.plan.output_names)} outputs, got {len(outputs)}")
         kwargs = self._noise_kwargs(self._inverse_noise_shapes, noise, sample, outputs[0])
+        if sample and temperature != 1.0:
+            kwargs = {k: v * temperature for k, v in kwargs.items()}
         return self.inverse_graph(*outputs, sample=sample, **kwargs)
 
     @torch.no_grad()
-    def sample(self, n: int, noise: Mapping[str, Tensor] | None = None) -> Any:
-        """``n`` draws from the model: base samples mapped through the sampled inverse."""
-        z = [self.bases[self._base_key(name)].sample(n) for name in self.plan.output_names]
-        return self.inverse(*z, sample=True, noise=noise)
+    def sample(self, n: int, temperature: float = 1.0, noise: Mapping[str, Tensor] | None = None) -> Any:
+        """``n`` draws from the model: base samples mapped through the sampled inverse.
+
+        ``temperature`` :math:`T` scales every standard-normal draw, of the bases and of the
+        conditionals of dropped coordinates (``T < 1``: samples closer to the modes).
+        """
+        z = [self.bases[self._base_key(name)].sample(n, temperature=temperature) for name in self.plan.output_names]
+        return self.inverse(*z, sample=True, noise=noise, temperature=temperature)
 
     @classmethod
     def from_layer(cls, layer: FlowLayer, input_shape: Sequence[int], name: str = "layer") -> FlowModel:

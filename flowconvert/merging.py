@@ -27,7 +27,10 @@ has :math:`|\det| = \sqrt 2` per coordinate, so
 .. math:: L = \tfrac D2 \log 2 + \log q(d \mid y),
 
 with :math:`q(d\mid y) = \mathcal N(\alpha \odot y + \beta, \operatorname{diag}\sigma^2)`
-elementwise (parameters of the value's shape). Inverse: :math:`a = (y + \sqrt2 d)/2`,
+elementwise. The density works on *rows*: a value of shape ``(D,)`` is one row of ``D``
+coordinates; a value of shape ``(C, *spatial)`` has one row of ``C`` channels per location
+(parameters shared over locations, as for a convolution), so any conditional family
+(:mod:`flowconvert.families`) can replace it. Inverse: :math:`a = (y + \sqrt2 d)/2`,
 :math:`b = (y - \sqrt2 d)/2`. ``a - b`` is the same with :math:`b \to -b`.
 
 **Cat / Split (bijections, L = 0).** ``torch.cat`` along a non-batch dimension and
@@ -53,7 +56,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .core import FlowLayer, zero_ll
+from .core import DensityPart, FlowLayer, zero_ll
 from .densities import ElementwiseConditionalNormal, GaussianNoise
 from .errors import LayerConfigurationError
 from .pooling import helmert
@@ -98,6 +101,13 @@ class FlowDuplicate(FlowLayer):
     def noise_shape(self, input_shape: Sequence[int]) -> tuple[int, ...]:
         return (*input_shape, self.num_copies - 1)
 
+    def density_parts(self) -> tuple[DensityPart, ...]:
+        return (DensityPart("noise", "noise", self.num_copies - 1),)
+
+    def observe(self, x: Tensor, noise: Tensor | None = None) -> dict[str, tuple[Tensor, None]]:
+        """The signal the copies' noise is added to: one row per sample."""
+        return {"noise": (x.detach().reshape(x.shape[0], -1), None)}
+
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         return (x,) * self.num_copies
 
@@ -137,7 +147,30 @@ class FlowSum(FlowLayer):
         super().__init__()
         self.event_shape = tuple(int(s) for s in event_shape)
         self.subtract = bool(subtract)
-        self.dropped = ElementwiseConditionalNormal(self.event_shape)
+        self.row_features = self.event_shape[0] if self.event_shape else 1
+        self.dropped = ElementwiseConditionalNormal(self.row_features)
+
+    def density_parts(self) -> tuple[DensityPart, ...]:
+        return (DensityPart("dropped", "conditional", self.row_features, self.row_features),)
+
+    def to_rows(self, t: Tensor) -> Tensor:
+        """``(B, *event_shape) -> (B, L, F)``: one row per location (channels first) or one per sample."""
+        B = t.shape[0]
+        if len(self.event_shape) <= 1:
+            return t.reshape(B, 1, self.row_features)
+        return t.reshape(B, self.row_features, -1).transpose(1, 2)
+
+    def from_rows(self, r: Tensor) -> Tensor:
+        """Inverse of :meth:`to_rows`."""
+        B = r.shape[0]
+        if len(self.event_shape) <= 1:
+            return r.reshape(B, *self.event_shape)
+        return r.transpose(1, 2).reshape(B, *self.event_shape)
+
+    def observe(self, a: Tensor, b: Tensor, noise: Tensor | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+        with torch.no_grad():
+            d, y = self.to_rows(self.dropped_coordinates(a, b)), self.to_rows(self.forward(a, b))
+        return {"dropped": (d.reshape(-1, self.row_features), y.reshape(-1, self.row_features))}
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         return a - b if self.subtract else a + b
@@ -162,11 +195,16 @@ class FlowSum(FlowLayer):
         self._check(a, b)
         y = self.forward(a, b)
         D = a[0].numel()
-        ll = 0.5 * D * LOG2 + self.dropped.log_prob(self.dropped_coordinates(a, b), y)
+        ll = 0.5 * D * LOG2 + self.dropped.log_prob(self.to_rows(self.dropped_coordinates(a, b)), self.to_rows(y))
         return y, ll
 
     def inverse(self, y: Tensor, sample: bool = False, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        d = self.dropped.sample(y, noise) if sample else self.dropped.mean(y)
+        rows = self.to_rows(y)
+        if sample:
+            d = self.dropped.sample(rows, None if noise is None else self.to_rows(noise))
+        else:
+            d = self.dropped.mean(rows)
+        d = self.from_rows(d)
         a = 0.5 * (y + math.sqrt(2.0) * d)
         b = 0.5 * (y - math.sqrt(2.0) * d)
         return (a, -b if self.subtract else b)

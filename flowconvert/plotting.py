@@ -1,9 +1,11 @@
 """Pictures: grids of samples and reconstructions, and training curves (matplotlib, Agg).
 
 Images are drawn from flat or ``(C, H, W)`` tensors with ``image_shape=(H, W)``; values are
-clipped to ``[vmin, vmax]`` (default: the unit interval the dequantizer maps data to).
+clipped to ``[vmin, vmax]`` (default: the unit interval the dequantizer maps data to) for
+display, never silently: when values leave the range, the picture's title says how many
+(and their range).
 
-* :func:`save_samples`: ``flow.sample(n)`` as a grid.
+* :func:`save_samples`: ``flow.sample(n, temperature=T)`` as a grid.
 * :func:`save_reconstructions`: rows of inputs, ``inverse(forward(x), sample=False)`` (the
   conditional means of everything the network dropped) and ``inverse(forward(x), sample=True)``
   (draws of it): what the network's outputs still know about the input.
@@ -57,6 +59,13 @@ def save_image_grid(
     """
     plt = _pyplot()
     rows = [_as_images(r, image_shape) for r in rows]
+    values = torch.cat([r.reshape(-1) for r in rows])
+    outside = int(((values < vmin) | (values > vmax) | ~torch.isfinite(values)).sum())
+    if outside:
+        finite = values[torch.isfinite(values)]
+        note = (f"{outside} of {values.numel()} values outside [{vmin:g}, {vmax:g}] (clipped for display; "
+                f"range {finite.min().item():.3g}..{finite.max().item():.3g})")
+        title = f"{title}\n{note}" if title else note
     if len(rows) == 1 and rows[0].shape[0] > 12:
         per = math.ceil(math.sqrt(rows[0].shape[0]))
         rows = list(rows[0].split(per))
@@ -83,26 +92,31 @@ def save_image_grid(
 
 
 @torch.no_grad()
-def save_samples(flow: Any, path: str | Path, *, n: int = 36, image_shape: Sequence[int], title: str | None = None, **kwargs) -> str:
-    """Save ``flow.sample(n)`` as a grid; ``kwargs`` go to :func:`save_image_grid`."""
-    samples = flow.sample(n)
+def save_samples(flow: Any, path: str | Path, *, n: int = 36, image_shape: Sequence[int], title: str | None = None,
+                 temperature: float = 1.0, **kwargs) -> str:
+    """Save ``flow.sample(n, temperature=temperature)`` as a grid; ``kwargs`` go to :func:`save_image_grid`."""
+    samples = flow.sample(n, temperature=temperature) if temperature != 1.0 else flow.sample(n)
     if isinstance(samples, (tuple, list)):
         samples = samples[0]
     return save_image_grid([samples], path, image_shape=image_shape, title=title, **kwargs)
 
 
-def _invert(flow: Any, outputs: Any, sample: bool) -> Tensor:
-    out = flow.inverse(*outputs, sample=sample) if isinstance(outputs, (tuple, list)) else flow.inverse(outputs, sample=sample)
+def _invert(flow: Any, outputs: Any, sample: bool, temperature: float = 1.0) -> Tensor:
+    kw = {"temperature": temperature} if sample and temperature != 1.0 else {}
+    outs = tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
+    out = flow.inverse(*outs, sample=sample, **kw)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
 @torch.no_grad()
 def save_reconstructions(
-    flow: Any, x: Tensor, path: str | Path, *, image_shape: Sequence[int], title: str | None = None, draws: int = 2, **kwargs
+    flow: Any, x: Tensor, path: str | Path, *, image_shape: Sequence[int], title: str | None = None, draws: int = 2,
+    temperature: float = 1.0, **kwargs
 ) -> str:
-    """Rows: ``x``, the inverse with ``sample=False`` and ``draws`` rows of the inverse with ``sample=True``."""
+    """Rows: ``x``, the inverse with ``sample=False`` and ``draws`` rows of the inverse with ``sample=True``
+    at ``temperature``."""
     outputs, _ = flow.forward_with_log_prob(x, deterministic=True)
-    rows = [x, _invert(flow, outputs, sample=False)] + [_invert(flow, outputs, sample=True) for _ in range(draws)]
+    rows = [x, _invert(flow, outputs, sample=False)] + [_invert(flow, outputs, True, temperature) for _ in range(draws)]
     labels = ["input", "mean"] + [f"draw {i + 1}" for i in range(draws)]
     return save_image_grid(rows, path, image_shape=image_shape, row_labels=labels, title=title, **kwargs)
 

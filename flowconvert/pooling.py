@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .core import DensityPart, FlowLayer
-from .densities import LOG_2PI, ConditionalNormal, GaussianNoise, normal_log_prob, sum_except_batch
+from .densities import LOG_2PI, ConditionalNormal, GaussianNoise, HalfNormal, _read, _write, normal_log_prob, sum_except_batch
 from .errors import LayerConfigurationError
 
 __all__ = [
@@ -111,27 +111,40 @@ def from_windows(w: Tensor, kernel: Sequence[int]) -> Tensor:
 
 
 class ChannelConditionalNormal(ConditionalNormal):
-    r"""Per-channel :math:`q(d \mid y) = \mathcal N(a_c y + b_c, \operatorname{diag}\sigma_c^2)` for ``features`` values per location.
+    r"""Per-channel :math:`q(d_c \mid y_c) = \mathcal N(a_c y_c + b_c, \operatorname{diag}\sigma_c^2)` on rows of one location.
 
-    ``y`` has shape ``(B, C, *locations)`` and ``d`` has ``(B, C, *locations, features)``;
-    ``weight``, ``bias``, ``log_scale`` are ``(C, features)`` and start at 0 (a standard normal).
+    A row holds the ``per_channel`` dropped values of each of ``channels`` channels
+    (``features = channels * per_channel``, channel-major) given the ``channels`` kept values
+    (``context_features = channels``). ``weight``, ``bias``, ``log_scale`` are
+    ``(channels, per_channel)`` and start at 0 (a standard normal).
+
+    >>> q = ChannelConditionalNormal(2, 3)
+    >>> q.log_prob(torch.zeros(4, 5, 6), torch.randn(4, 5, 2)).shape
+    torch.Size([4])
     """
 
-    def __init__(self, channels: int, features: int):
+    def __init__(self, channels: int, per_channel: int):
         super().__init__()
-        self.channels, self.features = int(channels), int(features)
-        self.weight = nn.Parameter(torch.zeros(self.channels, self.features))
-        self.bias = nn.Parameter(torch.zeros(self.channels, self.features))
-        self.log_scale = nn.Parameter(torch.zeros(self.channels, self.features))
-
-    def _view(self, p: Tensor, y: Tensor) -> Tensor:
-        return p.reshape(self.channels, *([1] * (y.dim() - 2)), self.features)
+        self.channels, self.per_channel = int(channels), int(per_channel)
+        self.features, self.context_features = self.channels * self.per_channel, self.channels
+        self.weight = nn.Parameter(torch.zeros(self.channels, self.per_channel))
+        self.bias = nn.Parameter(torch.zeros(self.channels, self.per_channel))
+        self.log_scale = nn.Parameter(torch.zeros(self.channels, self.per_channel))
 
     def mean(self, y: Tensor) -> Tensor:
-        return y.unsqueeze(-1) * self._view(self.weight, y) + self._view(self.bias, y)
+        return (y.unsqueeze(-1) * self.weight + self.bias).flatten(-2)
 
     def log_scale_for(self, y: Tensor) -> Tensor:
-        return self._view(self.log_scale, y)
+        return self.log_scale.reshape(-1)
+
+    def linear_regressors(self) -> Tensor:
+        return torch.arange(self.channels).repeat_interleave(self.per_channel)
+
+    def read_linear(self) -> tuple[Tensor, Tensor, Tensor]:
+        return _read(self)
+
+    def write_linear(self, A, c, var, context_mean=None, context_var=None) -> None:
+        _write(self, A, c, var)
 
 
 class _WindowPool(FlowLayer):
@@ -198,7 +211,7 @@ class FlowAvgPool(_WindowPool):
         self.log_gain = math.log(math.sqrt(self.window) / abs(D))  # log|det| per window
         # float64 master copy, cast on use: a module-level .to(dtype) must not round it
         self._helmert = helmert(self.window)
-        self.dropped = ChannelConditionalNormal(self.channels, self.window - 1)
+        self.dropped = ChannelConditionalNormal(self.channels, self.window - 1) if self.window > 1 else None
 
     @classmethod
     def from_module(cls, module: nn.Module, in_shape: Sequence[int]) -> "FlowAvgPool":
@@ -248,19 +261,49 @@ class FlowAvgPool(_WindowPool):
     def inverse_noise_shape(self, output_shape: Sequence[int]) -> tuple[int, ...] | None:
         return (*output_shape, self.window - 1) if self.window > 1 else None
 
+    # -- rows: one per output location, channels x dropped values ---------------------------------
+    def output_rows(self, y: Tensor) -> Tensor:
+        """``(B, C, *out) -> (B, L, C)``: the kept values at each output location."""
+        return y.reshape(y.shape[0], self.channels, -1).transpose(1, 2)
+
+    def dropped_rows(self, d: Tensor) -> Tensor:
+        """``(B, C, *out, K - 1) -> (B, L, C (K - 1))``, channel-major within a row."""
+        B, k = d.shape[0], self.window - 1
+        return d.reshape(B, self.channels, -1, k).permute(0, 2, 1, 3).reshape(B, -1, self.channels * k)
+
+    def _unrow(self, r: Tensor) -> Tensor:
+        B, k = r.shape[0], self.window - 1
+        return r.reshape(B, -1, self.channels, k).permute(0, 2, 1, 3).reshape(B, self.channels, *self.out_spatial, k)
+
+    def density_parts(self) -> tuple[DensityPart, ...]:
+        if self.window == 1:
+            return ()
+        return (DensityPart("dropped", "conditional", self.channels * (self.window - 1), self.channels),)
+
+    def observe(self, x: Tensor, noise: Tensor | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+        if self.window == 1:
+            return {}
+        with torch.no_grad():
+            d, y = self.dropped_rows(self.dropped_coordinates(x)), self.output_rows(self.forward(x))
+        return {"dropped": (d.reshape(-1, d.shape[-1]), y.reshape(-1, self.channels))}
+
     def call_and_ll(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
         y = self.forward(x)
         ll = x.new_full((x.shape[0],), self.channels * self.num_windows * self.log_gain)
         if self.window > 1:
-            ll = ll + self.dropped.log_prob(self.dropped_coordinates(x), y)
+            ll = ll + self.dropped.log_prob(self.dropped_rows(self.dropped_coordinates(x)), self.output_rows(y))
         return y, ll
 
     def inverse(self, y: Tensor, sample: bool = False, noise: Tensor | None = None) -> Tensor:
         D = self.divisor or self.window
         w = (y * (D / self.window)).unsqueeze(-1).expand(*y.shape, self.window)
         if self.window > 1:
-            d = self.dropped.sample(y, noise) if sample else self.dropped.mean(y)
-            w = w + d @ self._H(y)
+            rows = self.output_rows(y)
+            if sample:
+                d = self.dropped.sample(rows, None if noise is None else self.dropped_rows(noise))
+            else:
+                d = self.dropped.mean(rows)
+            w = w + self._unrow(d) @ self._H(y)
         return from_windows(w, self.kernel)
 
     def extra_repr(self) -> str:
@@ -272,14 +315,33 @@ class FlowMaxPool(_WindowPool):
     """Max pooling over tiling windows (``MaxPool1d/2d``): the SurVAE max-pooling surjection (exact).
 
     Attributes:
-        gap_log_scale: per-channel log-scale of the half-normal gaps ``max - x_i`` (learnable).
+        gaps: :class:`~flowconvert.densities.HalfNormal` of the gaps ``max - x_i``, one learnable
+            scale per channel (``gap_log_scale`` is its ``log_scale``); a density part of kind
+            ``"gaps"`` (rows: one gap per channel).
     """
 
     exact = True
 
     def __init__(self, in_shape: Sequence[int], kernel: Sequence[int]):
         super().__init__(in_shape, kernel)
-        self.gap_log_scale = nn.Parameter(torch.zeros(self.channels))
+        self.gaps = HalfNormal(self.channels)
+
+    @property
+    def gap_log_scale(self) -> nn.Parameter:
+        return self.gaps.log_scale
+
+    def density_parts(self) -> tuple[DensityPart, ...]:
+        return (DensityPart("gaps", "gaps", self.channels),) if self.window > 1 else ()
+
+    def observe(self, x: Tensor, noise: Tensor | None = None) -> dict[str, tuple[Tensor, None]]:
+        """The ``K - 1`` gaps of every window (the maximum's zero gap left out), as rows ``(N, C)``."""
+        if self.window == 1:
+            return {}
+        with torch.no_grad():
+            gaps = self.forward(x).unsqueeze(-1) - to_windows(x, self.kernel)
+            gaps = gaps.sort(-1, descending=True).values[..., : self.window - 1]  # drop one zero (the maximum)
+            rows = gaps.reshape(x.shape[0], self.channels, -1).transpose(1, 2).reshape(-1, self.channels)
+        return {"gaps": (rows, None)}
 
     @classmethod
     def from_module(cls, module: nn.Module, in_shape: Sequence[int]) -> "FlowMaxPool":

@@ -118,6 +118,12 @@ def _std_normal(t: Tensor) -> Tensor:
     return -0.5 * (flat * flat).sum(1) - 0.5 * LOG_2PI * flat.shape[1]
 
 
+def _base_log_prob(flow, zs) -> Tensor:
+    """log p_base(z) per sample, summed over the outputs (the flow's own, learnable base densities)."""
+    keys = flow.plan.base_keys
+    return torch.stack([flow.bases[k].log_prob(z) for k, z in zip(keys, zs)]).sum(0)
+
+
 def _flat_cat(values) -> Tensor:
     return torch.cat([v.reshape(v.shape[0], -1) for v in values], 1)
 
@@ -326,7 +332,7 @@ def _model_logdet_and_trip(arch, flow, x: Tensor, gen: torch.Generator) -> tuple
             f = lambda v: _flat_cat(_as_tuple(arch.model(v.reshape(1, *arch.input_shape))))
             with torch.no_grad():
                 lp = flow.log_prob(xs, deterministic=True)
-            expected = _std_normal(_flat_cat(zs)) + _slogdet_per_sample(f, xs.reshape(2, -1))
+            expected = _base_log_prob(flow, zs) + _slogdet_per_sample(f, xs.reshape(2, -1))
             _logdet_close(lp, expected, "model")
             logdet = Outcome("ok", "bijection: autograd Jacobian of the model")
         except _Failure as err:
@@ -366,7 +372,7 @@ def _model_logdet_and_trip(arch, flow, x: Tensor, gen: torch.Generator) -> tuple
                 x2 = flow.inverse(*zs, sample=True, noise=eps)
                 lp = flow.log_prob(*_as_tuple(x2), deterministic=True)
             v = _flat_cat([*zs, *(eps[k] for k in keys)])
-            expected = _std_normal(_flat_cat(zs)) + _std_normal(_flat_cat([eps[k] for k in keys])) - _slogdet_per_sample(g, v)
+            expected = _base_log_prob(flow, zs) + _std_normal(_flat_cat([eps[k] for k in keys])) - _slogdet_per_sample(g, v)
             _logdet_close(lp, expected, "model (generative change of variables)")
             logdet = Outcome("ok", "funnel: generative change of variables")
         except _Failure as err:

@@ -116,7 +116,7 @@ def test_sum_logdet_matches_jacobian_of_split_map(subtract):
     flow = make_sum((3,), subtract=subtract)
     a, b = torch.randn(2, 2, 3, dtype=torch.float64)
     y, ll = flow.call_and_ll(a, b)
-    logq = flow.dropped.log_prob(flow.dropped_coordinates(a, b), y)
+    logq = flow.dropped.log_prob(flow.to_rows(flow.dropped_coordinates(a, b)), flow.to_rows(y))
     split = lambda z: torch.cat([flow(z[:3][None], z[3:][None])[0], flow.dropped_coordinates(z[:3][None], z[3:][None])[0]])
     for i in range(2):
         J = torch.autograd.functional.jacobian(split, torch.cat([a[i], b[i]]))

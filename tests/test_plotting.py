@@ -19,3 +19,30 @@ def test_sample_reconstruction_and_curve_pictures(tmp_path):
     ]
     for p in paths:
         assert open(p, "rb").read(4) == PNG
+
+
+def test_pictures_say_how_many_values_were_clipped(tmp_path, monkeypatch):
+    import flowconvert.plotting as plotting
+
+    titles = []
+    real = plotting._pyplot
+
+    def spy():
+        plt = real()
+        orig = plt.Figure.suptitle
+
+        def suptitle(self, t, *a, **k):
+            titles.append(t)
+            return orig(self, t, *a, **k)
+
+        monkeypatch.setattr(plt.Figure, "suptitle", suptitle)
+        return plt
+
+    monkeypatch.setattr(plotting, "_pyplot", spy)
+    x = torch.full((4, 16), 0.5)
+    x[0, :3] = 2.0
+    x[1, 0] = -1.0
+    plotting.save_image_grid([x], tmp_path / "g.png", image_shape=(4, 4), title="t")
+    assert titles and "4 of 64 values outside [0, 1]" in titles[-1], titles
+    plotting.save_image_grid([torch.rand(2, 16)], tmp_path / "h.png", image_shape=(4, 4), title="clean")
+    assert titles[-1] == "clean"

@@ -1,0 +1,508 @@
+r"""Density families: what a flow uses for the coordinates its layers drop, and for its bases.
+
+Every funnel of a converted network (a reducing linear map, a convolution kernel, a pooling
+window, ``a + b``) drops coordinates :math:`d` and keeps :math:`y`; its contribution
+contains :math:`\log q(d \mid y)`. Every output gets a base density. Both come in families
+chosen at conversion, ``flowconvert.convert(model, x, density=...)``:
+
+* ``"gaussian"`` (default): :math:`q(d\mid y) = \mathcal N(Ay + c, \operatorname{diag}\sigma^2)`
+  (:class:`~flowconvert.densities.ConditionalDiagonalNormal` and its structured relatives),
+  fitted in closed form by :func:`~flowconvert.calibrate`, with the fused fast path of the
+  layers; base: a learnable diagonal Gaussian (:class:`~flowconvert.densities.DiagonalNormal`).
+* ``"mlp"``: :class:`MLPConditionalNormal`, a heteroscedastic Gaussian: the residual
+  :math:`d - Ay - c - \mu_\theta(y)`, whitened by a full precision factor :math:`P`
+  (:class:`~flowconvert.densities.ConditionalFullNormal`), is
+  :math:`\mathcal N(0, \operatorname{diag} e^{2\rho_\theta(y)})`,
+  :math:`(\mu_\theta, \rho_\theta)` a small MLP of the kept output (for convolutions the rows
+  are per location, so it acts over channels: a 1x1-convolution MLP); base: a Gaussian
+  mixture (:class:`GaussianMixture`; a classifier's logits form one cluster per class).
+* ``"flow"``: :class:`FlowConditional`, a conditional neural spline flow from zuko on the
+  whitened residual of the full-covariance linear Gaussian, :math:`r = P(d - Ay - c)`,
+  :math:`u = T_\theta(r; y) \sim \mathcal N(0, I)`,
+  :math:`\log q(d\mid y) = \log\mathcal N(u) + \log|\partial T/\partial r| - \sum\log\sigma`;
+  base: :class:`FlowBase` (a zuko spline flow on the standardized output).
+* a callable ``family(features, context) -> ConditionalDensity`` (see :func:`make_conditional`)
+  for your own conditionals.
+
+Richer families *contain* a full-covariance linear Gaussian (closed-form calibration of
+:math:`A, c, P`) and start as exactly it: the MLP's output layer
+and the last layer of every zuko hypernetwork are zero (a spline with zero parameters is the
+identity), so calibration fits the linear part in closed form and fitting starts no worse.
+
+All draws are explicit: ``sample(y, eps)`` maps standard-normal ``eps`` (temperature
+:math:`T` passes :math:`T\varepsilon`) and ``mean(y)`` is the image of ``eps = 0``.
+
+>>> import torch
+>>> q = make_conditional("mlp", 3, 2)
+>>> d, y = torch.randn(5, 3), torch.randn(5, 2)
+>>> lin = q.linear
+>>> torch.allclose(q.log_prob(d, y), lin.log_prob(d, y))   # starts as its linear Gaussian
+True
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .densities import (
+    LOG_2PI,
+    BaseDensity,
+    ConditionalDensity,
+    ConditionalDiagonalNormal,
+    ConditionalFullNormal,
+    DiagonalNormal,
+    StandardNormal,
+    _moments,
+    normal_log_prob,
+    sum_except_batch,
+)
+
+__all__ = [
+    "MLPConditionalNormal",
+    "FlowConditional",
+    "GaussianMixture",
+    "FlowBase",
+    "FAMILIES",
+    "BASES",
+    "DEFAULT_BASE",
+    "make_conditional",
+    "make_base",
+    "apply_family",
+    "resolve_base",
+    "use_densities",
+]
+
+#: A user family: ``family(features, context) -> ConditionalDensity``.
+Family = Callable[[int, int], ConditionalDensity]
+
+
+def _dense_linear(q: ConditionalDensity, features: int, context: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """``(A (features, context), c, var)`` of any closed-form density, as a dense linear Gaussian."""
+    structure = q.linear_regressors() if q is not None else None
+    if structure is None:
+        return None
+    A, c, var = q.read_linear()
+    if not isinstance(structure, str):
+        dense = A.new_zeros(features, context)
+        dense[torch.arange(features), structure] = A
+        A = dense
+    return A, c, var  # var: variances, or a covariance matrix ("full-cov")
+
+
+class _Standardize(nn.Module):
+    """Buffers ``loc``/``scale`` for a conditioner's input (set by calibration from the context's moments)."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.register_buffer("loc", torch.zeros(features))
+        self.register_buffer("scale", torch.ones(features))
+
+    def forward(self, y: Tensor) -> Tensor:
+        return (y - self.loc) / self.scale
+
+    def set(self, mean: Tensor | None, var: Tensor | None) -> None:
+        if mean is None or var is None:
+            return
+        with torch.no_grad():
+            self.loc.copy_(mean.to(self.loc.dtype))
+            self.scale.copy_(var.clamp_min(1e-12).sqrt().to(self.scale.dtype))
+
+
+class _WithLinear(ConditionalDensity):
+    """A richer family around a linear-Gaussian part ``self.linear``: calibrated through it."""
+
+    linear: ConditionalFullNormal
+    standardize: _Standardize
+
+    def linear_regressors(self) -> str:
+        return "full-cov"
+
+    def read_linear(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.linear.read_linear()
+
+    def write_linear(self, A, c, var, context_mean=None, context_var=None) -> None:
+        self.linear.write_linear(A, c, var)
+        self.standardize.set(context_mean, context_var)
+        self.reset_to_linear()
+
+    def reset_to_linear(self) -> None:
+        raise NotImplementedError
+
+
+def _zero_last_linear(module: nn.Module) -> None:
+    last = [m for m in module.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        if last.bias is not None:
+            last.bias.zero_()
+
+
+class MLPConditionalNormal(_WithLinear):
+    r"""Heteroscedastic Gaussian :math:`q(d\mid y) = \mathcal N(Ay + c + \mu_\theta(y), \operatorname{diag} e^{2(\lambda + \rho_\theta(y))})`.
+
+    :math:`(\mu_\theta, \rho_\theta)` is an MLP (``hidden`` units per layer, ``depth`` hidden
+    layers, SiLU) of the standardized context; its output layer starts at zero, so the density
+    starts as its linear part ``self.linear`` (:math:`\rho` is soft-clamped to :math:`\pm 5`).
+
+    >>> q = MLPConditionalNormal(2, 3)
+    >>> q.sample(torch.randn(4, 3)).shape
+    torch.Size([4, 2])
+    """
+
+    def __init__(self, features: int, context_features: int, hidden: int = 64, depth: int = 2):
+        super().__init__()
+        self.features, self.context_features = int(features), int(context_features)
+        self.linear = ConditionalFullNormal(self.features, self.context_features)
+        self.standardize = _Standardize(self.context_features)
+        layers: list[nn.Module] = []
+        width = self.context_features
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.SiLU()]
+            width = hidden
+        layers.append(nn.Linear(width, 2 * self.features))
+        self.net = nn.Sequential(*layers)
+        _zero_last_linear(self.net)
+
+    def reset_to_linear(self) -> None:
+        _zero_last_linear(self.net)
+
+    def params(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mean, rho)``: the mean :math:`Ay + c + \mu_\theta(y)` and the log-scales :math:`\rho_\theta(y)`
+        of the whitened residual (both of shape ``(..., features)``)."""
+        h = self.net(self.standardize(y))
+        mu = self.linear.mean(y) + h[..., : self.features]
+        rho = 5.0 * torch.tanh(h[..., self.features :] / 5.0)
+        return mu, rho
+
+    def log_prob(self, d: Tensor, y: Tensor) -> Tensor:
+        mu, rho = self.params(y)
+        r = nn.functional.linear(d - mu, self.linear.precision_factor())
+        rows = d[0].numel() // self.features
+        return sum_except_batch(normal_log_prob(r, 0.0, rho)) - rows * self.linear.log_scale.sum()
+
+    def sample(self, y: Tensor, eps: Tensor | None = None) -> Tensor:
+        mu, rho = self.params(y)
+        if eps is None:
+            eps = torch.randn_like(mu)
+        return mu + self.linear.color(eps.reshape(mu.shape) * rho.exp())
+
+    def mean(self, y: Tensor) -> Tensor:
+        return self.params(y)[0]
+
+
+def _zuko_flow(features: int, context: int, transforms: int, hidden: Sequence[int], bins: int, kind: str) -> nn.Module:
+    import zuko
+
+    if kind == "nsf":
+        flow = zuko.flows.NSF(features, context, transforms=transforms, hidden_features=tuple(hidden), bins=bins)
+    elif kind == "maf":
+        flow = zuko.flows.MAF(features, context, transforms=transforms, hidden_features=tuple(hidden))
+    else:
+        raise ValueError(f'flow kind must be "nsf" or "maf", got {kind!r}')
+    _identity(flow)
+    return flow
+
+
+def _identity(flow: nn.Module) -> None:
+    """Zero the last layer of every hypernetwork: zuko's splines and affine maps become the identity."""
+    for t in flow.transform.transforms:
+        if any(isinstance(m, nn.Linear) for m in t.modules()):
+            _zero_last_linear(t)
+
+
+class FlowConditional(_WithLinear):
+    r"""Conditional normalizing flow on the standardized residual of a linear Gaussian.
+
+    .. math:: r = P(d - Ay - c), \quad u = T_\theta(r; \tilde y) \sim \mathcal N(0, I), \quad
+              \log q(d\mid y) = \log\mathcal N(u; 0, I) + \log\Big|\frac{\partial T_\theta}{\partial r}\Big| + \log|\det P|,
+
+    with :math:`T_\theta` zuko's autoregressive neural spline flow (``kind="nsf"``, ``bins``
+    rational-quadratic bins on :math:`[-5, 5]`, identity outside) or affine MAF (``"maf"``),
+    conditioned on the standardized context :math:`\tilde y`. It starts as the identity, i.e. as
+    the linear Gaussian ``self.linear``. Sampling inverts :math:`T_\theta` (``features`` passes).
+
+    >>> q = FlowConditional(2, 3)
+    >>> d, y = torch.randn(4, 2), torch.randn(4, 3)
+    >>> torch.allclose(q.log_prob(d, y), q.linear.log_prob(d, y), atol=1e-5)
+    True
+    """
+
+    def __init__(self, features: int, context_features: int, transforms: int = 2, hidden: Sequence[int] = (64, 64),
+                 bins: int = 8, kind: str = "nsf"):
+        super().__init__()
+        self.features, self.context_features = int(features), int(context_features)
+        self.linear = ConditionalFullNormal(self.features, self.context_features)
+        self.standardize = _Standardize(self.context_features)
+        self.flow = _zuko_flow(self.features, self.context_features, transforms, hidden, bins, kind)
+
+    def reset_to_linear(self) -> None:
+        _identity(self.flow)
+
+    def _transform(self, y: Tensor):
+        return self.flow.transform(self.standardize(y) if self.context_features else None)
+
+    def log_prob(self, d: Tensor, y: Tensor) -> Tensor:
+        lin = self.linear
+        r = lin.whiten(d, y)
+        u, ladj = self._transform(y).call_and_ladj(r)
+        ll = -0.5 * (u * u).sum(-1) + ladj - lin.log_scale.sum() - 0.5 * LOG_2PI * self.features
+        return sum_except_batch(ll) if ll.dim() > 1 else ll
+
+    def sample(self, y: Tensor, eps: Tensor | None = None) -> Tensor:
+        lin = self.linear
+        mu = lin.mean(y)
+        if eps is None:
+            eps = torch.randn_like(mu)
+        r = self._transform(y).inv(eps.reshape(mu.shape))
+        return mu + lin.color(r)
+
+
+# -- base densities ---------------------------------------------------------------------------
+class GaussianMixture(BaseDensity):
+    r"""Mixture of ``components`` diagonal Gaussians on an output of shape ``event_shape``:
+
+    .. math:: \log p(z) = \log\sum_k \pi_k\, \mathcal N(z; \mu_k, \operatorname{diag}\sigma_k^2),
+
+    parameters ``logits`` (:math:`\log\pi` up to a constant), ``loc`` and ``log_scale`` of shape
+    ``(components, D)``. :func:`~flowconvert.calibrate` fits it by EM (closed-form steps).
+    Sampling picks a component, then scales the standard-normal draw by the temperature.
+
+    >>> m = GaussianMixture((2,), components=3)
+    >>> m.log_prob(torch.zeros(4, 2)).shape, m.sample(5).shape
+    (torch.Size([4]), torch.Size([5, 2]))
+    """
+
+    def __init__(self, event_shape: Sequence[int], components: int = 10):
+        super().__init__()
+        self.event_shape = tuple(int(s) for s in event_shape)
+        self.components = int(components)
+        D = math.prod(self.event_shape)
+        g = torch.Generator().manual_seed(0)  # distinct components, reproducibly
+        self.logits = nn.Parameter(torch.zeros(self.components))
+        self.loc = nn.Parameter(0.5 * torch.randn(self.components, D, generator=g))
+        self.log_scale = nn.Parameter(torch.zeros(self.components, D))
+
+    def component_log_prob(self, z: Tensor) -> Tensor:
+        """``(B, K)``: :math:`\\log \\pi_k + \\log\\mathcal N(z; \\mu_k, \\sigma_k^2)`."""
+        flat = z.reshape(z.shape[0], 1, -1)
+        lp = normal_log_prob(flat, self.loc, self.log_scale).sum(-1)
+        return lp + torch.log_softmax(self.logits, 0)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        return torch.logsumexp(self.component_log_prob(z), 1)
+
+    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
+        k = torch.multinomial(torch.softmax(self.logits.detach(), 0), n, replacement=True)
+        eps = torch.randn(n, self.loc.shape[1], dtype=self.loc.dtype, device=self.loc.device)
+        z = self.loc[k] + temperature * eps * self.log_scale[k].exp()
+        return z.reshape(n, *self.event_shape)
+
+    def fit_closed_form(self, z: Tensor, min_var: float = 1e-6) -> bool:
+        """EM from a k-means++ start (see :meth:`em`)."""
+        self.em(z, min_var=max(min_var, 1e-4))
+        return True
+
+    @torch.no_grad()
+    def em(self, z: Tensor, iterations: int = 50, min_var: float = 1e-4, seed: int = 0) -> None:
+        """Maximum likelihood by expectation-maximization on rows ``z`` (k-means++ start)."""
+        x = z.reshape(z.shape[0], -1).double()
+        n, K = x.shape[0], self.components
+        g = torch.Generator().manual_seed(seed)
+        floor = min_var * x.var(0).clamp_min(1e-12)
+        centers = [x[torch.randint(n, (1,), generator=g)].squeeze(0)]
+        for _ in range(1, K):  # k-means++ seeding
+            d2 = torch.cdist(x, torch.stack(centers)).square().min(1).values
+            centers.append(x[torch.multinomial(d2 / d2.sum() if d2.sum() > 0 else torch.ones(n, dtype=x.dtype), 1, generator=g)].squeeze(0))
+        mu = torch.stack(centers)
+        var = x.var(0, unbiased=False).clamp_min(1e-12).expand(K, -1).clone()
+        log_pi = torch.full((K,), -math.log(K), dtype=x.dtype)
+        for _ in range(iterations):
+            lp = normal_log_prob(x[:, None], mu, 0.5 * var.log()).sum(-1) + log_pi
+            r = torch.softmax(lp, 1)  # (n, K) responsibilities
+            nk = r.sum(0) + 1e-10
+            mu = (r.mT @ x) / nk[:, None]
+            var = ((r.mT @ (x * x)) / nk[:, None] - mu * mu).clamp_min(0) + floor
+            log_pi = (nk / n).log()
+        self.loc.copy_(mu.to(self.loc.dtype))
+        self.log_scale.copy_((0.5 * var.log()).to(self.log_scale.dtype))
+        self.logits.copy_(log_pi.to(self.logits.dtype))
+
+
+class FlowBase(BaseDensity):
+    r"""A zuko spline flow on the standardized output: :math:`u = (z - \mu)/\sigma`,
+    :math:`v = T_\theta(u) \sim \mathcal N(0, I)`.
+
+    ``loc`` and ``log_scale`` (:math:`\mu`, :math:`\log\sigma`) are fitted in closed form by
+    calibration (as a :class:`~flowconvert.densities.DiagonalNormal`); :math:`T_\theta` starts as
+    the identity. Sampling at temperature :math:`T` inverts :math:`T_\theta` at :math:`T\varepsilon`.
+
+    >>> b = FlowBase((3,))
+    >>> torch.allclose(b.log_prob(torch.zeros(2, 3)), StandardNormal((3,)).log_prob(torch.zeros(2, 3)), atol=1e-5)
+    True
+    """
+
+    def __init__(self, event_shape: Sequence[int], transforms: int = 3, hidden: Sequence[int] = (64, 64), bins: int = 8,
+                 kind: str = "nsf"):
+        super().__init__()
+        self.event_shape = tuple(int(s) for s in event_shape)
+        D = math.prod(self.event_shape)
+        self.loc = nn.Parameter(torch.zeros(self.event_shape))
+        self.log_scale = nn.Parameter(torch.zeros(self.event_shape))
+        self.flow = _zuko_flow(D, 0, transforms, hidden, bins, kind) if D > 1 else None
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        u = ((z - self.loc) * torch.exp(-self.log_scale)).reshape(z.shape[0], -1)
+        ll = -self.log_scale.sum() - 0.5 * LOG_2PI * u.shape[1]
+        if self.flow is None:
+            return ll - 0.5 * (u * u).sum(1)
+        v, ladj = self.flow.transform(None).call_and_ladj(u)
+        return ll - 0.5 * (v * v).sum(1) + ladj
+
+    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
+        D = math.prod(self.event_shape)
+        v = temperature * torch.randn(n, D, dtype=self.loc.dtype, device=self.loc.device)
+        u = v if self.flow is None else self.flow.transform(None).inv(v)
+        return self.loc + u.reshape(n, *self.event_shape) * self.log_scale.exp()
+
+    @torch.no_grad()
+    def fit_closed_form(self, z: Tensor, min_var: float = 1e-6) -> bool:
+        """Moment matching of the standardization, the flow reset to the identity."""
+        mean, var = _moments(z, min_var)
+        self.loc.copy_(mean.to(self.loc.dtype))
+        self.log_scale.copy_((0.5 * var.log()).to(self.log_scale.dtype))
+        if self.flow is not None:
+            _identity(self.flow)
+        return True
+
+
+# -- choosing a family --------------------------------------------------------------------------
+#: Conditional families by name (``convert(..., density=name)``); ``None``: keep the layer's own linear Gaussian.
+FAMILIES: dict[str, Family | None] = {
+    "gaussian": None,
+    "mlp": MLPConditionalNormal,
+    "flow": FlowConditional,
+}
+#: Base densities by name (``convert(..., base=name)``).
+BASES: dict[str, Callable[[Sequence[int]], BaseDensity]] = {
+    "standard": StandardNormal,
+    "diagonal": DiagonalNormal,
+    "mixture": GaussianMixture,
+    "flow": FlowBase,
+}
+#: The base each family uses unless ``base=`` says otherwise.
+DEFAULT_BASE = {"gaussian": "diagonal", "mlp": "mixture", "flow": "flow"}
+
+
+def make_conditional(density: str | Family, features: int, context: int,
+                     like: ConditionalDensity | None = None) -> ConditionalDensity | None:
+    """A conditional density of ``features`` coordinates given ``context``, initialised from ``like``.
+
+    ``density`` is a name of :data:`FAMILIES` or a callable ``(features, context) -> ConditionalDensity``
+    (whose result must have those ``features`` / ``context_features``). When ``like`` has a
+    closed form (:meth:`~flowconvert.densities.ConditionalDensity.linear_regressors`) and the new
+    density too, the new one starts as exactly ``like``. Returns None for ``"gaussian"``
+    (keep the layer's own).
+    """
+    if isinstance(density, str):
+        if density not in FAMILIES:
+            raise ValueError(f"density must be one of {sorted(FAMILIES)} or a callable, got {density!r}")
+        ctor = FAMILIES[density]
+        if ctor is None:
+            return None
+        q = ctor(features, context)
+    elif callable(density):
+        q = density(features, context)
+        if not isinstance(q, ConditionalDensity):
+            raise TypeError(f"the density callable returned {type(q).__name__}, not a ConditionalDensity")
+        if int(q.features) != features or int(q.context_features) != context:
+            raise ValueError(
+                f"the density callable returned features={q.features}, context_features={q.context_features} "
+                f"for a part of {features} features given {context}"
+            )
+    else:
+        raise TypeError(f"density must be a family name or a callable, got {type(density).__name__}")
+    if like is not None:
+        params = [p for p in like.parameters()]
+        q = q.to(dtype=params[0].dtype if params else torch.get_default_dtype())
+        dense = _dense_linear(like, features, context)
+        if dense is not None and q.linear_regressors() in ("full", "full-cov"):
+            q.write_linear(*dense)
+    return q
+
+
+def make_base(base: str | Callable[[Sequence[int]], BaseDensity], event_shape: Sequence[int]) -> BaseDensity:
+    """A base density by name (:data:`BASES`) or from a callable ``event_shape -> BaseDensity``."""
+    if isinstance(base, str):
+        if base not in BASES:
+            raise ValueError(f"base must be one of {sorted(BASES)} or a callable, got {base!r}")
+        return BASES[base](tuple(event_shape))
+    out = base(tuple(event_shape))
+    if not isinstance(out, BaseDensity):
+        raise TypeError(f"the base callable returned {type(out).__name__}, not a BaseDensity")
+    return out
+
+
+def apply_family(flow: nn.Module, density: str | Family = "gaussian") -> list[str]:
+    """Replace every conditional density part of every flow layer in ``flow`` by the family ``density``.
+
+    Parts are found through :meth:`~flowconvert.core.FlowLayer.density_parts`; each new density
+    starts as the linear Gaussian it replaces. Returns the replaced parts' names
+    (``"<layer path>.<part name>"``). ``"gaussian"`` replaces nothing.
+    """
+    from .core import FlowLayer
+
+    replaced = []
+    layers = [(name, m) for name, m in flow.named_modules() if isinstance(m, FlowLayer)]
+    for name, layer in layers:
+        for part in layer.density_parts():
+            if part.kind != "conditional":
+                continue
+            old = layer.get_submodule(part.name)
+            new = make_conditional(density, part.features, part.context, like=old)
+            if new is None:
+                continue
+            params = list(old.parameters())
+            if params:
+                new = new.to(device=params[0].device)
+            layer.set_submodule(part.name, new)
+            replaced.append(f"{name}.{part.name}" if name else part.name)
+    return replaced
+
+
+def resolve_base(density: str | Family, base: str | Callable | None) -> str | Callable:
+    """The base to use: ``base`` when given, else the family's default (:data:`DEFAULT_BASE`)."""
+    if base is not None:
+        return base
+    return DEFAULT_BASE.get(density, "diagonal") if isinstance(density, str) else "diagonal"
+
+
+def use_densities(flow: nn.Module, density: str | Family = "gaussian", base: str | Callable | None = None) -> nn.Module:
+    """Give a built :class:`~flowconvert.flow.FlowModel` the family ``density`` and the base ``base``.
+
+    Every conditional part declared by its layers is replaced by the family (starting as the
+    linear Gaussian it replaces, :func:`apply_family`); every output whose base is not already
+    of the requested kind gets a new base (same dtype and device). Called by
+    :func:`flowconvert.convert`; returns ``flow``.
+    """
+    apply_family(flow, density)
+    base = resolve_base(density, base)
+    bases = getattr(flow, "bases", None)
+    if bases is None:
+        return flow
+    changed = False
+    for key, old in list(bases.items()):
+        if isinstance(base, str) and type(old) is BASES.get(base):
+            continue
+        ref = next(iter(old.buffers()), None) if not list(old.parameters()) else next(old.parameters())
+        new = make_base(base, old.event_shape)
+        if ref is not None:
+            new = new.to(dtype=ref.dtype, device=ref.device)
+        bases[key] = new
+        changed = True
+    if changed and hasattr(flow, "_build_graphs"):
+        flow._build_graphs()  # the generated programs hold the base modules they call
+    return flow

@@ -1,0 +1,203 @@
+"""Density families: normalization, sampling by change of variables, start as the linear Gaussian."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.autograd.functional import jacobian
+
+import flowconvert as fc
+from flowconvert.densities import (
+    ConditionalDiagonalNormal,
+    ConditionalFullNormal,
+    ElementwiseConditionalNormal,
+    normal_log_prob,
+    triangular_inverse,
+)
+from flowconvert.families import FlowBase, FlowConditional, GaussianMixture, MLPConditionalNormal, make_base, make_conditional
+from flowconvert.pooling import ChannelConditionalNormal
+
+from obligations import grid_integral
+
+
+def _perturb(module: torch.nn.Module, scale: float = 0.2, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial parameters (as after fitting), reproducibly."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return module
+
+
+#: name -> factory(features, context) of a conditional family, perturbed away from its initialisation
+CONDITIONALS = {
+    "gaussian": lambda f, c: ConditionalDiagonalNormal(f, c),
+    "gaussian-full": lambda f, c: ConditionalFullNormal(f, c),
+    "elementwise": lambda f, c: ElementwiseConditionalNormal(f),
+    "channel": lambda f, c: ChannelConditionalNormal(c, f // c),
+    "mlp": lambda f, c: MLPConditionalNormal(f, c, hidden=16),
+    "flow-nsf": lambda f, c: FlowConditional(f, c, hidden=(16, 16)),
+    "flow-maf": lambda f, c: FlowConditional(f, c, hidden=(16, 16), kind="maf"),
+}
+
+
+def _case(name: str, features: int):
+    context = features if name in ("elementwise", "channel") else 2
+    if name == "channel":
+        context = 1
+    torch.manual_seed(0)
+    q = _perturb(CONDITIONALS[name](features, context).double())
+    y = torch.randn(1, context, dtype=torch.float64)
+    return q, y
+
+
+@pytest.mark.parametrize("name", list(CONDITIONALS))
+@pytest.mark.parametrize("features", [1, 2])
+def test_conditional_integrates_to_one(name, features):
+    q, y = _case(name, features)
+    bounds = [(-14.0, 14.0)] * features
+    points = 4000 if features == 1 else 350
+    total = grid_integral(lambda d: q.log_prob(d, y.expand(d.shape[0], -1)), bounds, points)
+    # tolerance: the midpoint rule on a smooth density over a box holding all but ~1e-6 of its mass
+    assert abs(total - 1) < 2e-3, total
+
+
+@pytest.mark.parametrize("name", ["gaussian", "gaussian-full", "mlp", "flow-nsf", "flow-maf"])
+def test_conditional_integrates_to_one_in_three_dims(name):
+    q, y = _case(name, 3)
+    # importance sampling from a wide Gaussian proposal: E[q / r] = 1
+    g = torch.Generator().manual_seed(1)
+    n, s = 50_000, 3.0
+    d = s * torch.randn(n, 3, generator=g, dtype=torch.float64) + q.mean(y).detach()
+    log_r = normal_log_prob(d, q.mean(y).detach(), math.log(s)).sum(1)
+    with torch.no_grad():
+        w = (q.log_prob(d, y.expand(n, -1)) - log_r).exp()
+    est, se = w.mean().item(), w.std().item() / math.sqrt(n)
+    assert abs(est - 1) < 4 * se + 1e-3, (est, se)
+
+
+@pytest.mark.parametrize("name", list(CONDITIONALS))
+def test_sampling_is_the_change_of_variables_of_log_prob(name):
+    """log q(sample(y, eps) | y) == log N(eps) - log|d sample / d eps| (float64, autograd Jacobian)."""
+    q, y = _case(name, 2)
+    for seed in range(3):
+        eps = torch.randn(2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        fn = lambda e: q.sample(y, e.reshape(1, 2)).reshape(-1)
+        J = jacobian(fn, eps)
+        d = fn(eps).reshape(1, 2)
+        expected = normal_log_prob(eps).sum() - torch.linalg.slogdet(J)[1]
+        torch.testing.assert_close(q.log_prob(d, y)[0], expected, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(CONDITIONALS))
+def test_mean_is_the_image_of_zero_noise_and_batches_broadcast(name):
+    q, _ = _case(name, 2)
+    y = torch.randn(4, 3, q.context_features, dtype=torch.float64)
+    zero = torch.zeros(4, 3, q.features, dtype=torch.float64)
+    torch.testing.assert_close(q.mean(y), q.sample(y, zero))
+    d = q.sample(y)
+    lp = q.log_prob(d, y)
+    assert lp.shape == (4,)
+    rows = torch.stack([q.log_prob(d[:, j], y[:, j]) for j in range(3)]).sum(0)
+    torch.testing.assert_close(lp, rows)
+
+
+@pytest.mark.parametrize("family", ["mlp", "flow"])
+@pytest.mark.parametrize("like", ["gaussian", "elementwise", "channel"])
+def test_richer_families_start_as_the_linear_gaussian_they_replace(family, like):
+    features = 4
+    context = {"gaussian": 3, "elementwise": 4, "channel": 2}[like]
+    old = _perturb(CONDITIONALS[like](features, context).double())
+    new = make_conditional(family, features, context, like=old)
+    assert new.features == features and new.context_features == context
+    d = torch.randn(7, features, dtype=torch.float64)
+    y = torch.randn(7, context, dtype=torch.float64)
+    torch.testing.assert_close(new.log_prob(d, y), old.log_prob(d, y), atol=1e-9, rtol=0)
+    torch.testing.assert_close(new.mean(y), old.mean(y), atol=1e-9, rtol=0)
+
+
+def test_user_callable_family_is_checked():
+    q = make_conditional(lambda f, c: MLPConditionalNormal(f, c, hidden=8), 3, 2)
+    assert isinstance(q, MLPConditionalNormal)
+    with pytest.raises(ValueError, match="features"):
+        make_conditional(lambda f, c: ConditionalDiagonalNormal(f + 1, c), 3, 2)
+    with pytest.raises(TypeError):
+        make_conditional(lambda f, c: torch.nn.Linear(c, f), 3, 2)
+    with pytest.raises(ValueError, match="density must be"):
+        make_conditional("spline", 3, 2)
+
+
+# -- bases ----------------------------------------------------------------------------------
+BASES = {
+    "diagonal": lambda shape: fc.DiagonalNormal(shape),
+    "mixture": lambda shape: GaussianMixture(shape, components=3),
+    "flow": lambda shape: FlowBase(shape, hidden=(16, 16)),
+}
+
+
+@pytest.mark.parametrize("name", list(BASES))
+@pytest.mark.parametrize("dims", [1, 2])
+def test_base_integrates_to_one(name, dims):
+    torch.manual_seed(0)
+    base = _perturb(BASES[name]((dims,)).double())
+    total = grid_integral(base.log_prob, [(-14.0, 14.0)] * dims, 4000 if dims == 1 else 350)
+    assert abs(total - 1) < 2e-3, total
+
+
+@pytest.mark.parametrize("name", list(BASES))
+def test_base_sampling_and_temperature(name):
+    torch.manual_seed(0)
+    base = _perturb(BASES[name]((2, 3)).double())
+    z = base.sample(500)
+    assert z.shape == (500, 2, 3) and z.dtype == torch.float64 and torch.isfinite(base.log_prob(z)).all()
+    # temperature scales every standard-normal draw: at T = 0 only the modes' images remain
+    cold = base.sample(50, temperature=0.0)
+    assert torch.unique(cold.reshape(50, -1).round(decimals=9), dim=0).shape[0] <= getattr(base, "components", 1)
+    # lower temperature concentrates the samples: smaller spread around the T = 0 points
+    spread = lambda T: (base.sample(500, temperature=T) - cold[:1]).square().mean().item()
+    if name != "mixture":
+        assert spread(0.5) < spread(1.0)
+
+
+def test_mixture_em_finds_clusters_and_sampling_matches():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.tensor([[-4.0, 0.0], [4.0, 1.0], [0.0, 5.0]], dtype=torch.float64)
+    k = torch.randint(3, (3000,), generator=g)
+    x = centers[k] + 0.5 * torch.randn(3000, 2, generator=g, dtype=torch.float64)
+    m = GaussianMixture((2,), components=3).double()
+    diag = fc.DiagonalNormal((2,)).double()
+    with torch.no_grad():
+        diag.loc.copy_(x.mean(0))
+        diag.log_scale.copy_(0.5 * x.var(0).log())
+    m.em(x)
+    true = torch.logsumexp(normal_log_prob(x[:, None], centers, math.log(0.5)).sum(-1) - math.log(3), 1).mean()
+    assert abs(m.log_prob(x).mean() - true) < 0.05
+    assert m.log_prob(x).mean() > diag.log_prob(x).mean() + 1.0
+    found = m.loc.detach()[m.loc.detach()[:, 0].argsort()]
+    torch.testing.assert_close(found, centers[centers[:, 0].argsort()], atol=0.1, rtol=0)
+
+
+def test_make_base_by_name_and_callable():
+    assert isinstance(make_base("mixture", (4,)), GaussianMixture)
+    assert isinstance(make_base(lambda s: FlowBase(s), (4,)), FlowBase)
+    with pytest.raises(ValueError):
+        make_base("nope", (4,))
+
+
+def test_triangular_inverse_and_full_covariance_round_trip():
+    g = torch.Generator().manual_seed(0)
+    for F in (1, 2, 3, 5, 8, 13):
+        P = torch.tril(torch.randn(F, F, generator=g, dtype=torch.float64), -1) + torch.diag(torch.rand(F, generator=g, dtype=torch.float64) + 0.5)
+        torch.testing.assert_close(triangular_inverse(P) @ P, torch.eye(F, dtype=torch.float64))
+    q = ConditionalFullNormal(3, 2).double()
+    M = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    cov = M @ M.mT + 0.1 * torch.eye(3, dtype=torch.float64)
+    A, c = torch.randn(3, 2, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
+    q.write_linear(A, c, cov)
+    A2, c2, cov2 = q.read_linear()
+    torch.testing.assert_close(cov2, cov)
+    y, d = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    ref = torch.distributions.MultivariateNormal(y @ A.mT + c, cov).log_prob(d)
+    torch.testing.assert_close(q.log_prob(d, y), ref)
