@@ -153,10 +153,12 @@ def test_calibrate_never_lowers_heldout_log_p_and_richer_families_start_from_it(
     after = fc.log_likelihood(flow, held).mean().item()
     assert report.heldout_after >= report.heldout_before and after >= before - 1e-6
     assert not report.not_calibrated, str(report)
-    # a richer family after calibration *is* the calibrated linear Gaussian: same held-out log p
+    # a richer family starts from a calibrated linear Gaussian (full covariance for "mlp"/"flow"):
+    # never below the diagonal "gaussian" family after calibration
     reference = fc.convert(_mlp(), x[:2], density="gaussian", base="diagonal")
     fc.calibrate(reference, x, val_data=held)
-    assert abs(after - fc.log_likelihood(reference, held).mean().item()) < 1e-4
+    ref = fc.log_likelihood(reference, held).mean().item()
+    assert after >= ref - 1e-4 if density != "gaussian" else abs(after - ref) < 1e-4
     # calibrating again changes nothing for the worse, also after fitting moved a richer family
     if density != "gaussian":
         fc.fit(flow, x, val_data=held, epochs=3, lr=3e-3, progress=False)
