@@ -19,7 +19,9 @@ from .errors import (
     ConversionError,
     Diagnostic,
     ExportError,
+    FileFormatError,
     FlowConversionError,
+    InputError,
     LayerConfigurationError,
     SingularWeightError,
     TracingError,
@@ -41,6 +43,7 @@ from .dequantization import Dequantize, nats_to_bits_per_dim
 from .evaluation import bits_per_dim, log_likelihood
 from .calibration import CalibrationReport, calibrate
 from .training import History, fit
+from .io import load, save
 
 __all__ = [
     "audit",
@@ -87,6 +90,10 @@ __all__ = [
     "SingularWeightError",
     "TracingError",
     "ExportError",
+    "FileFormatError",
+    "InputError",
+    "save",
+    "load",
     "export_onnx",
     "ExportResult",
     "Dequantize",

@@ -190,25 +190,30 @@ def _run_audit(args: argparse.Namespace) -> int:
 # -- convert --------------------------------------------------------------------------------
 def _configure_convert(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("-o", "--output", required=True, metavar="FILE", help="where to torch.save the flow model")
+    parser.add_argument("-o", "--output", required=True, metavar="FILE",
+                        help="where to save the flow (flowconvert.save: safetensors + JSON, no pickle)")
     parser.add_argument("--base", choices=["standard", "diagonal"], default="standard", help="base density per output")
     parser.add_argument("--format", choices=["text", "markdown", "json"], default="text")
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    import torch
+    from .errors import FileFormatError
+    from .io import save
 
     report, flow = _audit(args)
     print(_render(report, args.format))
     if flow is None:
         return 1
-    torch.save(flow, args.output)
-    print(f"saved the flow model to {args.output} (load with torch.load(path, weights_only=False))", file=sys.stderr)
+    try:
+        save(flow, args.output)
+    except FileFormatError as exc:
+        raise UsageError(str(exc)) from exc
+    print(f"saved the flow to {args.output} (load with flowconvert.load(path))", file=sys.stderr)
     return 0
 
 
 register_command("audit", "report which nodes of a model can become a flow, and why not", _configure_audit, _run_audit)
-register_command("convert", "convert a model into a flow and save it with torch.save", _configure_convert, _run_convert)
+register_command("convert", "convert a model into a flow and save it (flowconvert.save)", _configure_convert, _run_convert)
 
 from .demo import configure_cli as _configure_demo, run_cli as _run_demo  # noqa: E402
 

@@ -1,14 +1,15 @@
 """The ``flowconvert export`` subcommand: a model or a saved flow to a verified ONNX file.
 
 ``flowconvert export TARGET --input-shape 1,64 -o model.onnx`` converts TARGET first;
-``flowconvert export flow.pt -o model.onnx`` loads a flow saved by ``flowconvert convert``
-(its input shapes are known; ``--batch`` sets the example batch). Exit status: 0 exported
+``flowconvert export flow.safetensors -o model.onnx`` loads a flow saved by ``flowconvert convert``
+(:func:`flowconvert.load`; its input shapes are known; ``--batch`` sets the example batch).
+Pickled files are refused, never unpickled. Exit status: 0 exported
 and verified, 1 the model could not be converted or the export failed a check, 2 bad usage.
 
 >>> import argparse
 >>> parser = argparse.ArgumentParser()
 >>> configure(parser)
->>> args = parser.parse_args(["flow.pt", "-o", "m.onnx", "--graph", "inverse", "--noise", "input"])
+>>> args = parser.parse_args(["flow.safetensors", "-o", "m.onnx", "--graph", "inverse", "--noise", "input"])
 >>> args.graph, args.noise, args.verify
 ('inverse', 'input', True)
 """
@@ -25,7 +26,7 @@ __all__ = ["configure", "run"]
 def configure(parser: argparse.ArgumentParser) -> None:
     from .cli import parse_shape  # the one shape parser of the command line (cli imports this module)
 
-    parser.add_argument("target", metavar="TARGET|FLOW.pt",
+    parser.add_argument("target", metavar="TARGET|FLOW",
                         help="package.module:attr or path/to/file.py:attr, or a flow saved by 'flowconvert convert'")
     parser.add_argument("-o", "--output", required=True, metavar="FILE", help="the .onnx file to write")
     parser.add_argument("--graph", choices=["likelihood", "inverse"], default="likelihood",
@@ -53,11 +54,14 @@ def run(args: argparse.Namespace) -> int:
     from .errors import FlowConversionError
     from .export import export_onnx
 
-    if os.path.isfile(args.target) and args.target.endswith((".pt", ".pth")):
+    if os.path.isfile(args.target):  # a saved flow (a model TARGET names an attribute: file.py:attr)
+        from .errors import FileFormatError
+        from .io import load
+
         try:
-            flow = torch.load(args.target, weights_only=False, map_location="cpu")
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is bad input
-            raise UsageError(f"cannot load a flow from {args.target}: {exc}") from exc
+            flow = load(args.target)
+        except FileFormatError as exc:
+            raise UsageError(str(exc)) from exc
         if not hasattr(flow, "forward_with_log_prob"):
             raise UsageError(f"{args.target} holds a {type(flow).__name__}, not a flow saved by 'flowconvert convert'")
         flow = flow.to(getattr(torch, args.dtype))
