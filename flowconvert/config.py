@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-__all__ = ["Configurable", "RECORDED", "class_key"]
+__all__ = ["RECORDED", "Configurable", "class_key"]
 
 #: Every recorded class by ``module.qualname``: the allow-list :func:`flowconvert.load` builds from.
 RECORDED: dict[str, type] = {}

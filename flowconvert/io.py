@@ -38,8 +38,9 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -47,7 +48,7 @@ from torch import Tensor, nn
 from .config import RECORDED, Configurable, class_key
 from .errors import FileFormatError
 
-__all__ = ["save", "load", "FORMAT", "VERSION", "sniff"]
+__all__ = ["FORMAT", "VERSION", "load", "save", "sniff"]
 
 #: ``format`` entry of the metadata of every flow file.
 FORMAT = "flowconvert.flow"
@@ -187,7 +188,7 @@ class _Writer:
             return [self._encode(v, where, f"{key}.{i}") for i, v in enumerate(value)]
         if isinstance(value, dict) and all(isinstance(k, str) for k in value):
             return {"__dict__": {k: self._encode(v, where, f"{key}.{k}") for k, v in value.items()}}
-        if hasattr(value, "keys") and hasattr(value, "items") and all(isinstance(k, str) for k in value.keys()):
+        if hasattr(value, "keys") and hasattr(value, "items") and all(isinstance(k, str) for k in value):
             return {"__dict__": {k: self._encode(v, where, f"{key}.{k}") for k, v in value.items()}}
         if isinstance(value, Configurable):
             path = self.paths.get(id(value))
@@ -335,7 +336,7 @@ def load(path: str | os.PathLike, *, classes: Iterable[type] = ()) -> nn.Module:
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
     except (SafetensorError, OSError, ValueError) as exc:
         raise FileFormatError(f"{path} is not a readable safetensors file: {exc}", code="FC501") from exc
     if metadata.get("format") != FORMAT:
@@ -454,7 +455,7 @@ class _Reader:
             return cls(*args, **kwargs)
         except FileFormatError:
             raise
-        except Exception as exc:  # noqa: BLE001 - the constructor refused what the file says
+        except Exception as exc:
             raise FileFormatError(
                 f"{self.path}: building {path or 'the flow'} ({spec['class']}) failed: {type(exc).__name__}: {exc}",
                 code="FC504",
@@ -526,4 +527,4 @@ def _match_dtypes(root: nn.Module, saved: dict[str, Tensor]) -> None:
         current = {t.dtype for _, t in own if t is not None and t.is_floating_point()}
         if len(wanted) == 1 and current and current != wanted:
             dtype = wanted.pop()
-            module._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse=False)
+            module._apply(lambda t, dtype=dtype: t.to(dtype) if t.is_floating_point() else t, recurse=False)

@@ -15,14 +15,14 @@ import struct
 import pytest
 import torch
 import torch.nn.functional as F
+import zoo
+from test_zoo import ZOO as ARCHITECTURES
 from torch import nn
 
 import flowconvert as fc
-import zoo
 from flowconvert.config import RECORDED
 from flowconvert.core import FlowLayer
 from flowconvert.densities import BaseDensity, ConditionalDensity, GaussianNoise
-from test_zoo import ZOO as ARCHITECTURES, make as make_architecture
 
 
 # -- models using every layer kind --------------------------------------------------------------
@@ -163,7 +163,7 @@ def test_float64_flow_and_converted_dtype(tmp_path):
 
 
 def test_train_mode_and_report_are_kept(tmp_path):
-    flow, x = MODELS["square_mlp"]()
+    flow, _ = MODELS["square_mlp"]()
     flow.train()
     fc.save(flow, tmp_path / "f")
     loaded = fc.load(tmp_path / "f")
