@@ -22,6 +22,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import torch
+
 __all__ = ["RECORDED", "Configurable", "class_key"]
 
 #: Every recorded class by ``module.qualname``: the allow-list :func:`flowconvert.load` builds from.
@@ -39,7 +41,9 @@ class Configurable:
     """Mixin: the constructor call of each instance is recorded (see the module docstring).
 
     Only the outermost constructor call is kept (a subclass calling ``super().__init__`` with
-    other arguments records its own). Arguments are kept by reference, not copied.
+    other arguments records its own). Arguments are kept by reference, not copied; tensors
+    are detached (sharing storage), so the record holds no autograd graph and copies with
+    ``copy.deepcopy``.
     """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -53,7 +57,7 @@ class Configurable:
         def recording_init(self, *args: Any, **kw: Any) -> None:
             init(self, *args, **kw)
             if type(self).__init__ is recording_init:  # the outermost constructor of this instance
-                object.__setattr__(self, _CONFIG, (args, kw))
+                object.__setattr__(self, _CONFIG, (_detached(args), _detached(kw)))
 
         recording_init._fc_records = True  # type: ignore[attr-defined]
         cls.__init__ = recording_init  # type: ignore[misc]
@@ -61,3 +65,15 @@ class Configurable:
     def init_config(self) -> tuple[tuple, dict[str, Any]] | None:
         """``(args, kwargs)`` of the constructor call that made this instance (None if unknown)."""
         return self.__dict__.get(_CONFIG)
+
+
+def _detached(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_detached(v) for v in value)
+    if isinstance(value, list):
+        return [_detached(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    return value
