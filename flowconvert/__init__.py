@@ -60,6 +60,7 @@ _PUBLIC = {
     "evaluation": ("bits_per_dim", "log_likelihood"),
     "calibration": ("CalibrationReport", "calibrate"),
     "training": ("History", "fit"),
+    "io": ("save", "load"),
 }
 _WHERE = {name: module for module, names in _PUBLIC.items() for name in names}
 

@@ -384,25 +384,27 @@ def _render(report, fmt: str) -> str:
 
 
 def save_flow(flow, path: str) -> None:
-    """Write ``flow`` to ``path`` (the one place the command line saves a flow)."""
-    import torch
+    """Write ``flow`` to ``path`` with :func:`flowconvert.save` (safetensors + JSON, no pickle)."""
+    from .errors import FileFormatError
+    from .io import save
 
-    torch.save(flow, path)
+    try:
+        save(flow, path)
+    except FileFormatError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def load_flow(path: str):
-    """Read a flow written by :func:`save_flow` (the one place the command line loads one)."""
-    import torch
+    """Read a flow written by :func:`save_flow` with :func:`flowconvert.load` (never unpickles)."""
+    from .errors import FileFormatError
+    from .io import load
 
+    if not os.path.isfile(path):
+        raise UsageError(f"no such file: {path}")
     try:
-        flow = torch.load(path, weights_only=False, map_location="cpu")
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is bad input
-        raise UsageError(f"cannot load a flow from {path}: {exc}") from exc
-    from .core import Flow
-
-    if not isinstance(flow, Flow):
-        raise UsageError(f"{path} holds a {type(flow).__name__}, not a flow saved by 'flowconvert convert'")
-    return flow
+        return load(path)
+    except FileFormatError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def check_output_path(path: str) -> None:

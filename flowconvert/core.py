@@ -63,6 +63,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations, parametrize
 
+from .config import Configurable
+
 __all__ = ["FlowLayer", "DensityPart", "Flow", "network_training"]
 
 Shape = tuple[int, ...]
@@ -91,7 +93,7 @@ class DensityPart:
     context: int = 0
 
 
-class FlowLayer(nn.Module):
+class FlowLayer(Configurable, nn.Module):
     """Base class of flowified layers.
 
     Subclasses implement :meth:`call_and_ll` and :meth:`inverse`, set :attr:`exact`, and

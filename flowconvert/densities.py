@@ -19,6 +19,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from .config import Configurable
+
 __all__ = [
     "ConditionalDensity",
     "BaseDensity",
@@ -53,7 +55,7 @@ def normal_log_prob(x: Tensor, loc: Tensor | float = 0.0, log_scale: Tensor | fl
     return -0.5 * z * z - log_scale - 0.5 * LOG_2PI
 
 
-class ConditionalDensity(nn.Module):
+class ConditionalDensity(Configurable, nn.Module):
     r"""The interface of every family of conditional densities :math:`q(d \mid y)`.
 
     ``features`` coordinates ``d`` are modelled given ``context`` coordinates ``y``; both
@@ -105,7 +107,7 @@ class ConditionalDensity(nn.Module):
         raise NotImplementedError
 
 
-class BaseDensity(nn.Module):
+class BaseDensity(Configurable, nn.Module):
     """The interface of every base density on one output of shape ``event_shape``.
 
     * ``log_prob(z)``: ``(B, *event_shape) -> (B,)``;
@@ -390,7 +392,7 @@ class ElementwiseConditionalNormal(ConditionalNormal):
         _write(self, A, c, var)
 
 
-class GaussianNoise(nn.Module):
+class GaussianNoise(Configurable, nn.Module):
     r"""Augmentation noise :math:`u \sim \mathcal N(0, \tau^2)` per coordinate, ``log_scale`` = :math:`\log\tau` learnable.
 
     ``features`` is the size of the last dimension; ``log_scale`` has that shape (or is a

@@ -11,6 +11,8 @@ Code ranges:
 * ``FC2xx``: supported layers whose parameters or configuration rule out a flow.
 * ``FC3xx``: graph structure and tracing (fan-out, merges, control flow).
 * ``FC4xx``: export and verification.
+* ``FC5xx``: saved flow files (:func:`flowconvert.save` / :func:`flowconvert.load`).
+* ``FC6xx``: data and arguments given to a flow (shapes, dtypes, non-finite values).
 
 >>> DIAGNOSTICS["FC201"].title
 'weight matrix is (numerically) singular'
@@ -32,6 +34,8 @@ __all__ = [
     "ConversionError",
     "TracingError",
     "ExportError",
+    "FileFormatError",
+    "InputError",
 ]
 
 
@@ -225,6 +229,94 @@ class ConversionError(FlowConversionError):
 
 class ExportError(FlowConversionError):
     """ONNX export or its verification failed (``FC4xx``)."""
+
+
+class FileFormatError(FlowConversionError, ValueError):
+    """A flow file cannot be written or read (``FC5xx``); pickled files are refused, never loaded."""
+
+
+class InputError(FlowConversionError, ValueError):
+    """Data or an argument given to a flow does not fit it (``FC6xx``): the message says what was expected."""
+
+
+# Saved flow files (flowconvert.save / flowconvert.load).
+register_diagnostic(
+    "FC501",
+    "not a flowconvert flow file",
+    "flowconvert.load reads the files flowconvert.save writes: safetensors tensors with a "
+    "versioned JSON description of the flow. This file is not one (a state dict in "
+    "safetensors, another format, or a truncated file).",
+    "Save the flow with flowconvert.save(flow, path) or 'flowconvert convert -o FILE'; a "
+    "state dict of the original model goes to --weights instead.",
+)
+register_diagnostic(
+    "FC502",
+    "pickled file refused",
+    "The file is a pickle (torch.save or pickle.dump). Unpickling runs whatever code the "
+    "file names, so a crafted file can take over the machine; flowconvert never unpickles.",
+    "Convert the model again and save the flow with flowconvert.save (or 'flowconvert convert "
+    "-o FILE'); for the model's weights, save model.state_dict() and pass it with --weights "
+    "(read with torch.load(weights_only=True)).",
+)
+register_diagnostic(
+    "FC503",
+    "unknown flow file version",
+    "The file was written by a flowconvert with a newer (or unknown) file format version, "
+    "whose description this flowconvert cannot read safely.",
+    "Upgrade flowconvert, or save the flow again with this version.",
+)
+register_diagnostic(
+    "FC504",
+    "flow file does not describe a loadable flow",
+    "The description names a class that is not a flowconvert layer or density (only "
+    "recorded flowconvert classes are built), or its tensors do not fit the layers it "
+    "describes (a damaged or edited file).",
+    "Save the flow again with flowconvert.save; for layers of your own, pass their classes "
+    "with flowconvert.load(path, classes=[MyLayer]).",
+)
+register_diagnostic(
+    "FC505",
+    "flow cannot be saved",
+    "flowconvert.save writes a flow as data: each layer's constructor arguments as JSON and "
+    "its tensors in safetensors. A layer or density part has an argument that is not data "
+    "(a function, an arbitrary object) or is not a flowconvert class.",
+    "Use flowconvert layers and density families (derived from FlowLayer, ConditionalDensity, "
+    "BaseDensity), whose constructors take numbers, strings, shapes, tensors and modules.",
+)
+
+# Data and arguments given to a flow.
+register_diagnostic(
+    "FC601",
+    "input shape does not fit the flow",
+    "A flow is built for the per-sample shapes of the example inputs it was converted with; "
+    "another shape would run some layers on a different layout than the density assumes "
+    "and give a meaningless log-density.",
+    "Pass a batch of shape (batch, *shape) with the shape the message names (see "
+    "flow.input_shapes / flow.output_shapes), e.g. x.reshape(len(x), *flow.input_shapes[0]).",
+)
+register_diagnostic(
+    "FC602",
+    "input dtype does not fit the flow",
+    "The flow's parameters have one floating-point dtype; data of another dtype (integers, "
+    "a different precision) would fail inside a layer or silently lose precision.",
+    "Convert the data with x.to(dtype) to the dtype the message names, or the flow with "
+    "flow.to(dtype).",
+)
+register_diagnostic(
+    "FC603",
+    "data contains NaN or infinite values",
+    "A non-finite value makes every log-density and every fitted statistic it touches "
+    "non-finite (or breaks the linear algebra of calibration), so it is refused rather "
+    "than silently spreading.",
+    "Remove or impute the rows with NaN/Inf (e.g. data[torch.isfinite(data).flatten(1).all(1)]).",
+)
+register_diagnostic(
+    "FC604",
+    "invalid argument",
+    "An argument is outside the values the function accepts (a negative count, an empty "
+    "data set where data are needed, an unknown option).",
+    "Pass a value in the range the message names.",
+)
 
 
 # Operations that are not invertible or have no flow layer (reported by the audit).

@@ -1,15 +1,15 @@
 """The ``flowconvert export`` subcommand: a model or a saved flow to a verified ONNX file.
 
-``flowconvert export flow.pt -o model.onnx`` exports a flow saved by ``flowconvert convert``
-(its input shapes are known; ``--batch`` sets the example batch);
-``flowconvert export TARGET --input-shape 1,64 -o model.onnx`` converts TARGET first (its
-densities then are untrained: a warning says so). Exit status: 0 exported and verified,
-1 the model could not be converted or the export failed a check, 2 bad usage.
+``flowconvert export TARGET --input-shape 1,64 -o model.onnx`` converts TARGET first;
+``flowconvert export flow.safetensors -o model.onnx`` loads a flow saved by ``flowconvert convert``
+(:func:`flowconvert.load`; its input shapes are known; ``--batch`` sets the example batch).
+Pickled files are refused, never unpickled. Exit status: 0 exported
+and verified, 1 the model could not be converted or the export failed a check, 2 bad usage.
 
 >>> import argparse
 >>> parser = argparse.ArgumentParser()
 >>> configure(parser)
->>> args = parser.parse_args(["flow.pt", "-o", "m.onnx", "--graph", "inverse", "--noise", "input"])
+>>> args = parser.parse_args(["flow.safetensors", "-o", "m.onnx", "--graph", "inverse", "--noise", "input"])
 >>> args.graph, args.noise, args.verify
 ('inverse', 'input', True)
 """

@@ -47,6 +47,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, fx, nn
 
+from .config import Configurable
 from .core import FlowLayer
 
 __all__ = ["FlowModel", "FlowPlan", "Step"]
@@ -105,7 +106,7 @@ def _unpack_outputs(g: fx.Graph, step: Step, env: dict[str, fx.Node]) -> None:
         env[v] = g.create_node("call_function", operator.getitem, (env[step.name], i), name=v)
 
 
-class FlowModel(nn.Module):
+class FlowModel(Configurable, nn.Module):
     """A normalizing flow built from a traced network (see :func:`flowconvert.convert`).
 
     ``flow(*inputs)`` is the original network's output; ``layers`` (a ModuleDict of flow

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import flowconvert as fc
 from flowconvert import cli
 from source_lines import line_of
 
@@ -80,7 +81,7 @@ def target(tmp_path):
 
 
 SUBPROCESS_RUNS = {
-    "convert_good": ["convert", "{t}:Good", "--input-shape", "1,8", "-o", "{d}/flow.pt"],
+    "convert_good": ["convert", "{t}:Good", "--input-shape", "1,8", "-o", "{d}/flow.safetensors"],
     "audit_bad": ["audit", "{t}:bad", "--input-shape", "1,8", "--format", "json"],
     "wrong_shape": ["audit", "{t}:Good", "--input-shape", "1,7"],
     "no_batch_dim": ["audit", "{t}:Good", "--input-shape", "8"],
@@ -146,7 +147,7 @@ def test_exit_0_convert_writes_a_loadable_flow(runs):
     proc = results["convert_good"]
     assert proc.returncode == 0, proc.stderr
     assert "convertible" in proc.stdout
-    flow = torch.load(d / "flow.pt", weights_only=False)
+    flow = fc.load(d / "flow.safetensors")
     assert flow(torch.randn(2, 8)).shape == (2, 3) and flow.log_prob(torch.randn(2, 8)).shape == (2,)
 
 
@@ -205,9 +206,9 @@ def test_weights_are_loaded(target, tmp_path, capsys):
     torch.manual_seed(3)
     good = models.Good()
     torch.save(good.state_dict(), tmp_path / "w.pt")
-    out = tmp_path / "flow.pt"
+    out = tmp_path / "flow.safetensors"
     assert cli.main(["convert", f"{target}:Good", "--input-shape", "1,8", "--weights", str(tmp_path / "w.pt"), "-o", str(out)]) == 0
-    flow = torch.load(out, weights_only=False)
+    flow = fc.load(out)
     x = torch.randn(4, 8)
     assert torch.equal(flow(x), good(x))
     torch.save({"fc1.weight": torch.zeros(2, 2)}, tmp_path / "wrong.pt")

@@ -98,7 +98,7 @@ def test_readme_three_commands_give_a_calibrated_onnx_file_with_log_p(tmp_path):
         assert "never calibrated" not in proc.stderr
     assert "onnxruntime vs PyTorch" in proc.stdout and proc.stdout.rstrip().endswith(": ok")
 
-    flow = load_flow(str(tmp_path / "flow.pt"))
+    flow = load_flow(str(tmp_path / "flow.safetensors"))
     assert flow.density_state == "calibrated"
     session = ort.InferenceSession(str(tmp_path / "flow.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["x"]
