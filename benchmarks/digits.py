@@ -96,7 +96,9 @@ class OtherMLP(nn.Sequential):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1500, help="optimizer steps for the NSF and the fully trained flow")
+    parser.add_argument(
+        "--steps", type=int, default=1500, help="optimizer steps for the NSF and the fully trained flow"
+    )
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -110,17 +112,32 @@ def main() -> None:
     q = 0.1 if args.quick else 1.0
     steps = max(20, int(args.steps * q))
     rows, flows, nets = [], {}, {}
-    print(f"digits: {len(data.train_x)} train / {len(data.val_x)} validation / {len(data.test_x)} test; "
-          f"{args.threads} thread(s); step budget {steps} x batch {args.batch}", flush=True)
+    print(
+        f"digits: {len(data.train_x)} train / {len(data.val_x)} validation / {len(data.test_x)} test; "
+        f"{args.threads} thread(s); step budget {steps} x batch {args.batch}",
+        flush=True,
+    )
     rows.append(("uniform over the 17 levels", math.log2(LEVELS), math.log2(LEVELS), 0.0))
     t = time.perf_counter()
-    rows.append(("per-pixel categorical", categorical_bits_per_dim(data.train_x, data.val_x),
-                 categorical_bits_per_dim(data.train_x, data.test_x), time.perf_counter() - t))
+    rows.append(
+        (
+            "per-pixel categorical",
+            categorical_bits_per_dim(data.train_x, data.val_x),
+            categorical_bits_per_dim(data.train_x, data.test_x),
+            time.perf_counter() - t,
+        )
+    )
 
     t = time.perf_counter()
     nsf, nsf_val, nsf_steps = zuko_nsf(data, deq, steps, args.batch, args.seed)
-    rows.append((f"zuko NSF on pixels ({nsf_steps} steps)", nsf_val, fc.bits_per_dim(nsf, data.test_x, dequantize=deq),
-                 time.perf_counter() - t))
+    rows.append(
+        (
+            f"zuko NSF on pixels ({nsf_steps} steps)",
+            nsf_val,
+            fc.bits_per_dim(nsf, data.test_x, dequantize=deq),
+            time.perf_counter() - t,
+        )
+    )
     print(f"  NSF done: validation {nsf_val:.3f}", flush=True)
 
     fit_seconds = {}
@@ -139,18 +156,37 @@ def main() -> None:
             flows[key], fit_seconds[key] = flow, secs
             with torch.no_grad():
                 same = torch.equal(flow(deq.center(data.test_x)), net(deq.center(data.test_x)))
-            print(f"  {key:<44} validation {h.best_val_bpd:.3f} ({h.steps} steps, {secs:.0f}s), outputs unchanged: {same}",
-                  flush=True)
+            print(
+                f"  {key:<44} validation {h.best_val_bpd:.3f} ({h.steps} steps, {secs:.0f}s), outputs unchanged: {same}",
+                flush=True,
+            )
 
     torch.manual_seed(args.seed)
     t = time.perf_counter()
     gen = fc.convert(DigitsFlowMLP(), deq.center(data.train_x[:2]))
     fc.calibrate(gen, data.train_x, val_data=data.val_x, dequantize=deq)
     per_epoch = math.ceil(len(data.train_x) / args.batch)
-    h = fc.fit(gen, data.train_x, val_data=data.val_x, dequantize=deq, epochs=math.ceil(steps / per_epoch), max_steps=steps,
-               lr=5e-3, batch_size=args.batch, train="all", patience=8, progress=False)
-    rows.append((f"flowified 64-64-64 MLP, trained fully ({h.steps} steps)", h.best_val_bpd,
-                 fc.bits_per_dim(gen, data.test_x, dequantize=deq), time.perf_counter() - t))
+    h = fc.fit(
+        gen,
+        data.train_x,
+        val_data=data.val_x,
+        dequantize=deq,
+        epochs=math.ceil(steps / per_epoch),
+        max_steps=steps,
+        lr=5e-3,
+        batch_size=args.batch,
+        train="all",
+        patience=8,
+        progress=False,
+    )
+    rows.append(
+        (
+            f"flowified 64-64-64 MLP, trained fully ({h.steps} steps)",
+            h.best_val_bpd,
+            fc.bits_per_dim(gen, data.test_x, dequantize=deq),
+            time.perf_counter() - t,
+        )
+    )
     flows["trained fully"] = gen
 
     print("\ntest bits/dim (lower is better), validation used for every choice:")
@@ -165,8 +201,10 @@ def main() -> None:
     for key in (best, "trained fully"):
         for T in (1.0, args.temperature):
             s = sample_quality(flows[key], data, deq, T, recogniser=clf, seed=args.seed)
-            print(f"  {key:<40} T={T:<4g} in [-0.05, 1.05]: {100 * s['in_range']:5.1f}%  range {s['min']:8.2f}..{s['max']:7.2f}"
-                  f"  recognised {s['confidence']:.3f} / real {s['real_confidence']:.3f} = {s['confidence_ratio']:.2f}")
+            print(
+                f"  {key:<40} T={T:<4g} in [-0.05, 1.05]: {100 * s['in_range']:5.1f}%  range {s['min']:8.2f}..{s['max']:7.2f}"
+                f"  recognised {s['confidence']:.3f} / real {s['real_confidence']:.3f} = {s['confidence_ratio']:.2f}"
+            )
 
     print("\nout-of-distribution AUROC (test digits vs flipped, upside-down, shifted, uniform noise):")
     for name in nets:
@@ -175,7 +213,10 @@ def main() -> None:
         print(f"  {name + ', max softmax':<44} mean {mean:.3f}  " + "  ".join(f"{k} {v:.3f}" for k, v in base.items()))
         for key in (k for k in flows if k.startswith(name)):
             a = ood_auroc(flows[key], data.test_x, deq, seed=args.seed)
-            print(f"  {key + ', log p':<44} mean {sum(a.values()) / len(a):.3f}  " + "  ".join(f"{k} {v:.3f}" for k, v in a.items()))
+            print(
+                f"  {key + ', log p':<44} mean {sum(a.values()) / len(a):.3f}  "
+                + "  ".join(f"{k} {v:.3f}" for k, v in a.items())
+            )
 
     print("\nwall time of calibrate + fit of the densities of a frozen classifier (target < 180 s on 2 cores):")
     for key, secs in fit_seconds.items():

@@ -42,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("n", nargs="?", type=int, default=2000, help="number of models (default 2000)")
     parser.add_argument("--seed", type=int, default=0, help="run seed (default 0)")
     parser.add_argument("--onnx-every", type=int, default=100, help="ONNX parity on every k-th model (0: never)")
-    parser.add_argument("--train-every", type=int, default=10,
-                        help="calibrate + fit(train='all') checks on every k-th model (0: never)")
+    parser.add_argument(
+        "--train-every", type=int, default=10, help="calibrate + fit(train='all') checks on every k-th model (0: never)"
+    )
     parser.add_argument("--show", type=int, default=10, help="print the first SHOW failures in full")
     parser.add_argument("--only", type=int, default=None, help="check only model INDEX, verbosely")
     args = parser.parse_args(argv)
@@ -90,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         for kind, n in known_kinds.items():
             print(f"  {n:5d} x {kind}: {KNOWN.get(kind, 'unclassified')}")
     for i, name, detail, text in failures[: args.show]:
-        print(f"\n[model {i}] {name}: {detail}\n  {text}\n  reproduce: python benchmarks/fuzz.py --only {i} --seed {args.seed}")
+        print(
+            f"\n[model {i}] {name}: {detail}\n  {text}\n  reproduce: python benchmarks/fuzz.py --only {i} --seed {args.seed}"
+        )
     if len(failures) > args.show:
         print(f"\n... and {len(failures) - args.show} more failures")
     return 1 if failures else 0

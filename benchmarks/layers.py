@@ -54,7 +54,16 @@ def cases():
     # uses one convolution with M = (E_S - A W) / sigma instead, C_in k^2 / C_out = 9x, because
     # the gather of x_S is memory-bound on CPU)
     floor = (ck * c_out + (ck - c_out) * c_out) / (ck * c_out)
-    out.append((f"Conv2d {c_in}->{c_out} {k}x{k} pad 1, {hw}x{hw} ({flow.kernel.kind})", conv, flow, (c_in, hw, hw), floor, floor))
+    out.append(
+        (
+            f"Conv2d {c_in}->{c_out} {k}x{k} pad 1, {hw}x{hw} ({flow.kernel.kind})",
+            conv,
+            flow,
+            (c_in, hw, hw),
+            floor,
+            floor,
+        )
+    )
     return out
 
 
@@ -75,7 +84,9 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument(
-        "--clock", choices=("wall", "cpu"), default="wall",
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
         help="wall time (default), or this process's CPU time (steadier on a shared machine)",
     )
     parser.add_argument("--no-convert", action="store_true", help="skip the conversion table")
@@ -84,8 +95,10 @@ def main(argv=None) -> None:
     CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
     torch.set_num_threads(args.threads)
 
-    print(f"likelihood pass / original layer, batch {args.batch}, {args.threads} threads, CPU, "
-          f"{args.clock} clock, median of {args.repeats} interleaved repeats")
+    print(
+        f"likelihood pass / original layer, batch {args.batch}, {args.threads} threads, CPU, "
+        f"{args.clock} clock, median of {args.repeats} interleaved repeats"
+    )
     header = f"{'layer':<44} {'orig ms':>8} {'determ.':>8} {'floor':>6} {'stoch.':>8} {'floor':>6}"
     print(header)
     print("-" * len(header))
@@ -112,14 +125,18 @@ def main(argv=None) -> None:
     if not args.no_convert:
         convert_table()
 
+
 def conversion_cases():
     """(name, builder of the original, builder of the flow layer from it) at published sizes."""
     return [
         ("Linear 8192->1024", lambda: nn.Linear(8192, 1024), FlowLinear.from_module),
         ("Linear 9216->4096 (AlexNet fc6)", lambda: nn.Linear(9216, 4096), FlowLinear.from_module),
         ("Linear 4096->4096 (AlexNet fc7)", lambda: nn.Linear(4096, 4096), FlowLinear.from_module),
-        ("Conv2d 256->256 3x3, 14x14", lambda: nn.Conv2d(256, 256, 3, padding=1),
-         lambda m: FlowConv.from_module(m, (256, 14, 14))),
+        (
+            "Conv2d 256->256 3x3, 14x14",
+            lambda: nn.Conv2d(256, 256, 3, padding=1),
+            lambda m: FlowConv.from_module(m, (256, 14, 14)),
+        ),
     ]
 
 

@@ -19,15 +19,15 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 sys.path.insert(0, os.path.dirname(_HERE))
 
-import argparse  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+import argparse
+import tempfile
+import time
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import numpy as np
+import torch
+from torch import nn
 
-import flowconvert as fc  # noqa: E402
+import flowconvert as fc
 
 
 def mlp() -> nn.Module:
@@ -108,7 +108,9 @@ def main(argv=None) -> None:
 
             t_torch = _time(eager, args.repeats)
             t_ort = _time(lambda: session.run(None, feeds), args.repeats)
-            print(f"{name:<28} {params:>8} {batch:>5} {1e3 * t_torch:>9.3f} {1e3 * t_ort:>8.3f} {t_torch / t_ort:>8.2f}x")
+            print(
+                f"{name:<28} {params:>8} {batch:>5} {1e3 * t_torch:>9.3f} {1e3 * t_ort:>8.3f} {t_torch / t_ort:>8.2f}x"
+            )
 
 
 if __name__ == "__main__":

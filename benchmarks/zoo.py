@@ -26,8 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import flowconvert as fc  # noqa: E402
-from test_zoo import ZOO, make  # noqa: E402
+from test_zoo import ZOO, make
+
+import flowconvert as fc
 
 
 def timed(fn, repeats: int) -> float:
@@ -61,13 +62,28 @@ def main(argv=None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             result = fc.export_onnx(flow, Path(tmp) / f"{name}.onnx", example[:2])
         dev = flow.report.max_output_deviation
-        rows.append((
-            name, f"{convert_s:.2f}", f"{t_lp / t_fwd:.1f}", str(len(flow.layers)), "exact" if flow.exact else "bound",
-            "-" if dev is None else f"{dev:.2g}",
-            f"{max(result.max_abs_diff.values()):.1e}", "yes" if result.verified else "NO",
-        ))
-    head = ("model", "convert [s]", "log_prob/forward", "flow layers", "likelihood", "ReLU->Leaky deviation",
-            "ONNX max abs diff", "ONNX parity")
+        rows.append(
+            (
+                name,
+                f"{convert_s:.2f}",
+                f"{t_lp / t_fwd:.1f}",
+                str(len(flow.layers)),
+                "exact" if flow.exact else "bound",
+                "-" if dev is None else f"{dev:.2g}",
+                f"{max(result.max_abs_diff.values()):.1e}",
+                "yes" if result.verified else "NO",
+            )
+        )
+    head = (
+        "model",
+        "convert [s]",
+        "log_prob/forward",
+        "flow layers",
+        "likelihood",
+        "ReLU->Leaky deviation",
+        "ONNX max abs diff",
+        "ONNX parity",
+    )
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     print(f"batch {args.batch}, {args.threads} threads, median of {args.repeats}, torch {torch.__version__}")
     print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")

@@ -41,6 +41,7 @@ with torch.no_grad():
     print("samples:", tuple(flow.sample(5).shape))
 print("exact likelihood:", flow.exact)
 
+
 # 3. a model that cannot be converted: every problem, with its reason and a fix
 class Blocked(nn.Module):
     def __init__(self):
@@ -50,6 +51,7 @@ class Blocked(nn.Module):
 
     def forward(self, x):
         return self.fc2(self.norm(self.act(self.fc1(x))))
+
 
 print()
 print(fc.audit(Blocked(), x[:1]))

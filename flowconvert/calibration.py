@@ -367,11 +367,17 @@ class _Conditional(_Calibrator):
         after = torch.where(keep, ll_new, ll_old).sum().item()
         before = self.before
         if not after >= before:  # the current (possibly richer, fitted) density is better held out
-            return PartReport(self.name, self.kind, F, 0, before / heldout_samples, before / heldout_samples,
-                              "kept: better than its linear-Gaussian fit")
+            return PartReport(
+                self.name,
+                self.kind,
+                F,
+                0,
+                before / heldout_samples,
+                before / heldout_samples,
+                "kept: better than its linear-Gaussian fit",
+            )
         self.q.write_linear(A, c, var, *(self.moments.context_stats() or (None, None)))
         return PartReport(self.name, self.kind, F, int(keep.sum()), before / heldout_samples, after / heldout_samples)
-
 
     def _fit_cov(self, ridge, min_var, heldout_samples):
         """Full covariance: the whole part takes the new parameters or keeps its own."""
@@ -386,8 +392,15 @@ class _Conditional(_Calibrator):
             return PartReport(self.name, self.kind, F, F)
         after, before = ll_new.item(), self.before
         if not after >= before:
-            return PartReport(self.name, self.kind, F, 0, before / heldout_samples, before / heldout_samples,
-                              "kept: better than its linear-Gaussian fit")
+            return PartReport(
+                self.name,
+                self.kind,
+                F,
+                0,
+                before / heldout_samples,
+                before / heldout_samples,
+                "kept: better than its linear-Gaussian fit",
+            )
         self.q.write_linear(*new, *stats)
         return PartReport(self.name, self.kind, F, F, before / heldout_samples, after / heldout_samples)
 
@@ -466,9 +479,17 @@ class _Base(_Calibrator):
         with torch.no_grad():
             before = self.base.log_prob(held).double().mean().item() if held is not None else float("nan")
             if not self.base.fit_closed_form(fit_rows, min_var=min_var):
-                return PartReport(self.name, self.kind, coords, 0, before, before,
-                                  "not calibrated: fixed base" if not list(self.base.parameters())
-                                  else "not calibrated: no closed form (fit() trains it)")
+                return PartReport(
+                    self.name,
+                    self.kind,
+                    coords,
+                    0,
+                    before,
+                    before,
+                    "not calibrated: fixed base"
+                    if not list(self.base.parameters())
+                    else "not calibrated: no closed form (fit() trains it)",
+                )
             after = self.base.log_prob(held).double().mean().item() if held is not None else float("nan")
         if held is not None and not after >= before:
             self.base.load_state_dict(state)
@@ -519,13 +540,17 @@ def _calibrator(name: str, part, module: nn.Module) -> _Calibrator:
         return _Noise(name, module)
     if part.kind == "gaps" and isinstance(module, HalfNormal):
         return _Gaps(name, module)
-    return _Unfit(name, part.kind, part.features, f"no calibration for a {part.kind} part of type {type(module).__name__}")
+    return _Unfit(
+        name, part.kind, part.features, f"no calibration for a {part.kind} part of type {type(module).__name__}"
+    )
 
 
 def _bases(flow: nn.Module) -> list[tuple[str, BaseDensity]]:
     """Base densities outside the flow layers (``flow.bases`` of a FlowModel, or anywhere else)."""
     inside = {id(m) for _, layer in flow_layers(flow) for m in layer.modules()}
-    return [(name or "<root>", m) for name, m in flow.named_modules() if isinstance(m, BaseDensity) and id(m) not in inside]
+    return [
+        (name or "<root>", m) for name, m in flow.named_modules() if isinstance(m, BaseDensity) and id(m) not in inside
+    ]
 
 
 # -- recording ---------------------------------------------------------------------------------
@@ -543,7 +568,9 @@ def _recording(flow: nn.Module, by_layer: dict, bases: list, state: dict) -> Ite
             observed = layer.observe(*xs, noise=noise)
             for part_name, cal in calibrators.items():
                 if part_name not in observed:
-                    raise RuntimeError(f"{type(layer).__name__}.observe() returned no rows for declared part {part_name!r}")
+                    raise RuntimeError(
+                        f"{type(layer).__name__}.observe() returned no rows for declared part {part_name!r}"
+                    )
                 rows, context = observed[part_name]
                 cal.record(rows.detach(), None if context is None else context.detach(), state["part"])
             return out
@@ -672,7 +699,9 @@ def calibrate(
     )
     have_heldout = report.heldout_examples > 0
     held = max(report.heldout_examples, 1)
-    report.heldout_before = _heldout_mean(flow, batches, dequantize, deterministic, seed) if have_heldout else float("nan")
+    report.heldout_before = (
+        _heldout_mean(flow, batches, dequantize, deterministic, seed) if have_heldout else float("nan")
+    )
     fitted = [c for c in calibrators if not isinstance(c, (_Noise, _Unfit))] + bases
 
     def run() -> list[PartReport]:
@@ -701,12 +730,21 @@ def calibrate(
             n = int(nz.noise.log_scale.numel())
             parts.append(PartReport(nz.name, "noise", n, n * int(report.noise_factor is not None)))
     elif noises:
-        parts += [PartReport(nz.name, "noise", int(nz.noise.log_scale.numel()), 0,
-                             note="not calibrated: deterministic mode adds no noise" if deterministic else "")
-                  for nz in noises]
+        parts += [
+            PartReport(
+                nz.name,
+                "noise",
+                int(nz.noise.log_scale.numel()),
+                0,
+                note="not calibrated: deterministic mode adds no noise" if deterministic else "",
+            )
+            for nz in noises
+        ]
     parts += [c.fit(ridge, min_var, held) for c in calibrators if isinstance(c, _Unfit)]
-    parts += [PartReport(name, "undeclared", 0, 0, note="not calibrated: its layer does not declare it in density_parts()")
-              for name in _undeclared(flow)]
+    parts += [
+        PartReport(name, "undeclared", 0, 0, note="not calibrated: its layer does not declare it in density_parts()")
+        for name in _undeclared(flow)
+    ]
     report.parts = parts
     if have_heldout:
         after = _heldout_mean(flow, batches, dequantize, deterministic, seed)

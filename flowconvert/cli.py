@@ -68,8 +68,9 @@ class Command:
 COMMANDS: dict[str, Command] = {}
 
 
-def register_command(name: str, help: str, configure: Callable[[argparse.ArgumentParser], None],
-                     run: Callable[[argparse.Namespace], int]) -> None:
+def register_command(
+    name: str, help: str, configure: Callable[[argparse.ArgumentParser], None], run: Callable[[argparse.Namespace], int]
+) -> None:
     """Add a subcommand: ``configure(parser)`` adds arguments, ``run(args)`` returns the exit status."""
     COMMANDS[name] = Command(name, help, configure, run)
 
@@ -82,7 +83,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         default = action.default
         if (
             "default" not in text
-            and default is not None and default is not False and default is not argparse.SUPPRESS
+            and default is not None
+            and default is not False
+            and default is not argparse.SUPPRESS
             and action.option_strings
             and action.nargs != 0
         ):
@@ -114,36 +117,68 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, shape_required: bool = True) -> None:
     """TARGET, --input-shape, --weights, --dtype, --seed: what every model-taking command needs."""
-    parser.add_argument("target", metavar="TARGET",
-                        help="package.module:attr or path/to/file.py:attr (a module instance, class or zero-arg factory)")
+    parser.add_argument(
+        "target",
+        metavar="TARGET",
+        help="package.module:attr or path/to/file.py:attr (a module instance, class or zero-arg factory)",
+    )
     add_input_arguments(parser, shape_required=shape_required)
 
 
 def add_input_arguments(parser: argparse.ArgumentParser, *, shape_required: bool = True) -> None:
-    parser.add_argument("--input-shape", type=parse_shape, action="append", required=shape_required, metavar="SHAPE",
-                        help="example input shape, batch first, e.g. 1,64 or 1,3,32,32 (repeat for several inputs)"
-                        + ("" if shape_required else "; required when TARGET is a model"))
-    parser.add_argument("--weights", metavar="FILE",
-                        help="trained weights: a state dict saved with torch.save(model.state_dict(), FILE) "
-                        "or a .safetensors file (never unpickled)")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
-                        help="dtype of the model, the example inputs and the data")
+    parser.add_argument(
+        "--input-shape",
+        type=parse_shape,
+        action="append",
+        required=shape_required,
+        metavar="SHAPE",
+        help="example input shape, batch first, e.g. 1,64 or 1,3,32,32 (repeat for several inputs)"
+        + ("" if shape_required else "; required when TARGET is a model"),
+    )
+    parser.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="trained weights: a state dict saved with torch.save(model.state_dict(), FILE) "
+        "or a .safetensors file (never unpickled)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "float64"],
+        default="float32",
+        help="dtype of the model, the example inputs and the data",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random example inputs, noise and data splits")
 
 
 def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
     """--relu, --negative-slope, --base, --density: how a model is converted (audit takes the same)."""
-    parser.add_argument("--relu", choices=["refuse", "leaky"], default="refuse",
-                        help="refuse: ReLU blocks the conversion (FC101); leaky: substitute LeakyReLU and "
-                        "report the output deviation")
-    parser.add_argument("--negative-slope", type=float, default=0.01, metavar="SLOPE",
-                        help="slope of the substituted LeakyReLU (with --relu leaky)")
-    parser.add_argument("--base", choices=["standard", "diagonal"], default="standard",
-                        help="base density of each output: standard normal, or a learnable diagonal Gaussian "
-                        "(fitted by --calibrate/--fit)")
-    parser.add_argument("--density", metavar="FAMILY", default=None,
-                        help="density family of the coordinates a layer drops: gaussian, mlp or flow "
-                        "(default: the library's, gaussian)")
+    parser.add_argument(
+        "--relu",
+        choices=["refuse", "leaky"],
+        default="refuse",
+        help="refuse: ReLU blocks the conversion (FC101); leaky: substitute LeakyReLU and report the output deviation",
+    )
+    parser.add_argument(
+        "--negative-slope",
+        type=float,
+        default=0.01,
+        metavar="SLOPE",
+        help="slope of the substituted LeakyReLU (with --relu leaky)",
+    )
+    parser.add_argument(
+        "--base",
+        choices=["standard", "diagonal"],
+        default="standard",
+        help="base density of each output: standard normal, or a learnable diagonal Gaussian "
+        "(fitted by --calibrate/--fit)",
+    )
+    parser.add_argument(
+        "--density",
+        metavar="FAMILY",
+        default=None,
+        help="density family of the coordinates a layer drops: gaussian, mlp or flow "
+        "(default: the library's, gaussian)",
+    )
 
 
 def _import_file(path: str):
@@ -214,7 +249,7 @@ def _torch_load_safely(path: str, what: str):
             f"{path} holds pickled Python objects, which flowconvert never loads (unpickling runs arbitrary "
             f"code). Save {what}"
         ) from exc
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is bad input
+    except Exception as exc:
         raise UsageError(f"cannot read {path}: {type(exc).__name__}: {exc}") from exc
 
 
@@ -229,7 +264,7 @@ def load_weights(model, path: str) -> None:
 
         try:
             state = load_file(path)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise UsageError(f"cannot read weights from {path}: {exc}") from exc
     else:
         state = _torch_load_safely(path, "the state dict instead: torch.save(model.state_dict(), path)")
@@ -285,9 +320,11 @@ def load_data(spec: str, dtype: str = "float32"):
         try:
             loaded = np.load(path, allow_pickle=False)
         except ValueError as exc:
-            raise UsageError(f"{path} holds Python objects, which flowconvert never unpickles: save a numeric array "
-                             f"(np.save(path, x.astype('float32')))") from exc
-        except Exception as exc:  # noqa: BLE001
+            raise UsageError(
+                f"{path} holds Python objects, which flowconvert never unpickles: save a numeric array "
+                f"(np.save(path, x.astype('float32')))"
+            ) from exc
+        except Exception as exc:
             raise UsageError(f"cannot read {path}: {exc}") from exc
         if isinstance(loaded, np.ndarray):
             array = loaded
@@ -307,7 +344,7 @@ def load_data(spec: str, dtype: str = "float32"):
             data = _pick(load_file(path), path, key)
         except UsageError:
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise UsageError(f"cannot read {path}: {exc}") from exc
     elif suffix in (".pt", ".pth"):
         loaded = _torch_load_safely(path, "a tensor instead (torch.save(x, path)), or np.save an array")
@@ -437,20 +474,39 @@ def _configure_convert(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="FLOW", help="where to save the flow")
     add_policy_arguments(parser)
     group = parser.add_argument_group("densities (without these the densities stay untrained and log p is meaningless)")
-    group.add_argument("--calibrate", metavar="DATA",
-                       help="fit the densities in closed form on DATA (.npy, .npz, .safetensors or .pt; "
-                       "FILE:NAME picks one array), network untouched")
+    group.add_argument(
+        "--calibrate",
+        metavar="DATA",
+        help="fit the densities in closed form on DATA (.npy, .npz, .safetensors or .pt; "
+        "FILE:NAME picks one array), network untouched",
+    )
     group.add_argument("--fit", metavar="DATA", help="then train the densities by maximum likelihood on DATA")
     group.add_argument("--epochs", type=int, default=10, help="epochs of --fit")
     group.add_argument("--lr", type=float, default=1e-3, help="learning rate of --fit")
-    group.add_argument("--train", choices=["densities", "all"], default="densities",
-                       help="what --fit trains: densities (network frozen, outputs unchanged) or all")
-    group.add_argument("--val", metavar="DATA",
-                       help="validation data of --fit (early stopping); by default --val-fraction of the --fit data")
-    group.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
-                       help="share of the --fit data held out for early stopping when --val is not given")
-    group.add_argument("--levels", type=int, metavar="K",
-                       help="DATA holds integer levels 0..K-1 (K=256 for 8-bit images): dequantize as (k + u) / K")
+    group.add_argument(
+        "--train",
+        choices=["densities", "all"],
+        default="densities",
+        help="what --fit trains: densities (network frozen, outputs unchanged) or all",
+    )
+    group.add_argument(
+        "--val",
+        metavar="DATA",
+        help="validation data of --fit (early stopping); by default --val-fraction of the --fit data",
+    )
+    group.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        metavar="F",
+        help="share of the --fit data held out for early stopping when --val is not given",
+    )
+    group.add_argument(
+        "--levels",
+        type=int,
+        metavar="K",
+        help="DATA holds integer levels 0..K-1 (K=256 for 8-bit images): dequantize as (k + u) / K",
+    )
     parser.add_argument("--format", choices=["text", "markdown", "json"], default="text", help="report format")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar for --fit")
 
@@ -471,8 +527,10 @@ def _data_for(spec: str, args: argparse.Namespace):
             raise UsageError("--levels must be at least 2")
         bad = (data != data.round()) | (data < 0) | (data > args.levels - 1)
         if bool(bad.any()):
-            raise UsageError(f"--levels {args.levels}: {spec} must hold integers 0..{args.levels - 1}, "
-                             f"found {data[bad].flatten()[0].item():g}")
+            raise UsageError(
+                f"--levels {args.levels}: {spec} must hold integers 0..{args.levels - 1}, "
+                f"found {data[bad].flatten()[0].item():g}"
+            )
     return data
 
 
@@ -488,8 +546,11 @@ def _run_convert(args: argparse.Namespace) -> int:
     if args.epochs < 1:
         raise UsageError("--epochs must be at least 1")
     # every file is read and checked before any work is done or printed
-    data = {key: _data_for(spec, args) for key, spec in (("calibrate", args.calibrate), ("fit", args.fit),
-                                                            ("val", args.val)) if spec is not None}
+    data = {
+        key: _data_for(spec, args)
+        for key, spec in (("calibrate", args.calibrate), ("fit", args.fit), ("val", args.val))
+        if spec is not None
+    }
     report, flow = _audit(args)
     print(_render(report, args.format))
     if flow is None:
@@ -512,24 +573,43 @@ def _run_convert(args: argparse.Namespace) -> int:
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
             n_val = max(1, int(round(args.val_fraction * len(train))))
             train, val = train[order[n_val:]], train[order[:n_val]]
-        history = fit(flow, train, epochs=args.epochs, lr=args.lr, train=args.train, val_data=val, dequantize=deq,
-                      progress=not args.no_progress, seed=args.seed)
+        history = fit(
+            flow,
+            train,
+            epochs=args.epochs,
+            lr=args.lr,
+            train=args.train,
+            val_data=val,
+            dequantize=deq,
+            progress=not args.no_progress,
+            seed=args.seed,
+        )
         best = f", best epoch {history.best_epoch} (0: the starting point)" if history.best_epoch is not None else ""
         last = history.val_bpd[-1] if history.val_bpd else history.train_bpd[-1] if history.train_bpd else float("nan")
-        print(f"fitted {args.train} for {len(history.epochs)} epochs ({history.steps} steps){best}; "
-              f"{'validation' if history.val_bpd else 'training'} bits/dim {last:.4f}", file=sys.stderr)
+        print(
+            f"fitted {args.train} for {len(history.epochs)} epochs ({history.steps} steps){best}; "
+            f"{'validation' if history.val_bpd else 'training'} bits/dim {last:.4f}",
+            file=sys.stderr,
+        )
         flow.density_state = "fitted"
     if args.calibrate is None and args.fit is None:
-        print("flowconvert convert: warning: the densities are untrained (no --calibrate or --fit), so log p is "
-              "not a meaningful likelihood yet", file=sys.stderr)
+        print(
+            "flowconvert convert: warning: the densities are untrained (no --calibrate or --fit), so log p is "
+            "not a meaningful likelihood yet",
+            file=sys.stderr,
+        )
     save_flow(flow, args.output)
     print(f"saved the flow to {args.output}", file=sys.stderr)
     return 0
 
 
 register_command("audit", "report which nodes of a model can become a flow, and why not", _configure_audit, _run_audit)
-register_command("convert", "convert a model into a flow, calibrate or fit its densities, and save it",
-                 _configure_convert, _run_convert)
+register_command(
+    "convert",
+    "convert a model into a flow, calibrate or fit its densities, and save it",
+    _configure_convert,
+    _run_convert,
+)
 
 
 # -- demo (flowconvert/demo.py; imported only when it runs) ----------------------------------
@@ -546,15 +626,20 @@ def _run_demo(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
-register_command("demo", "run the digits demo: classifiers -> flows -> bits/dim, OOD, pictures, ONNX (minutes)",
-                 configure_demo, _run_demo)
+register_command(
+    "demo",
+    "run the digits demo: classifiers -> flows -> bits/dim, OOD, pictures, ONNX (minutes)",
+    configure_demo,
+    _run_demo,
+)
 
 
 # -- export (flowconvert/export_cli.py) --------------------------------------------------------
 from . import export_cli as _export_cli  # noqa: E402  (no torch import until it runs)
 
-register_command("export", "export a model or a saved flow to ONNX, verified in onnxruntime",
-                 _export_cli.configure, _export_cli.run)
+register_command(
+    "export", "export a model or a saved flow to ONNX, verified in onnxruntime", _export_cli.configure, _export_cli.run
+)
 
 
 # -- entry point ----------------------------------------------------------------------------
@@ -571,15 +656,18 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="flowconvert", description="Turn trained PyTorch networks into normalizing flows.",
-        epilog=EXIT_STATUS, formatter_class=HelpFormatter,
+        prog="flowconvert",
+        description="Turn trained PyTorch networks into normalizing flows.",
+        epilog=EXIT_STATUS,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"flowconvert {_version()}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS.values():
-        child = sub.add_parser(command.name, help=command.help, description=command.help, epilog=EXIT_STATUS,
-                               formatter_class=HelpFormatter)
+        child = sub.add_parser(
+            command.name, help=command.help, description=command.help, epilog=EXIT_STATUS, formatter_class=HelpFormatter
+        )
         child.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
         command.configure(child)
         child.set_defaults(_run=command.run)
@@ -627,7 +715,7 @@ class _PipeSafeStream(io.TextIOBase):
         return self._stream.isatty()
 
     @property
-    def encoding(self):  # noqa: D401 - mirrors the wrapped stream
+    def encoding(self):
         return getattr(self._stream, "encoding", "utf-8")
 
 
@@ -649,10 +737,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"flowconvert {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - the model's own code may raise anything
+    except Exception as exc:
         if args.debug:
             raise
-        print(f"flowconvert {args.command}: error: {type(exc).__name__}: {exc} (use --debug for the traceback)", file=sys.stderr)
+        print(
+            f"flowconvert {args.command}: error: {type(exc).__name__}: {exc} (use --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 2
     finally:
         sys.stdout.flush()

@@ -354,7 +354,9 @@ class FlowConv(FlowLayer):
         out = cols.new_zeros(B, C, *self._padded)
         for a in range(kh):
             for b in range(kw):
-                out[:, :, a * dh : a * dh + sh * (Ho - 1) + 1 : sh, b * dw : b * dw + sw * (Wo - 1) + 1 : sw] += c6[:, :, a, b]
+                out[:, :, a * dh : a * dh + sh * (Ho - 1) + 1 : sh, b * dw : b * dw + sw * (Wo - 1) + 1 : sw] += c6[
+                    :, :, a, b
+                ]
         return out
 
     def _tiled(self, xp: Tensor, eps: Tensor, inplace: bool = False) -> tuple[Tensor, Tensor]:
@@ -509,7 +511,11 @@ class FlowConv(FlowLayer):
         inv_sigma = torch.exp(-q.log_scale)
         W = kernel.weight
         k = q.features
-        M = torch.matmul(q.weight, W).neg().index_put((self._drop_rows, kernel.dropped_index), W.new_ones(()), accumulate=True)
+        M = (
+            torch.matmul(q.weight, W)
+            .neg()
+            .index_put((self._drop_rows, kernel.dropped_index), W.new_ones(()), accumulate=True)
+        )
         M = M * inv_sigma[:, None]
         e = -(torch.mv(q.weight, kernel.bias) + q.bias) * inv_sigma
         pt, pb, pl, pr = self._pads
@@ -518,8 +524,14 @@ class FlowConv(FlowLayer):
         else:
             xin, padding = F.pad(x4, (pl, pr, pt, pb)), 0
         cl = torch.channels_last
-        res = F.conv2d(xin.contiguous(memory_format=cl), M.view(k, self.in_channels, *self._k).contiguous(memory_format=cl),
-                       e, self._s, padding, self._d)
+        res = F.conv2d(
+            xin.contiguous(memory_format=cl),
+            M.view(k, self.in_channels, *self._k).contiguous(memory_format=cl),
+            e,
+            self._s,
+            padding,
+            self._d,
+        )
         const = self.n_locations * (q.log_scale.sum() + 0.5 * LOG_2PI * k)
         return -const - 0.5 * _sum_squares(res)
 

@@ -192,14 +192,25 @@ class Flow(Protocol):
 
     exact: bool
 
-    def forward_with_log_prob(self, *inputs: Tensor, deterministic: bool = False,
-                              noise: Mapping[str, Tensor] | None = None) -> tuple[Any, Tensor]: ...
+    def forward_with_log_prob(
+        self, *inputs: Tensor, deterministic: bool = False, noise: Mapping[str, Tensor] | None = None
+    ) -> tuple[Any, Tensor]: ...
 
-    def log_prob(self, *inputs: Tensor, deterministic: bool = False, num_samples: int = 1,
-                 noise: Mapping[str, Tensor] | None = None) -> Tensor: ...
+    def log_prob(
+        self,
+        *inputs: Tensor,
+        deterministic: bool = False,
+        num_samples: int = 1,
+        noise: Mapping[str, Tensor] | None = None,
+    ) -> Tensor: ...
 
-    def inverse(self, *outputs: Tensor, sample: bool = False, noise: Mapping[str, Tensor] | None = None,
-                temperature: float = 1.0) -> Any: ...
+    def inverse(
+        self,
+        *outputs: Tensor,
+        sample: bool = False,
+        noise: Mapping[str, Tensor] | None = None,
+        temperature: float = 1.0,
+    ) -> Any: ...
 
     def sample(self, n: int, temperature: float = 1.0, noise: Mapping[str, Tensor] | None = None) -> Any: ...
 

@@ -45,8 +45,19 @@ from .evaluation import bits_per_dim, log_likelihood
 from .training import fit
 
 __all__ = [
-    "run_demo", "load_digits_split", "carve_validation", "DigitsMLP", "DigitsFlowMLP", "DigitsTileCNN", "DigitsCNN",
-    "train_classifier", "ood_auroc", "softmax_auroc", "categorical_bits_per_dim", "sample_quality", "frozen_flow",
+    "run_demo",
+    "load_digits_split",
+    "carve_validation",
+    "DigitsMLP",
+    "DigitsFlowMLP",
+    "DigitsTileCNN",
+    "DigitsCNN",
+    "train_classifier",
+    "ood_auroc",
+    "softmax_auroc",
+    "categorical_bits_per_dim",
+    "sample_quality",
+    "frozen_flow",
     "DEFAULT_TEMPERATURE",
 ]
 
@@ -167,8 +178,16 @@ class DigitsCNN(nn.Module):
         return self.head(x.flatten(1))
 
 
-def train_classifier(net: nn.Module, data: Digits, deq: Dequantize, *, epochs: int = 15, lr: float = 3e-3, seed: int = 0,
-                     progress: bool = False) -> float:
+def train_classifier(
+    net: nn.Module,
+    data: Digits,
+    deq: Dequantize,
+    *,
+    epochs: int = 15,
+    lr: float = 3e-3,
+    seed: int = 0,
+    progress: bool = False,
+) -> float:
     """Cross-entropy training on dequantized inputs; returns the test accuracy (cell midpoints)."""
     from tqdm.auto import tqdm
 
@@ -235,8 +254,9 @@ def _recogniser(data: Digits, deq: Dequantize):
 
 
 @torch.no_grad()
-def sample_quality(flow, data: Digits, deq: Dequantize, temperature: float, n: int = 500, recogniser=None,
-                   seed: int = 0) -> dict[str, float]:
+def sample_quality(
+    flow, data: Digits, deq: Dequantize, temperature: float, n: int = 500, recogniser=None, seed: int = 0
+) -> dict[str, float]:
     """Samples at ``temperature``: the fraction of pixel values in ``[-0.05, 1.05]`` (the data lie in
     ``[0, 1)``), their range, and the mean max-probability a scikit-learn logistic regression trained
     on the training digits gives them (samples clipped to ``[0, 1]``), relative to real test digits."""
@@ -249,12 +269,29 @@ def sample_quality(flow, data: Digits, deq: Dequantize, temperature: float, n: i
     inside = ((x >= -0.05) & (x <= 1.05) & finite).double().mean().item()
     conf = clf.predict_proba(x.nan_to_num(0.0).clamp(0, 1).numpy()).max(1).mean()
     real = clf.predict_proba(deq.center(data.test_x).numpy()).max(1).mean()
-    return {"in_range": inside, "min": x[finite].min().item(), "max": x[finite].max().item(),
-            "confidence": float(conf), "real_confidence": float(real), "confidence_ratio": float(conf / real)}
+    return {
+        "in_range": inside,
+        "min": x[finite].min().item(),
+        "max": x[finite].max().item(),
+        "confidence": float(conf),
+        "real_confidence": float(real),
+        "confidence_ratio": float(conf / real),
+    }
 
 
-def frozen_flow(net: nn.Module, data: Digits, deq: Dequantize, density, *, epochs: int, lr: float = 3e-3,
-                patience: int = 6, batch_size: int = 128, max_steps: int | None = None, progress: bool = False):
+def frozen_flow(
+    net: nn.Module,
+    data: Digits,
+    deq: Dequantize,
+    density,
+    *,
+    epochs: int,
+    lr: float = 3e-3,
+    patience: int = 6,
+    batch_size: int = 128,
+    max_steps: int | None = None,
+    progress: bool = False,
+):
     """Convert the frozen ``net`` with the family ``density``, calibrate (guard on validation) and fit
     its densities with early stopping on validation. Returns ``(flow, history, seconds)``."""
     import flowconvert as fc
@@ -262,13 +299,31 @@ def frozen_flow(net: nn.Module, data: Digits, deq: Dequantize, density, *, epoch
     t = time.perf_counter()
     flow = fc.convert(net, deq.center(data.train_x[:2]), density=density)
     calibrate(flow, data.train_x, val_data=data.val_x, dequantize=deq)
-    history = fit(flow, data.train_x, val_data=data.val_x, dequantize=deq, epochs=epochs, lr=lr, patience=patience,
-                  batch_size=batch_size, max_steps=max_steps, train="densities", progress=progress)
+    history = fit(
+        flow,
+        data.train_x,
+        val_data=data.val_x,
+        dequantize=deq,
+        epochs=epochs,
+        lr=lr,
+        patience=patience,
+        batch_size=batch_size,
+        max_steps=max_steps,
+        train="densities",
+        progress=progress,
+    )
     return flow, history, time.perf_counter() - t
 
 
-def run_demo(out: str | Path = "flowconvert-demo", *, quick: bool = False, seed: int = 0, progress: bool = True,
-             densities=("gaussian", "mlp", "flow"), temperature: float = DEFAULT_TEMPERATURE) -> dict:
+def run_demo(
+    out: str | Path = "flowconvert-demo",
+    *,
+    quick: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    densities=("gaussian", "mlp", "flow"),
+    temperature: float = DEFAULT_TEMPERATURE,
+) -> dict:
     """Run the whole demo, print what happens, write pictures to ``out``; returns the figures."""
     from . import plotting
 
@@ -286,12 +341,20 @@ def run_demo(out: str | Path = "flowconvert-demo", *, quick: bool = False, seed:
     ep = lambda n: max(1, int(n * scale))
     bpd = lambda flow, x: bits_per_dim(flow, x, dequantize=deq)
 
-    print(f"digits: {len(data.train_x)} train / {len(data.val_x)} validation (carved from train) / "
-          f"{len(data.test_x)} test images, 8x8, {LEVELS} levels, dequantized as (k + u) / {LEVELS}")
+    print(
+        f"digits: {len(data.train_x)} train / {len(data.val_x)} validation (carved from train) / "
+        f"{len(data.test_x)} test images, 8x8, {LEVELS} levels, dequantized as (k + u) / {LEVELS}"
+    )
     rows.append(("uniform over the 17 levels", math.log2(LEVELS), math.log2(LEVELS), 0.0))
     t = time.perf_counter()
-    rows.append(("per-pixel categorical", categorical_bits_per_dim(data.train_x, data.val_x),
-                 categorical_bits_per_dim(data.train_x, data.test_x), time.perf_counter() - t))
+    rows.append(
+        (
+            "per-pixel categorical",
+            categorical_bits_per_dim(data.train_x, data.val_x),
+            categorical_bits_per_dim(data.train_x, data.test_x),
+            time.perf_counter() - t,
+        )
+    )
 
     flows, nets, histories = {}, {}, {}
     for name, net, epochs in (("MLP", DigitsMLP(), 20), ("CNN", DigitsTileCNN(), 20)):
@@ -301,14 +364,17 @@ def run_demo(out: str | Path = "flowconvert-demo", *, quick: bool = False, seed:
         results["accuracy"][f"{name} classifier"] = acc
         print(f"\n== {name} classifier: trained in {time.perf_counter() - t:.1f}s, test accuracy {acc:.3f} ==")
         for density in densities:
-            flow, h, secs = frozen_flow(net, data, deq, density, epochs=ep(40 if density != "flow" else 12),
-                                        progress=progress)
+            flow, h, secs = frozen_flow(
+                net, data, deq, density, epochs=ep(40 if density != "flow" else 12), progress=progress
+            )
             key = f"{name} classifier, frozen, density={density!r}"
             rows.append((key, h.best_val_bpd, float("nan"), secs))
             flows[key], histories[f"{name} {density}"] = flow, h
             same = accuracy(flow, data, deq) == acc
-            print(f"  density={density!r:<11} validation {h.best_val_bpd:6.3f} bits/dim after {h.steps} steps "
-                  f"({secs:.0f}s); accuracy unchanged: {same}")
+            print(
+                f"  density={density!r:<11} validation {h.best_val_bpd:6.3f} bits/dim after {h.steps} steps "
+                f"({secs:.0f}s); accuracy unchanged: {same}"
+            )
 
     print("\n== flowified 64-64-64 MLP trained for likelihood (train='all') ==")
     import flowconvert as fc
@@ -317,13 +383,25 @@ def run_demo(out: str | Path = "flowconvert-demo", *, quick: bool = False, seed:
     t = time.perf_counter()
     gen = fc.convert(DigitsFlowMLP(), deq.center(data.train_x[:2]))
     calibrate(gen, data.train_x, val_data=data.val_x, dequantize=deq)
-    h = fit(gen, data.train_x, val_data=data.val_x, dequantize=deq, epochs=ep(40), lr=5e-3, batch_size=64,
-            train="all", patience=8, progress=progress)
+    h = fit(
+        gen,
+        data.train_x,
+        val_data=data.val_x,
+        dequantize=deq,
+        epochs=ep(40),
+        lr=5e-3,
+        batch_size=64,
+        train="all",
+        patience=8,
+        progress=progress,
+    )
     secs = time.perf_counter() - t
     histories["MLP flow, trained fully"] = h
     rows.append(("flowified 64-64-64 MLP, trained fully", h.best_val_bpd, float("nan"), secs))
     flows["flowified 64-64-64 MLP, trained fully"] = gen
-    print(f"  {h.steps} steps, best epoch {h.best_epoch} of {len(h.epochs)}: validation {h.best_val_bpd:.3f} ({secs:.0f}s)")
+    print(
+        f"  {h.steps} steps, best epoch {h.best_epoch} of {len(h.epochs)}: validation {h.best_val_bpd:.3f} ({secs:.0f}s)"
+    )
 
     # the test split, once per model, after every choice was made on validation
     for i, (key, val, _, secs) in enumerate(rows):
@@ -336,38 +414,63 @@ def run_demo(out: str | Path = "flowconvert-demo", *, quick: bool = False, seed:
     frozen = [k for k in flows if "frozen" in k and k.startswith("MLP")]
     best = min(frozen, key=lambda k: dict((r[0], r[1]) for r in rows)[k])
     recogniser = _recogniser(data, deq)
-    print(f"\n== samples (temperature scales every standard-normal draw; data lie in [0, 1)) ==")
+    print("\n== samples (temperature scales every standard-normal draw; data lie in [0, 1)) ==")
     for key in (best, "flowified 64-64-64 MLP, trained fully"):
         for T in (1.0, temperature):
             q = sample_quality(flows[key], data, deq, T, recogniser=recogniser, seed=seed)
             results["samples"][f"{key} @ T={T:g}"] = q
-            print(f"  {key:<48} T={T:<4g} {100 * q['in_range']:5.1f}% of pixel values in [-0.05, 1.05] "
-                  f"(range {q['min']:.2f}..{q['max']:.2f}); recognised {q['confidence']:.2f} vs real digits "
-                  f"{q['real_confidence']:.2f} (ratio {q['confidence_ratio']:.2f})")
+            print(
+                f"  {key:<48} T={T:<4g} {100 * q['in_range']:5.1f}% of pixel values in [-0.05, 1.05] "
+                f"(range {q['min']:.2f}..{q['max']:.2f}); recognised {q['confidence']:.2f} vs real digits "
+                f"{q['real_confidence']:.2f} (ratio {q['confidence_ratio']:.2f})"
+            )
 
     print("\n== out-of-distribution detection: AUROC, test digits vs ... ==")
     for name in ("MLP", "CNN"):
         base = softmax_auroc(nets[name], data.test_x, deq, seed=seed)
         results["auroc"][f"{name} max-softmax"] = base
-        print(f"  {name + ' classifier, max softmax':<44} " + ", ".join(f"{k} {v:.3f}" for k, v in base.items())
-              + f"; mean {sum(base.values()) / len(base):.3f}")
+        print(
+            f"  {name + ' classifier, max softmax':<44} "
+            + ", ".join(f"{k} {v:.3f}" for k, v in base.items())
+            + f"; mean {sum(base.values()) / len(base):.3f}"
+        )
         for key in (k for k in flows if k.startswith(name) and "frozen" in k):
             aucs = ood_auroc(flows[key], data.test_x, deq, seed=seed)
             results["auroc"][key] = aucs
-            print(f"  {'log p, ' + key.split(', ')[-1]:<44} " + ", ".join(f"{k} {v:.3f}" for k, v in aucs.items())
-                  + f"; mean {sum(aucs.values()) / len(aucs):.3f}")
+            print(
+                f"  {'log p, ' + key.split(', ')[-1]:<44} "
+                + ", ".join(f"{k} {v:.3f}" for k, v in aucs.items())
+                + f"; mean {sum(aucs.values()) / len(aucs):.3f}"
+            )
 
     print("\n== pictures ==")
     paths = []
     for tag, key in (("mlp_frozen", best), ("mlp_trained", "flowified 64-64-64 MLP, trained fully")):
         for T in (1.0, temperature):
             torch.manual_seed(seed)
-            paths.append(plotting.save_samples(flows[key], out / f"samples_{tag}_T{T:g}.png", n=36, image_shape=(8, 8),
-                                               temperature=T, title=f"samples: {tag.replace('_', ' ')}, T={T:g}"))
-            paths.append(plotting.save_reconstructions(flows[key], deq.center(data.test_x[:10]),
-                                                       out / f"reconstructions_{tag}_T{T:g}.png", image_shape=(8, 8),
-                                                       temperature=T, title=f"inverse of forward: {tag.replace('_', ' ')}, T={T:g}"))
-    paths.append(plotting.save_training_curves(histories, out / "training_curves.png", title="validation bits/dim per epoch"))
+            paths.append(
+                plotting.save_samples(
+                    flows[key],
+                    out / f"samples_{tag}_T{T:g}.png",
+                    n=36,
+                    image_shape=(8, 8),
+                    temperature=T,
+                    title=f"samples: {tag.replace('_', ' ')}, T={T:g}",
+                )
+            )
+            paths.append(
+                plotting.save_reconstructions(
+                    flows[key],
+                    deq.center(data.test_x[:10]),
+                    out / f"reconstructions_{tag}_T{T:g}.png",
+                    image_shape=(8, 8),
+                    temperature=T,
+                    title=f"inverse of forward: {tag.replace('_', ' ')}, T={T:g}",
+                )
+            )
+    paths.append(
+        plotting.save_training_curves(histories, out / "training_curves.png", title="validation bits/dim per epoch")
+    )
     for p in paths:
         print(f"  wrote {p}")
 
@@ -375,13 +478,14 @@ def run_demo(out: str | Path = "flowconvert-demo", *, quick: bool = False, seed:
     try:
         from .export import export_onnx
 
-        res = export_onnx(flows[best], out / "mlp_flow_likelihood.onnx", deq.center(data.test_x[:4]), graph="likelihood",
-                          noise="zero")
+        res = export_onnx(
+            flows[best], out / "mlp_flow_likelihood.onnx", deq.center(data.test_x[:4]), graph="likelihood", noise="zero"
+        )
         from .export_cli import parity_verdict
 
         results["onnx_max_abs_diff"] = res.max_abs_diff
         print(f"  wrote {out / 'mlp_flow_likelihood.onnx'} ({best})\n  {parity_verdict(res)}")
-    except Exception as exc:  # an optional step: report and go on
+    except Exception as exc:  # noqa: BLE001 - an optional step: report and go on
         print(f"  export failed: {type(exc).__name__}: {exc}")
 
     results["seconds"] = time.perf_counter() - t0
@@ -391,7 +495,10 @@ def run_demo(out: str | Path = "flowconvert-demo", *, quick: bool = False, seed:
 
 def format_table(rows) -> str:
     """The table ``run_demo`` and ``benchmarks/digits.py`` print: model, validation, test bits/dim, seconds."""
-    lines = [f"| {'model':<52} | {'validation':>10} | {'test':>7} | {'seconds':>7} |", f"|{'-' * 54}|{'-' * 12}|{'-' * 9}|{'-' * 9}|"]
+    lines = [
+        f"| {'model':<52} | {'validation':>10} | {'test':>7} | {'seconds':>7} |",
+        f"|{'-' * 54}|{'-' * 12}|{'-' * 9}|{'-' * 9}|",
+    ]
     for name, val, test, secs in rows:
         lines.append(f"| {name:<52} | {val:10.3f} | {test:7.3f} | {secs:7.1f} |")
     return "\n".join(lines)
@@ -402,8 +509,13 @@ from .cli import configure_demo as configure_cli  # noqa: E402  (the arguments l
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    run_demo(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress,
-             temperature=getattr(args, "temperature", DEFAULT_TEMPERATURE))
+    run_demo(
+        args.out,
+        quick=args.quick,
+        seed=args.seed,
+        progress=not args.no_progress,
+        temperature=getattr(args, "temperature", DEFAULT_TEMPERATURE),
+    )
     return 0
 
 

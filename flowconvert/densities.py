@@ -99,8 +99,9 @@ class ConditionalDensity(Configurable, nn.Module):
         """``(A, c, var)`` of the linear-Gaussian part, float64 (see :meth:`linear_regressors`)."""
         raise NotImplementedError
 
-    def write_linear(self, A: Tensor, c: Tensor, var: Tensor, context_mean: Tensor | None = None,
-                     context_var: Tensor | None = None) -> None:
+    def write_linear(
+        self, A: Tensor, c: Tensor, var: Tensor, context_mean: Tensor | None = None, context_var: Tensor | None = None
+    ) -> None:
         """Set the linear-Gaussian part; a richer family also resets the rest to its identity, so
         that it then *equals* that linear Gaussian (``context_mean``/``context_var``: moments of
         ``y`` a family may use to standardize its conditioner's input)."""
@@ -350,7 +351,7 @@ class ConditionalFullNormal(ConditionalDensity):
 
     @torch.no_grad()
     def write_linear(self, A, c, cov, context_mean=None, context_var=None) -> None:
-        """Set :math:`A, c` and :math:`P = \operatorname{chol}(\Sigma)^{-1}` (``cov`` a matrix, or a vector of variances)."""
+        r"""Set :math:`A, c` and :math:`P = \operatorname{chol}(\Sigma)^{-1}` (``cov`` a matrix, or a vector of variances)."""
         if cov.dim() == 1:
             cov = torch.diag(cov)
         L = torch.linalg.cholesky(cov.double())

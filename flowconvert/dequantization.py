@@ -92,7 +92,6 @@ def nats_to_bits_per_dim(nll: Tensor | float, num_dims: int) -> Tensor | float:
     return nll / (num_dims * math.log(2.0))
 
 
-
 class DiscreteDataWarning(UserWarning):
     """Data looks discrete but no dequantization was given (see :func:`warn_if_discrete`)."""
 
@@ -143,16 +142,18 @@ def warn_if_discrete(data: Any, dequantize: "Dequantize | None", where: str, *, 
     x = _peek(data)
     if x is None or x.numel() == 0 or x.is_complex() or x.dtype == torch.bool:
         return False
-    if x.is_floating_point():
-        if not bool(torch.isfinite(x).all()) or not bool((x == x.round()).all()):
-            return False
+    if x.is_floating_point() and (not bool(torch.isfinite(x).all()) or not bool((x == x.round()).all())):
+        return False
     values = torch.unique(x)
     if not 2 <= len(values) <= DISCRETE_MAX_LEVELS:  # a constant says nothing about being discrete
         return False
     lo, hi = int(values.min().item()), int(values.max().item())
     levels = hi + 1 if lo >= 0 else None
-    fix = (f"dequantize=fc.Dequantize({levels}) (--levels {levels} on the command line)" if levels and levels >= 2
-           else "dequantize=fc.Dequantize(K) (--levels K on the command line) after mapping the values to 0..K-1")
+    fix = (
+        f"dequantize=fc.Dequantize({levels}) (--levels {levels} on the command line)"
+        if levels and levels >= 2
+        else "dequantize=fc.Dequantize(K) (--levels K on the command line) after mapping the values to 0..K-1"
+    )
     warnings.warn(
         f"the data given to {where} looks discrete ({len(values)} distinct integer values, {lo}..{hi}, in the "
         f"first {len(x)} examples) and no dequantize= was given: a continuous density on discrete data can grow "

@@ -101,8 +101,14 @@ class FlowBatchNorm(FlowLayer):
 
     exact = True
 
-    def __init__(self, running_mean: Tensor, running_var: Tensor, weight: Tensor | None = None,
-                 bias: Tensor | None = None, eps: float = 1e-5):
+    def __init__(
+        self,
+        running_mean: Tensor,
+        running_var: Tensor,
+        weight: Tensor | None = None,
+        bias: Tensor | None = None,
+        eps: float = 1e-5,
+    ):
         super().__init__()
         mean = running_mean.detach().clone()
         var = running_var.detach().clone()
@@ -423,8 +429,14 @@ class FlowScalarAffine(FlowLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         c = self.value
-        return {"mul": lambda: x * c, "add": lambda: x + c, "sub": lambda: x - c, "rsub": lambda: c - x,
-                "div": lambda: x / c, "neg": lambda: -x}[self.op]()
+        return {
+            "mul": lambda: x * c,
+            "add": lambda: x + c,
+            "sub": lambda: x - c,
+            "rsub": lambda: c - x,
+            "div": lambda: x / c,
+            "neg": lambda: -x,
+        }[self.op]()
 
     def call_and_ll(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
         y = self.forward(x)
@@ -444,8 +456,14 @@ class FlowScalarAffine(FlowLayer):
 
     def inverse(self, y: Tensor, sample: bool = False, noise: Tensor | None = None) -> Tensor:
         c = self.value
-        return {"mul": lambda: y / c, "add": lambda: y - c, "sub": lambda: y + c, "rsub": lambda: c - y,
-                "div": lambda: y * c, "neg": lambda: -y}[self.op]()
+        return {
+            "mul": lambda: y / c,
+            "add": lambda: y - c,
+            "sub": lambda: y + c,
+            "rsub": lambda: c - y,
+            "div": lambda: y * c,
+            "neg": lambda: -y,
+        }[self.op]()
 
     def extra_repr(self) -> str:
         c = self._scalar if self.constant is None else f"tensor{tuple(self.constant.shape)}"

@@ -299,8 +299,7 @@ register_diagnostic(
     "input dtype does not fit the flow",
     "The flow's parameters have one floating-point dtype; data of another dtype (integers, "
     "a different precision) would fail inside a layer or silently lose precision.",
-    "Convert the data with x.to(dtype) to the dtype the message names, or the flow with "
-    "flow.to(dtype).",
+    "Convert the data with x.to(dtype) to the dtype the message names, or the flow with flow.to(dtype).",
 )
 register_diagnostic(
     "FC603",
@@ -435,8 +434,7 @@ register_diagnostic(
     "The operation moves values between samples (for example x.view(-1), a hard-coded batch "
     "size, or a permute of the batch dimension), so one sample's output would depend on the "
     "others and there is no per-sample density.",
-    "Keep the batch dimension first and untouched: write x.view(x.size(0), -1) or "
-    "torch.flatten(x, 1).",
+    "Keep the batch dimension first and untouched: write x.view(x.size(0), -1) or torch.flatten(x, 1).",
 )
 register_diagnostic(
     "FC114",
@@ -493,8 +491,7 @@ register_diagnostic(
     "Two values computed from the input are combined in a way that has no flow layer: "
     "a + b and torch.cat of data values are supported, but broadcasting sums, concatenation "
     "with constants and other many-to-one maps are not.",
-    "Add values of the same shape, concatenate only data values, or convert the branches as "
-    "separate models.",
+    "Add values of the same shape, concatenate only data values, or convert the branches as separate models.",
 )
 register_diagnostic(
     "FC306",
@@ -513,8 +510,7 @@ register_diagnostic(
 register_diagnostic(
     "FC309",
     "model fails on the example inputs",
-    "Running the model on the example inputs raised an error, so the shapes of its values "
-    "are unknown.",
+    "Running the model on the example inputs raised an error, so the shapes of its values are unknown.",
     "Pass example inputs the model accepts, with a leading batch dimension "
     "(e.g. torch.randn(1, 64) for a model taking 64 features).",
 )

@@ -241,8 +241,18 @@ def export_onnx(
         reference = _FlowGraph(flow, graph, "input" if noise != "zero" else "zero", len(data), shapes)
         with _eval_mode(flow):
             result.parity = _parity(
-                path, reference, data, graph_in, out_names, shapes, noise,
-                atol=atol, rtol=rtol, second_batch=second_batch, draws=draws, seed=seed,
+                path,
+                reference,
+                data,
+                graph_in,
+                out_names,
+                shapes,
+                noise,
+                atol=atol,
+                rtol=rtol,
+                second_batch=second_batch,
+                draws=draws,
+                seed=seed,
             )
         for c in result.parity:
             if c.statistic in ("values", "mean"):

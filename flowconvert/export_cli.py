@@ -27,26 +27,53 @@ __all__ = ["configure", "run", "parity_verdict", "untrained_warning"]
 def configure(parser: argparse.ArgumentParser) -> None:
     from .cli import FLOW_SUFFIXES, add_input_arguments, add_policy_arguments
 
-    parser.add_argument("target", metavar="FLOW|TARGET",
-                        help=f"a flow saved by 'flowconvert convert' ({', '.join(FLOW_SUFFIXES)}), or a model: "
-                        "package.module:attr or path/to/file.py:attr")
+    parser.add_argument(
+        "target",
+        metavar="FLOW|TARGET",
+        help=f"a flow saved by 'flowconvert convert' ({', '.join(FLOW_SUFFIXES)}), or a model: "
+        "package.module:attr or path/to/file.py:attr",
+    )
     parser.add_argument("-o", "--output", required=True, metavar="FILE", help="the .onnx file to write")
-    parser.add_argument("--graph", choices=["likelihood", "inverse"], default="likelihood",
-                        help="likelihood: inputs -> outputs and log_prob; inverse: outputs -> inputs")
-    parser.add_argument("--noise", choices=["zero", "input", "random"], default="zero",
-                        help="zero: deterministic; input: noise tensors are graph inputs; random: drawn in the graph")
+    parser.add_argument(
+        "--graph",
+        choices=["likelihood", "inverse"],
+        default="likelihood",
+        help="likelihood: inputs -> outputs and log_prob; inverse: outputs -> inputs",
+    )
+    parser.add_argument(
+        "--noise",
+        choices=["zero", "input", "random"],
+        default="zero",
+        help="zero: deterministic; input: noise tensors are graph inputs; random: drawn in the graph",
+    )
     parser.add_argument("--batch", type=int, default=4, help="example batch size for a saved flow")
     add_input_arguments(parser, shape_required=False)
     add_policy_arguments(parser)
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
-    parser.add_argument("--atol", type=float, default=1e-4, help="parity tolerance: |onnx - torch| <= atol + rtol |torch|")
+    parser.add_argument(
+        "--atol", type=float, default=1e-4, help="parity tolerance: |onnx - torch| <= atol + rtol |torch|"
+    )
     parser.add_argument("--rtol", type=float, default=1e-4, help="relative part of the parity tolerance")
-    parser.add_argument("--report", nargs="?", const=True, default=False, metavar="FILE",
-                        help="write the Markdown export report (default FILE: next to the model, .md)")
-    parser.add_argument("--format", choices=["text", "markdown", "json"], default="text",
-                        help="what to print: a summary, the Markdown export report, or JSON")
-    parser.add_argument("--no-verify", dest="verify", action="store_false",
-                        help="skip the onnxruntime run and the comparison with PyTorch")
+    parser.add_argument(
+        "--report",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="FILE",
+        help="write the Markdown export report (default FILE: next to the model, .md)",
+    )
+    parser.add_argument(
+        "--format",
+        choices=["text", "markdown", "json"],
+        default="text",
+        help="what to print: a summary, the Markdown export report, or JSON",
+    )
+    parser.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip the onnxruntime run and the comparison with PyTorch",
+    )
 
 
 def parity_verdict(result, atol: float = 1e-4, rtol: float = 1e-4) -> str:
@@ -60,7 +87,9 @@ def parity_verdict(result, atol: float = 1e-4, rtol: float = 1e-4) -> str:
     ok = all(c.passed for c in result.parity)
     worst: dict[str, object] = {}
     for c in result.parity:
-        if c.statistic in ("values", "mean") and (c.output not in worst or c.max_abs_diff > worst[c.output].max_abs_diff):
+        if c.statistic in ("values", "mean") and (
+            c.output not in worst or c.max_abs_diff > worst[c.output].max_abs_diff
+        ):
             worst[c.output] = c
     figures = ", ".join(f"{name} {c.max_abs_diff:.2g} (allowed {c.allowed:.2g})" for name, c in worst.items())
     if result.noise == "random":
@@ -78,16 +107,20 @@ def untrained_warning(flow, name: str) -> str | None:
     state = getattr(flow, "density_state", "untrained")  # flows saved before the attribute existed
     if state != "untrained":
         return None
-    return (f"flowconvert export: warning: the densities of {name} were never calibrated or fitted, so its log_prob is not a "
-            f"meaningful likelihood; convert with --calibrate DATA (and/or --fit DATA) first")
+    return (
+        f"flowconvert export: warning: the densities of {name} were never calibrated or fitted, so its log_prob is not a "
+        f"meaningful likelihood; convert with --calibrate DATA (and/or --fit DATA) first"
+    )
 
 
 def _summary(result, args) -> str:
-    lines = [f"wrote {result.path} ({result.graph}, noise={result.noise}, opset {result.opset}, "
-             f"{sum(result.op_counts.values())} nodes)",
-             "  inputs:  " + ", ".join(f"{n} {tuple(result.input_shapes[n])}" for n in result.input_names),
-             "  outputs: " + ", ".join(f"{n} {tuple(result.output_shapes[n])}" for n in result.output_names),
-             "  " + parity_verdict(result, args.atol, args.rtol)]
+    lines = [
+        f"wrote {result.path} ({result.graph}, noise={result.noise}, opset {result.opset}, "
+        f"{sum(result.op_counts.values())} nodes)",
+        "  inputs:  " + ", ".join(f"{n} {tuple(result.input_shapes[n])}" for n in result.input_names),
+        "  outputs: " + ", ".join(f"{n} {tuple(result.output_shapes[n])}" for n in result.output_names),
+        "  " + parity_verdict(result, args.atol, args.rtol),
+    ]
     if result.report_path:
         lines.append(f"  report: {result.report_path}")
     return "\n".join(lines)
@@ -95,11 +128,18 @@ def _summary(result, args) -> str:
 
 def _as_json(result, args) -> str:
     data = {
-        "path": str(result.path), "graph": result.graph, "noise": result.noise, "opset": result.opset,
+        "path": str(result.path),
+        "graph": result.graph,
+        "noise": result.noise,
+        "opset": result.opset,
         "inputs": {n: list(result.input_shapes[n]) for n in result.input_names},
         "outputs": {n: list(result.output_shapes[n]) for n in result.output_names},
-        "nodes": sum(result.op_counts.values()), "exact": result.exact,
-        "max_abs_diff": result.max_abs_diff, "verified": result.verified, "atol": args.atol, "rtol": args.rtol,
+        "nodes": sum(result.op_counts.values()),
+        "exact": result.exact,
+        "max_abs_diff": result.max_abs_diff,
+        "verified": result.verified,
+        "atol": args.atol,
+        "rtol": args.rtol,
         "parity": [dict(c.__dict__) for c in result.parity],
         "report": str(result.report_path) if result.report_path else None,
     }
@@ -122,8 +162,10 @@ def run(args: argparse.Namespace) -> int:
     if is_flow_file and not os.path.isfile(args.target):
         raise UsageError(f"no such file: {args.target}")
     if not is_flow_file and ":" not in args.target:
-        raise UsageError(f"no such file: {args.target} (TARGET is a saved flow, or a model as package.module:attr "
-                         f"or path/to/file.py:attr)")
+        raise UsageError(
+            f"no such file: {args.target} (TARGET is a saved flow, or a model as package.module:attr "
+            f"or path/to/file.py:attr)"
+        )
     if args.batch < 1:
         raise UsageError("--batch must be at least 1")
     check_output_path(args.output)
@@ -140,8 +182,10 @@ def run(args: argparse.Namespace) -> int:
             inputs = example_inputs(args)
         else:
             gen = torch.Generator().manual_seed(args.seed)
-            inputs = tuple(torch.randn((args.batch, *s), generator=gen, dtype=getattr(torch, args.dtype))
-                           for s in flow.input_shapes)
+            inputs = tuple(
+                torch.randn((args.batch, *s), generator=gen, dtype=getattr(torch, args.dtype))
+                for s in flow.input_shapes
+            )
         name = args.target
     else:
         if not args.input_shape:
@@ -156,8 +200,19 @@ def run(args: argparse.Namespace) -> int:
     if warning:
         print(warning, file=sys.stderr)
     try:
-        result = export_onnx(flow, args.output, inputs, graph=args.graph, noise=args.noise, opset=args.opset,
-                             verify=args.verify, seed=args.seed, report=args.report, atol=args.atol, rtol=args.rtol)
+        result = export_onnx(
+            flow,
+            args.output,
+            inputs,
+            graph=args.graph,
+            noise=args.noise,
+            opset=args.opset,
+            verify=args.verify,
+            seed=args.seed,
+            report=args.report,
+            atol=args.atol,
+            rtol=args.rtol,
+        )
     except FlowConversionError as exc:
         result = getattr(exc, "result", None)
         if result is not None:  # written, but a check failed: the figures and the verdict

@@ -43,7 +43,7 @@ True
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence, Union
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -52,7 +52,6 @@ from .densities import (
     LOG_2PI,
     BaseDensity,
     ConditionalDensity,
-    ConditionalDiagonalNormal,
     ConditionalFullNormal,
     DiagonalNormal,
     StandardNormal,
@@ -171,7 +170,7 @@ class MLPConditionalNormal(_WithLinear):
         _zero_last_linear(self.net)
 
     def params(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        """``(mean, rho)``: the mean :math:`Ay + c + \mu_\theta(y)` and the log-scales :math:`\rho_\theta(y)`
+        """``(mean, rho)``: the mean :math:`Ay + c + \\mu_\theta(y)` and the log-scales :math:`\rho_\theta(y)`
         of the whitened residual (both of shape ``(..., features)``)."""
         h = self.net(self.standardize(y))
         mu = self.linear.mean(y) + h[..., : self.features]
@@ -231,8 +230,15 @@ class FlowConditional(_WithLinear):
     True
     """
 
-    def __init__(self, features: int, context_features: int, transforms: int = 2, hidden: Sequence[int] = (64, 64),
-                 bins: int = 8, kind: str = "nsf"):
+    def __init__(
+        self,
+        features: int,
+        context_features: int,
+        transforms: int = 2,
+        hidden: Sequence[int] = (64, 64),
+        bins: int = 8,
+        kind: str = "nsf",
+    ):
         super().__init__()
         self.features, self.context_features = int(features), int(context_features)
         self.linear = ConditionalFullNormal(self.features, self.context_features)
@@ -316,7 +322,11 @@ class GaussianMixture(BaseDensity):
         centers = [x[torch.randint(n, (1,), generator=g)].squeeze(0)]
         for _ in range(1, K):  # k-means++ seeding
             d2 = torch.cdist(x, torch.stack(centers)).square().min(1).values
-            centers.append(x[torch.multinomial(d2 / d2.sum() if d2.sum() > 0 else torch.ones(n, dtype=x.dtype), 1, generator=g)].squeeze(0))
+            centers.append(
+                x[
+                    torch.multinomial(d2 / d2.sum() if d2.sum() > 0 else torch.ones(n, dtype=x.dtype), 1, generator=g)
+                ].squeeze(0)
+            )
         mu = torch.stack(centers)
         var = x.var(0, unbiased=False).clamp_min(1e-12).expand(K, -1).clone()
         log_pi = torch.full((K,), -math.log(K), dtype=x.dtype)
@@ -345,8 +355,14 @@ class FlowBase(BaseDensity):
     True
     """
 
-    def __init__(self, event_shape: Sequence[int], transforms: int = 3, hidden: Sequence[int] = (64, 64), bins: int = 8,
-                 kind: str = "nsf"):
+    def __init__(
+        self,
+        event_shape: Sequence[int],
+        transforms: int = 3,
+        hidden: Sequence[int] = (64, 64),
+        bins: int = 8,
+        kind: str = "nsf",
+    ):
         super().__init__()
         self.event_shape = tuple(int(s) for s in event_shape)
         D = math.prod(self.event_shape)
@@ -397,8 +413,9 @@ BASES: dict[str, Callable[[Sequence[int]], BaseDensity]] = {
 DEFAULT_BASE = {"gaussian": "diagonal", "mlp": "mixture", "flow": "flow"}
 
 
-def make_conditional(density: str | Family, features: int, context: int,
-                     like: ConditionalDensity | None = None) -> ConditionalDensity | None:
+def make_conditional(
+    density: str | Family, features: int, context: int, like: ConditionalDensity | None = None
+) -> ConditionalDensity | None:
     """A conditional density of ``features`` coordinates given ``context``, initialised from ``like``.
 
     ``density`` is a name of :data:`FAMILIES` or a callable ``(features, context) -> ConditionalDensity``

@@ -166,9 +166,13 @@ class FlowModel(Configurable, nn.Module):
             layer = _get_attr(g, f"layers.{step.layer}", f"{step.layer}_layer")
             args = (layer, *(env[v] for v in step.inputs))
             if step.sources:  # several inputs: noise by keyword
-                pair = g.create_node("call_method", "call_and_ll", args, {"noise": noise.get(step.layer)}, name=f"{step.name}_and_ll")
+                pair = g.create_node(
+                    "call_method", "call_and_ll", args, {"noise": noise.get(step.layer)}, name=f"{step.name}_and_ll"
+                )
             else:
-                pair = g.create_node("call_method", "call_and_ll", (*args, noise.get(step.layer)), name=f"{step.name}_and_ll")
+                pair = g.create_node(
+                    "call_method", "call_and_ll", (*args, noise.get(step.layer)), name=f"{step.name}_and_ll"
+                )
             env[step.name] = g.create_node("call_function", operator.getitem, (pair, 0), name=step.name)
             _unpack_outputs(g, step, env)
             terms.append(g.create_node("call_function", operator.getitem, (pair, 1), name=f"ll_{step.name}"))
@@ -299,7 +303,10 @@ class FlowModel(Configurable, nn.Module):
         return self.likelihood_graph(*inputs, **kwargs)
 
     def log_prob(
-        self, *inputs: Tensor, deterministic: bool = False, num_samples: int = 1,
+        self,
+        *inputs: Tensor,
+        deterministic: bool = False,
+        num_samples: int = 1,
         noise: Mapping[str, Tensor] | None = None,
     ) -> Tensor:
         """Log-density of the inputs, shape ``(batch,)``, in nats.
@@ -326,8 +333,13 @@ class FlowModel(Configurable, nn.Module):
 
         return bits_per_dim(self, data, **kwargs)
 
-    def inverse(self, *outputs: Tensor, sample: bool = False, noise: Mapping[str, Tensor] | None = None,
-                temperature: float = 1.0) -> Any:
+    def inverse(
+        self,
+        *outputs: Tensor,
+        sample: bool = False,
+        noise: Mapping[str, Tensor] | None = None,
+        temperature: float = 1.0,
+    ) -> Any:
         """Inputs from outputs (outputs in flattening order; a single tuple is unpacked).
 
         ``sample=True`` draws what the forward pass dropped (from ``noise`` when given, keys
@@ -369,8 +381,12 @@ class FlowModel(Configurable, nn.Module):
             out_shape = tuple(layer(torch.zeros(1, *in_shape, dtype=dtype)).shape[1:])
         out = f"{name}_out"
         plan = FlowPlan(
-            inputs=[("x", in_shape)], steps=[Step(out, name, "x", in_shape, out_shape)], outputs=out,
-            output_names=[out], output_shapes=[out_shape], base_keys=[out],
+            inputs=[("x", in_shape)],
+            steps=[Step(out, name, "x", in_shape, out_shape)],
+            outputs=out,
+            output_names=[out],
+            output_shapes=[out_shape],
+            base_keys=[out],
         )
         return cls(plan, {name: layer}, {out: StandardNormal(out_shape).to(dtype)}).train(layer.training)
 

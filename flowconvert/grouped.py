@@ -62,8 +62,19 @@ class FlowGroupedConv(FlowLayer):
         blocks: the per-group :class:`FlowConv` layers.
     """
 
-    def __init__(self, weight: Tensor, bias: Tensor | None = None, *, input_shape: Sequence[int], stride=1,
-                 padding=0, dilation=1, groups: int = 1, padding_mode: str = "zeros", **kwargs):
+    def __init__(
+        self,
+        weight: Tensor,
+        bias: Tensor | None = None,
+        *,
+        input_shape: Sequence[int],
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+        **kwargs,
+    ):
         super().__init__()
         groups = int(groups)
         c_out, c_in_g = int(weight.shape[0]), int(weight.shape[1])
@@ -86,7 +97,11 @@ class FlowGroupedConv(FlowLayer):
             FlowConv(
                 weight[g * m : (g + 1) * m],
                 bias[g * m : (g + 1) * m] if bias is not None else None,
-                input_shape=block_shape, stride=stride, padding=padding, dilation=dilation, **kwargs,
+                input_shape=block_shape,
+                stride=stride,
+                padding=padding,
+                dilation=dilation,
+                **kwargs,
             )
             for g in range(groups)
         )
@@ -96,8 +111,17 @@ class FlowGroupedConv(FlowLayer):
 
     @classmethod
     def from_module(cls, module: nn.Conv1d | nn.Conv2d, input_shape: Sequence[int], **kwargs) -> "FlowGroupedConv":
-        return cls(module.weight, module.bias, input_shape=input_shape, stride=module.stride, padding=module.padding,
-                   dilation=module.dilation, groups=module.groups, padding_mode=module.padding_mode, **kwargs)
+        return cls(
+            module.weight,
+            module.bias,
+            input_shape=input_shape,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            padding_mode=module.padding_mode,
+            **kwargs,
+        )
 
     # -- noise: one flat vector per sample, cut per block ---------------------------------------
     def _block_noise_shapes(self, inverse: bool) -> list[tuple[int, ...] | None]:
@@ -135,9 +159,9 @@ class FlowGroupedConv(FlowLayer):
         noises = self._cut(noise, self._block_noise_shapes(False))
         ys, ll = [], x.new_zeros(x.shape[0])
         for block, part, eps in zip(self.blocks, parts, noises):
-            y, l = block.call_and_ll(part, eps)
+            y, block_ll = block.call_and_ll(part, eps)
             ys.append(y)
-            ll = ll + l
+            ll = ll + block_ll
         return torch.cat(ys, 1), ll
 
     def inverse(self, y: Tensor, sample: bool = False, noise: Tensor | None = None) -> Tensor:
@@ -149,7 +173,8 @@ class FlowGroupedConv(FlowLayer):
         """The blocks' parts, named ``blocks.<g>.<part>``."""
         return tuple(
             dataclasses.replace(part, name=f"blocks.{g}.{part.name}")
-            for g, block in enumerate(self.blocks) for part in block.density_parts()
+            for g, block in enumerate(self.blocks)
+            for part in block.density_parts()
         )
 
     def observe(self, x: Tensor, noise: Tensor | None = None) -> dict[str, tuple[Tensor, Tensor | None]]:
@@ -168,7 +193,9 @@ class FlowGroupedConv(FlowLayer):
         for b in self.blocks:
             b.sync_network()
         with torch.no_grad():
-            self.weight.copy_(torch.cat([b.kernel.weight.reshape(self.out_per_group, *self.weight.shape[1:]) for b in self.blocks]))
+            self.weight.copy_(
+                torch.cat([b.kernel.weight.reshape(self.out_per_group, *self.weight.shape[1:]) for b in self.blocks])
+            )
             if self.bias is not None:
                 self.bias.copy_(torch.cat([b.kernel.bias for b in self.blocks]))
 

@@ -155,14 +155,11 @@ class _Writer:
         where = name or type(module).__name__
         if config is None:
             raise FileFormatError(
-                f"{where} ({class_key(type(module))}) was not made by its constructor, so fc.save cannot "
-                "describe it", code="FC505",
+                f"{where} ({class_key(type(module))}) was not made by its constructor, so fc.save cannot describe it",
+                code="FC505",
             )
         args, kwargs = config
-        attrs = {
-            k: v for k, v in vars(module).items()
-            if not k.startswith("_") and k != "training" and _is_plain(v)
-        }
+        attrs = {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training" and _is_plain(v)}
         return {
             "class": class_key(type(module)),
             "args": [self._encode(a, f"{where} argument {i}", f"{name}#{i}") for i, a in enumerate(args)],
@@ -198,14 +195,13 @@ class _Writer:
         if dataclasses.is_dataclass(value) and not isinstance(value, type) and _ours(type(value)):
             fields = {
                 f.name: self._encode(getattr(value, f.name), where, f"{key}.{f.name}")
-                for f in dataclasses.fields(value) if f.init
+                for f in dataclasses.fields(value)
+                if f.init
             }
             return {"__dataclass__": class_key(type(value)), "fields": fields}
         if hasattr(value, "item") and getattr(value, "shape", None) == ():  # numpy scalars
             return self._encode(value.item(), where, key)
-        raise FileFormatError(
-            f"{where} is a {type(value).__name__}, which fc.save cannot write as data", code="FC505"
-        )
+        raise FileFormatError(f"{where} is a {type(value).__name__}, which fc.save cannot write as data", code="FC505")
 
     def _tensor_key(self, t: Tensor, key: str) -> str:
         """A tensor argument: the saved tensor it equals (no second copy), or a new entry."""
@@ -264,7 +260,11 @@ def signature(module: nn.Module) -> str:
         if isinstance(v, nn.Module):
             return ["module", class_key(type(v))]
         if dataclasses.is_dataclass(v) and not isinstance(v, type):
-            return ["dataclass", class_key(type(v)), {f.name: reduce(getattr(v, f.name)) for f in dataclasses.fields(v)}]
+            return [
+                "dataclass",
+                class_key(type(v)),
+                {f.name: reduce(getattr(v, f.name)) for f in dataclasses.fields(v)},
+            ]
         if hasattr(v, "item") and getattr(v, "shape", None) == ():
             return reduce(v.item())
         return ["object", type(v).__name__]
@@ -342,7 +342,8 @@ def load(path: str | os.PathLike, *, classes: Iterable[type] = ()) -> nn.Module:
     if metadata.get("format") != FORMAT:
         raise FileFormatError(
             f"{path} is a safetensors file but not a flow written by flowconvert.save "
-            f"(a state dict? pass it with --weights / model.load_state_dict)", code="FC501",
+            f"(a state dict? pass it with --weights / model.load_state_dict)",
+            code="FC501",
         )
     version = metadata.get("version")
     if version != str(VERSION):
@@ -356,8 +357,9 @@ def load(path: str | os.PathLike, *, classes: Iterable[type] = ()) -> nn.Module:
     except FileFormatError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-        raise FileFormatError(f"{path}: the flow description cannot be used: {type(exc).__name__}: {exc}",
-                              code="FC504") from exc
+        raise FileFormatError(
+            f"{path}: the flow description cannot be used: {type(exc).__name__}: {exc}", code="FC504"
+        ) from exc
 
 
 class _Reader:
@@ -393,7 +395,8 @@ class _Reader:
         if cls is None:
             raise FileFormatError(
                 f"{self.path} names the class {key!r}, which is not a flowconvert layer or density; only "
-                "those (and classes passed as classes=[...]) are built", code="FC504",
+                "those (and classes passed as classes=[...]) are built",
+                code="FC504",
             )
         return cls
 
@@ -485,8 +488,8 @@ class _Reader:
         return replaced
 
     def _restore(self, root: nn.Module, description: dict) -> None:
-        state = {k[len(_STATE):]: t for k, t in self.tensors.items() if k.startswith(_STATE)}
-        buffers = {k[len(_BUFFER):]: t for k, t in self.tensors.items() if k.startswith(_BUFFER)}
+        state = {k[len(_STATE) :]: t for k, t in self.tensors.items() if k.startswith(_STATE)}
+        buffers = {k[len(_BUFFER) :]: t for k, t in self.tensors.items() if k.startswith(_BUFFER)}
         _match_dtypes(root, {**state, **buffers})
         try:
             root.load_state_dict(state, strict=True)
@@ -522,8 +525,11 @@ def _match_dtypes(root: nn.Module, saved: dict[str, Tensor]) -> None:
     for name, module in root.named_modules():
         prefix = f"{name}." if name else ""
         own = [*module._parameters.items(), *module._buffers.items()]
-        wanted = {saved[prefix + k].dtype for k, t in own if t is not None and prefix + k in saved
-                  and saved[prefix + k].is_floating_point()}
+        wanted = {
+            saved[prefix + k].dtype
+            for k, t in own
+            if t is not None and prefix + k in saved and saved[prefix + k].is_floating_point()
+        }
         current = {t.dtype for _, t in own if t is not None and t.is_floating_point()}
         if len(wanted) == 1 and current and current != wanted:
             dtype = wanted.pop()

@@ -103,7 +103,9 @@ def block_inverse(block: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return logdet, inv, _cond2(B, inv)
 
 
-def choose_square_block(weight: Tensor, rtol: float = DEFAULT_RTOL) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
+def choose_square_block(
+    weight: Tensor, rtol: float = DEFAULT_RTOL
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
     """Choose ``r = min(m, n)`` columns (m < n) or rows (m > n) of ``weight`` forming a well-conditioned block.
 
     Works on a batch of weights ``(..., m, n)``. Returns ``(kept, rest, (logdet, inverse, cond))``:
@@ -124,7 +126,11 @@ def choose_square_block(weight: Tensor, rtol: float = DEFAULT_RTOL) -> tuple[Ten
     kept, rest = perm[..., :r].sort(-1).values, perm[..., r:].sort(-1).values
 
     def block_of(k: Tensor) -> Tensor:
-        return tall.gather(-2, k[..., None].expand(*k.shape, r)).mT if m < n else tall.gather(-2, k[..., None].expand(*k.shape, r))
+        return (
+            tall.gather(-2, k[..., None].expand(*k.shape, r)).mT
+            if m < n
+            else tall.gather(-2, k[..., None].expand(*k.shape, r))
+        )
 
     result = block_inverse(block_of(kept))
     cond = result[2]
@@ -220,7 +226,8 @@ class FlowLinear(FlowLayer):
         kept, rest, (logdet, inv, cond) = choose_square_block(weight.cpu(), rtol)
         self.weight = nn.Parameter(weight.clone(), requires_grad=False)
         self.bias = nn.Parameter(
-            bias.detach().clone() if bias is not None else torch.zeros(m, dtype=dtype, device=device), requires_grad=False
+            bias.detach().clone() if bias is not None else torch.zeros(m, dtype=dtype, device=device),
+            requires_grad=False,
         )
         empty = torch.zeros(0, dtype=torch.long, device=device)
         self.register_buffer("kept_index", kept.to(device))
@@ -231,7 +238,9 @@ class FlowLinear(FlowLayer):
         self._set_cache(logdet, inv)
         logdet = float(logdet)
         if not math.isfinite(logdet) or float(cond) > 1.0 / rtol:
-            block = {"funnel": f"kept {m} x {m} column block", "augment": f"kept {n} x {n} row block"}.get(self.kind, "matrix")
+            block = {"funnel": f"kept {m} x {m} column block", "augment": f"kept {n} x {n} row block"}.get(
+                self.kind, "matrix"
+            )
             raise SingularWeightError(singular_message(f"{m}x{n}", float(cond), logdet, rtol, block), code="FC201")
         self.condition = float(cond)
         k = abs(n - m)

@@ -63,15 +63,19 @@ def save_image_grid(
     outside = int(((values < vmin) | (values > vmax) | ~torch.isfinite(values)).sum())
     if outside:
         finite = values[torch.isfinite(values)]
-        note = (f"{outside} of {values.numel()} values outside [{vmin:g}, {vmax:g}] (clipped for display; "
-                f"range {finite.min().item():.3g}..{finite.max().item():.3g})")
+        note = (
+            f"{outside} of {values.numel()} values outside [{vmin:g}, {vmax:g}] (clipped for display; "
+            f"range {finite.min().item():.3g}..{finite.max().item():.3g})"
+        )
         title = f"{title}\n{note}" if title else note
     if len(rows) == 1 and rows[0].shape[0] > 12:
         per = math.ceil(math.sqrt(rows[0].shape[0]))
         rows = list(rows[0].split(per))
         row_labels = None
     ncols = max(r.shape[0] for r in rows)
-    fig, axes = plt.subplots(len(rows), ncols, figsize=(0.9 * ncols + (1.4 if row_labels else 0), 0.9 * len(rows) + 0.4), squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows), ncols, figsize=(0.9 * ncols + (1.4 if row_labels else 0), 0.9 * len(rows) + 0.4), squeeze=False
+    )
     for i, r in enumerate(rows):
         for j in range(ncols):
             ax = axes[i][j]
@@ -92,8 +96,16 @@ def save_image_grid(
 
 
 @torch.no_grad()
-def save_samples(flow: Any, path: str | Path, *, n: int = 36, image_shape: Sequence[int], title: str | None = None,
-                 temperature: float = 1.0, **kwargs) -> str:
+def save_samples(
+    flow: Any,
+    path: str | Path,
+    *,
+    n: int = 36,
+    image_shape: Sequence[int],
+    title: str | None = None,
+    temperature: float = 1.0,
+    **kwargs,
+) -> str:
     """Save ``flow.sample(n, temperature=temperature)`` as a grid; ``kwargs`` go to :func:`save_image_grid`."""
     samples = flow.sample(n, temperature=temperature) if temperature != 1.0 else flow.sample(n)
     if isinstance(samples, (tuple, list)):
@@ -110,8 +122,15 @@ def _invert(flow: Any, outputs: Any, sample: bool, temperature: float = 1.0) -> 
 
 @torch.no_grad()
 def save_reconstructions(
-    flow: Any, x: Tensor, path: str | Path, *, image_shape: Sequence[int], title: str | None = None, draws: int = 2,
-    temperature: float = 1.0, **kwargs
+    flow: Any,
+    x: Tensor,
+    path: str | Path,
+    *,
+    image_shape: Sequence[int],
+    title: str | None = None,
+    draws: int = 2,
+    temperature: float = 1.0,
+    **kwargs,
 ) -> str:
     """Rows: ``x``, the inverse with ``sample=False`` and ``draws`` rows of the inverse with ``sample=True``
     at ``temperature``."""

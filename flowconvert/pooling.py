@@ -60,12 +60,29 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .core import DensityPart, FlowLayer
-from .densities import LOG_2PI, ConditionalNormal, GaussianNoise, HalfNormal, _read, _write, normal_log_prob, sum_except_batch
+from .densities import (
+    LOG_2PI,
+    ConditionalNormal,
+    GaussianNoise,
+    HalfNormal,
+    _read,
+    _write,
+    normal_log_prob,
+    sum_except_batch,
+)
 from .errors import LayerConfigurationError
 
 __all__ = [
-    "FlowAvgPool", "FlowMaxPool", "FlowWindowPool", "FlowReduce", "ChannelConditionalNormal", "WindowConditionalNormal",
-    "helmert", "helmert_apply", "helmert_adjoint", "pooling_layer",
+    "FlowAvgPool",
+    "FlowMaxPool",
+    "FlowWindowPool",
+    "FlowReduce",
+    "ChannelConditionalNormal",
+    "WindowConditionalNormal",
+    "helmert",
+    "helmert_apply",
+    "helmert_adjoint",
+    "pooling_layer",
 ]
 
 
@@ -172,9 +189,15 @@ class _WindowPool(FlowLayer):
     @staticmethod
     def _check(kernel, stride, padding, dilation=1, name="pooling"):
         nd = len(kernel)
-        stride = kernel if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0) else _ntuple(stride, nd)
+        stride = (
+            kernel
+            if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0)
+            else _ntuple(stride, nd)
+        )
         if stride != kernel:
-            raise LayerConfigurationError(f"{name} with kernel {kernel} != stride {stride} (overlapping or gapped windows)", code="FC214")
+            raise LayerConfigurationError(
+                f"{name} with kernel {kernel} != stride {stride} (overlapping or gapped windows)", code="FC214"
+            )
         if any(p != 0 for p in _ntuple(padding, nd)):
             raise LayerConfigurationError(f"{name} with padding {padding}", code="FC214")
         if any(d != 1 for d in _ntuple(dilation, nd)):
@@ -200,8 +223,13 @@ class FlowAvgPool(_WindowPool):
 
     exact = True
 
-    def __init__(self, in_shape: Sequence[int], kernel: Sequence[int], divisor: int | None = None,
-                 adaptive: Sequence[int] | None = None):
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        kernel: Sequence[int],
+        divisor: int | None = None,
+        adaptive: Sequence[int] | None = None,
+    ):
         super().__init__(in_shape, kernel)
         self.divisor = int(divisor) if divisor is not None else None
         if self.divisor is not None and self.divisor == 0:
@@ -537,7 +565,9 @@ class FlowWindowPool(FlowLayer):
         self.in_shape = tuple(int(s) for s in in_shape)
         nd = len(self.in_shape) - 1
         if nd not in (1, 2):
-            raise LayerConfigurationError(f"pooling on per-sample shape {self.in_shape}: expected (C, L) or (C, H, W)", code="FC214")
+            raise LayerConfigurationError(
+                f"pooling on per-sample shape {self.in_shape}: expected (C, L) or (C, H, W)", code="FC214"
+            )
         spatial = self.in_shape[1:]
         self.channels = self.in_shape[0]
         if adaptive is not None:
@@ -546,27 +576,48 @@ class FlowWindowPool(FlowLayer):
                 out = out * 2
             out = tuple(s if o is None else int(o) for s, o in zip(spatial, out))
             if len(out) != nd or any(o < 1 for o in out):
-                raise LayerConfigurationError(f"adaptive pool output {adaptive} for input {self.in_shape}", code="FC214")
+                raise LayerConfigurationError(
+                    f"adaptive pool output {adaptive} for input {self.in_shape}", code="FC214"
+                )
             self.config = dict(adaptive=out)
             per_dim = [_adaptive_windows(s, o) for s, o in zip(spatial, out)]
         else:
             kernel = _ntuple(kernel, nd)
-            stride = kernel if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0) else _ntuple(stride, nd)
+            stride = (
+                kernel
+                if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0)
+                else _ntuple(stride, nd)
+            )
             padding, dilation = _ntuple(padding, nd), _ntuple(dilation, nd)
             if any(k < 1 for k in kernel) or any(s < 1 for s in stride) or any(d < 1 for d in dilation):
-                raise LayerConfigurationError(f"pooling with kernel {kernel}, stride {stride}, dilation {dilation}", code="FC214")
+                raise LayerConfigurationError(
+                    f"pooling with kernel {kernel}, stride {stride}, dilation {dilation}", code="FC214"
+                )
             if any(2 * p > k for p, k in zip(padding, kernel)):
-                raise LayerConfigurationError(f"pooling with padding {padding} larger than half the kernel {kernel}", code="FC214")
+                raise LayerConfigurationError(
+                    f"pooling with padding {padding} larger than half the kernel {kernel}", code="FC214"
+                )
             if mode == "avg" and any(d != 1 for d in dilation):
                 raise LayerConfigurationError("average pooling has no dilation", code="FC214")
             if divisor_override is not None and int(divisor_override) == 0:
                 raise LayerConfigurationError("avg pooling with divisor_override=0", code="FC214")
-            self.config = dict(kernel=kernel, stride=stride, padding=padding, dilation=dilation, ceil_mode=bool(ceil_mode),
-                               count_include_pad=bool(count_include_pad),
-                               divisor_override=None if divisor_override is None else int(divisor_override))
-            per_dim = [_dim_windows(s, k, st, p, d, bool(ceil_mode)) for s, k, st, p, d in zip(spatial, kernel, stride, padding, dilation)]
+            self.config = dict(
+                kernel=kernel,
+                stride=stride,
+                padding=padding,
+                dilation=dilation,
+                ceil_mode=bool(ceil_mode),
+                count_include_pad=bool(count_include_pad),
+                divisor_override=None if divisor_override is None else int(divisor_override),
+            )
+            per_dim = [
+                _dim_windows(s, k, st, p, d, bool(ceil_mode))
+                for s, k, st, p, d in zip(spatial, kernel, stride, padding, dilation)
+            ]
         if any(not w for w in per_dim) or any(not c for w in per_dim for c in w):
-            raise LayerConfigurationError(f"pooling {self.config} leaves an empty window on input {self.in_shape}", code="FC214")
+            raise LayerConfigurationError(
+                f"pooling {self.config} leaves an empty window on input {self.in_shape}", code="FC214"
+            )
         self.out_spatial = tuple(len(w) for w in per_dim)
         self.out_shape = (self.channels, *self.out_spatial)
         if nd == 1:
@@ -582,7 +633,9 @@ class FlowWindowPool(FlowLayer):
         probe = torch.randn(1, 1, *spatial, dtype=f64, generator=torch.Generator().manual_seed(0))
         ref = self._op(probe).reshape(-1)
         if ref.numel() != len(windows):
-            raise LayerConfigurationError(f"pooling {self.config}: {ref.numel()} outputs, expected {len(windows)}", code="FC214")
+            raise LayerConfigurationError(
+                f"pooling {self.config}: {ref.numel()} outputs, expected {len(windows)}", code="FC214"
+            )
         flat = probe.reshape(-1)
         sizes = torch.tensor([len(w) for w in windows])
         if mode == "avg":
@@ -592,7 +645,9 @@ class FlowWindowPool(FlowLayer):
             divisor = torch.ones(len(windows), dtype=f64)
             got = torch.stack([flat[w].max() for w in windows])
         if not torch.allclose(got, ref, rtol=1e-9, atol=1e-12):
-            raise LayerConfigurationError(f"pooling {self.config}: the window geometry does not match PyTorch", code="FC214")
+            raise LayerConfigurationError(
+                f"pooling {self.config}: the window geometry does not match PyTorch", code="FC214"
+            )
 
         cov = torch.zeros(S, dtype=f64)
         for w in windows:
@@ -602,7 +657,9 @@ class FlowWindowPool(FlowLayer):
         self.tile_logdet = self.channels * float((0.5 * cov[used] * cov[used].log()).sum())
         self._tile_extra = int((cov[used] - 1).sum())
         self.register_buffer("_cov", cov, persistent=False)
-        self.register_buffer("_inv_cov", torch.where(used, 1.0 / cov.clamp_min(1), torch.zeros((), dtype=f64)), persistent=False)
+        self.register_buffer(
+            "_inv_cov", torch.where(used, 1.0 / cov.clamp_min(1), torch.zeros((), dtype=f64)), persistent=False
+        )
         self.register_buffer("_sqrt_cov", cov.sqrt(), persistent=False)
 
         # -- windows grouped by size: one (L_g, K) gather each -------------------------------------
@@ -633,8 +690,12 @@ class FlowWindowPool(FlowLayer):
         self.tile_noise = GaussianNoise(self.channels) if self.tiles else None
         self.dropped_pixels = WindowConditionalNormal(self.channels, 1) if self.n_dropped else None
         if self.n_dropped:
-            coords = lambda flat_index: ((flat_index // spatial[-1], flat_index % spatial[-1]) if nd == 2 else (0, flat_index))
-            centres = torch.tensor([[sum(coords(c)[i] for c in w) / len(w) for i in (0, 1)] for w in windows], dtype=f64)
+            coords = lambda flat_index: (
+                (flat_index // spatial[-1], flat_index % spatial[-1]) if nd == 2 else (0, flat_index)
+            )
+            centres = torch.tensor(
+                [[sum(coords(c)[i] for c in w) / len(w) for i in (0, 1)] for w in windows], dtype=f64
+            )
             cells = torch.tensor([coords(int(c)) for c in dropped_cells], dtype=f64)
             nearest = torch.cdist(cells, centres).argmin(1)
         else:
@@ -657,28 +718,47 @@ class FlowWindowPool(FlowLayer):
         if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d)):
             if module.return_indices:
                 raise LayerConfigurationError(f"{type(module).__name__} with return_indices=True", code="FC214")
-            return cls(in_shape, "max", kernel=module.kernel_size, stride=module.stride, padding=module.padding,
-                       dilation=module.dilation, ceil_mode=module.ceil_mode)
+            return cls(
+                in_shape,
+                "max",
+                kernel=module.kernel_size,
+                stride=module.stride,
+                padding=module.padding,
+                dilation=module.dilation,
+                ceil_mode=module.ceil_mode,
+            )
         if isinstance(module, (nn.AvgPool1d, nn.AvgPool2d)):
-            return cls(in_shape, "avg", kernel=module.kernel_size, stride=module.stride, padding=module.padding,
-                       ceil_mode=module.ceil_mode, count_include_pad=module.count_include_pad,
-                       divisor_override=getattr(module, "divisor_override", None))
+            return cls(
+                in_shape,
+                "avg",
+                kernel=module.kernel_size,
+                stride=module.stride,
+                padding=module.padding,
+                ceil_mode=module.ceil_mode,
+                count_include_pad=module.count_include_pad,
+                divisor_override=getattr(module, "divisor_override", None),
+            )
         raise TypeError(f"FlowWindowPool cannot be built from {type(module).__name__}")
 
     # -- the original function --------------------------------------------------------------------
     def _op(self, x: Tensor) -> Tensor:
         c, nd = self.config, len(self.in_shape) - 1
         if "adaptive" in c:
-            fn = {("avg", 1): F.adaptive_avg_pool1d, ("avg", 2): F.adaptive_avg_pool2d,
-                  ("max", 1): F.adaptive_max_pool1d, ("max", 2): F.adaptive_max_pool2d}[self.mode, nd]
+            fn = {
+                ("avg", 1): F.adaptive_avg_pool1d,
+                ("avg", 2): F.adaptive_avg_pool2d,
+                ("max", 1): F.adaptive_max_pool1d,
+                ("max", 2): F.adaptive_max_pool2d,
+            }[self.mode, nd]
             return fn(x, c["adaptive"] if nd == 2 else c["adaptive"][0])
         if self.mode == "max":
             fn = F.max_pool1d if nd == 1 else F.max_pool2d
             return fn(x, c["kernel"], c["stride"], c["padding"], c["dilation"], ceil_mode=c["ceil_mode"])
         if nd == 1:
             return F.avg_pool1d(x, c["kernel"], c["stride"], c["padding"], c["ceil_mode"], c["count_include_pad"])
-        return F.avg_pool2d(x, c["kernel"], c["stride"], c["padding"], c["ceil_mode"], c["count_include_pad"],
-                            c["divisor_override"])
+        return F.avg_pool2d(
+            x, c["kernel"], c["stride"], c["padding"], c["ceil_mode"], c["count_include_pad"], c["divisor_override"]
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self._op(x)
@@ -732,7 +812,10 @@ class FlowWindowPool(FlowLayer):
                     out[f"dropped.{K}"] = (helmert_apply(t).reshape(-1, K - 1), yk.reshape(-1, 1))
             if self.dropped_pixels is not None:
                 yy = self._to_locations(self.forward(x))
-                out["dropped_pixels"] = (cells[:, :, self._drop_idx].reshape(-1, 1), yy[:, :, self._drop_loc].reshape(-1, 1))
+                out["dropped_pixels"] = (
+                    cells[:, :, self._drop_idx].reshape(-1, 1),
+                    yy[:, :, self._drop_loc].reshape(-1, 1),
+                )
             if self.tile_noise is not None:
                 dup = cells[:, :, self._cov > 1]
                 out["tile_noise"] = (dup.transpose(1, 2).reshape(-1, self.channels), None)
@@ -832,7 +915,11 @@ class FlowWindowPool(FlowLayer):
             else:
                 scale = self.gap_log_scale.exp()[:, None, None]
                 if sample:
-                    e = torch.randn(B, C, Lk, 2, K, dtype=y.dtype, device=y.device) if eps[g] is None else eps[g].reshape(B, C, Lk, 2, K)
+                    e = (
+                        torch.randn(B, C, Lk, 2, K, dtype=y.dtype, device=y.device)
+                        if eps[g] is None
+                        else eps[g].reshape(B, C, Lk, 2, K)
+                    )
                     position = e[..., 0, :].argmax(-1, keepdim=True)
                     gaps = e[..., 1, :].abs() * scale
                 else:
@@ -876,13 +963,18 @@ class FlowReduce(FlowWindowPool):
             raise ValueError(f"how must be 'mean', 'sum' or 'amax', got {how!r}")
         R, K = math.prod(in_shape[d] for d in kept), math.prod(in_shape[d] for d in dims)
         # the single window of K cells per kept position: a 2-D pool over (R, 1, K)
-        super().__init__((R, 1, K), "max" if how == "amax" else "avg", kernel=(1, K),
-                         divisor_override=1 if how == "sum" else None)
+        super().__init__(
+            (R, 1, K), "max" if how == "amax" else "avg", kernel=(1, K), divisor_override=1 if how == "sum" else None
+        )
         self.how, self.dims, self.keepdim, self._kept = how, dims, bool(keepdim), kept
         self._perm = (0, *(d + 1 for d in kept), *(d + 1 for d in dims))
         self._permuted = (*(in_shape[d] for d in kept), *(in_shape[d] for d in dims))
         self.in_shape = in_shape
-        self.out_shape = tuple(1 if d in dims else s for d, s in enumerate(in_shape)) if keepdim else tuple(in_shape[d] for d in kept)
+        self.out_shape = (
+            tuple(1 if d in dims else s for d, s in enumerate(in_shape))
+            if keepdim
+            else tuple(in_shape[d] for d in kept)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         dims = tuple(d + 1 for d in self.dims)
@@ -916,7 +1008,9 @@ def pooling_layer(module: nn.Module, in_shape: Sequence[int]) -> FlowLayer:
     try:
         if isinstance(module, simple):
             return FlowMaxPool.from_module(module, in_shape)
-        if isinstance(module, (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)) and not getattr(module, "ceil_mode", False):
+        if isinstance(module, (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)) and not getattr(
+            module, "ceil_mode", False
+        ):
             return FlowAvgPool.from_module(module, in_shape)
     except LayerConfigurationError:
         pass

@@ -877,10 +877,26 @@ _POOL_CONDITIONS = (
 
 
 @REGISTRY.rule(
-    [nn.MaxPool1d, nn.MaxPool2d, F.max_pool1d, F.max_pool2d, torch.max_pool1d, torch.max_pool2d,
-     nn.AvgPool1d, nn.AvgPool2d, F.avg_pool1d, F.avg_pool2d,
-     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d],
+    [
+        nn.MaxPool1d,
+        nn.MaxPool2d,
+        F.max_pool1d,
+        F.max_pool2d,
+        torch.max_pool1d,
+        torch.max_pool2d,
+        nn.AvgPool1d,
+        nn.AvgPool2d,
+        F.avg_pool1d,
+        F.avg_pool2d,
+        nn.AdaptiveAvgPool1d,
+        nn.AdaptiveAvgPool2d,
+        F.adaptive_avg_pool1d,
+        F.adaptive_avg_pool2d,
+        nn.AdaptiveMaxPool1d,
+        nn.AdaptiveMaxPool2d,
+        F.adaptive_max_pool1d,
+        F.adaptive_max_pool2d,
+    ],
     "exact / bound",
     [FlowMaxPool, FlowAvgPool, FlowWindowPool],
     _POOL_CONDITIONS,
@@ -892,18 +908,32 @@ def _pool(ctx: NodeContext) -> FlowLayer:
         target, two_d = ctx.node.target, len(ctx.in_shape) == 3
         if target in (F.max_pool1d, F.max_pool2d, torch.max_pool1d, torch.max_pool2d):
             module = (nn.MaxPool2d if two_d else nn.MaxPool1d)(
-                ctx.arg(1, "kernel_size"), ctx.arg(2, "stride", None), ctx.arg(3, "padding", 0),
-                ctx.arg(4, "dilation", 1), ctx.arg(6, "return_indices", False), ctx.arg(5, "ceil_mode", False),
+                ctx.arg(1, "kernel_size"),
+                ctx.arg(2, "stride", None),
+                ctx.arg(3, "padding", 0),
+                ctx.arg(4, "dilation", 1),
+                ctx.arg(6, "return_indices", False),
+                ctx.arg(5, "ceil_mode", False),
             )
         elif target in (F.avg_pool1d, F.avg_pool2d):
-            args = (ctx.arg(1, "kernel_size"), ctx.arg(2, "stride", None), ctx.arg(3, "padding", 0),
-                    ctx.arg(4, "ceil_mode", False), ctx.arg(5, "count_include_pad", True))
-            module = nn.AvgPool2d(*args, divisor_override=ctx.arg(6, "divisor_override", None)) if two_d else nn.AvgPool1d(*args)
+            args = (
+                ctx.arg(1, "kernel_size"),
+                ctx.arg(2, "stride", None),
+                ctx.arg(3, "padding", 0),
+                ctx.arg(4, "ceil_mode", False),
+                ctx.arg(5, "count_include_pad", True),
+            )
+            module = (
+                nn.AvgPool2d(*args, divisor_override=ctx.arg(6, "divisor_override", None))
+                if two_d
+                else nn.AvgPool1d(*args)
+            )
         elif target in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d):
             module = (nn.AdaptiveAvgPool2d if two_d else nn.AdaptiveAvgPool1d)(ctx.arg(1, "output_size"))
         else:
             module = (nn.AdaptiveMaxPool2d if two_d else nn.AdaptiveMaxPool1d)(
-                ctx.arg(1, "output_size"), ctx.arg(2, "return_indices", False))
+                ctx.arg(1, "output_size"), ctx.arg(2, "return_indices", False)
+            )
     return pooling_layer(module, ctx.in_shape)
 
 

@@ -57,7 +57,9 @@ class Problem:
         return diag.hint if diag else ""
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(code=self.code, title=self.title, reason=self.message, why=self.why, hint=self.hint, location=self.location)
+        return dict(
+            code=self.code, title=self.title, reason=self.message, why=self.why, hint=self.hint, location=self.location
+        )
 
 
 @dataclass(frozen=True)
@@ -110,10 +112,18 @@ class NodeReport:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(
-            name=self.name, op=self.op, target=self.target, status=self.status, likelihood=self.likelihood,
-            code=self.code, reason=self.reason, hint=self.hint, location=self.location,
+            name=self.name,
+            op=self.op,
+            target=self.target,
+            status=self.status,
+            likelihood=self.likelihood,
+            code=self.code,
+            reason=self.reason,
+            hint=self.hint,
+            location=self.location,
             shape=list(self.shape) if self.shape is not None else None,
-            problems=[p.to_dict() for p in self.problems], note=self.note,
+            problems=[p.to_dict() for p in self.problems],
+            note=self.note,
         )
 
 
@@ -173,7 +183,9 @@ class Report:
     def _summary_items(self) -> list[tuple[str, str]]:
         shapes = lambda ss: ", ".join(str(tuple(s)) for s in ss) or "-"
         verdict = "yes" if self.convertible else "no"
-        lik = self.likelihood + ("" if self.exact else " (one-sample lower bound; deterministic log_prob is a point evaluation)")
+        lik = self.likelihood + (
+            "" if self.exact else " (one-sample lower bound; deterministic log_prob is a point evaluation)"
+        )
         converted = sum(n.status == CONVERTED for n in self.nodes)
         return [
             ("convertible", verdict),
@@ -190,7 +202,12 @@ class Report:
         if not subs:
             return []
         kinds = sorted({str(n.substitution) for n in subs})
-        items = [("substitutions", f"{len(subs)} node{'s' * (len(subs) != 1)}: {', '.join(kinds)} (outputs differ from the original)")]
+        items = [
+            (
+                "substitutions",
+                f"{len(subs)} node{'s' * (len(subs) != 1)}: {', '.join(kinds)} (outputs differ from the original)",
+            )
+        ]
         if self.max_output_deviation is not None:
             items.append(("max output deviation", f"{self.max_output_deviation:.3g} (on the example inputs)"))
         return items
@@ -206,7 +223,15 @@ class Report:
 
     def _rows(self) -> list[tuple[str, ...]]:
         return [
-            (n.name, n.op, n.target, n.status, n.likelihood or "", ",".join(p.code for p in n.problems), n.location or "")
+            (
+                n.name,
+                n.op,
+                n.target,
+                n.status,
+                n.likelihood or "",
+                ",".join(p.code for p in n.problems),
+                n.location or "",
+            )
             for n in self.nodes
         ]
 
@@ -223,9 +248,15 @@ class Report:
             for code, count in self.counts.items():
                 title = DIAGNOSTICS[code].title if code in DIAGNOSTICS else code
                 lines.append(f"  {code}  {title}  x{count}")
-            wrap = lambda label, text: textwrap.fill(text, 96, initial_indent=f"    {label:<6}", subsequent_indent=" " * 10)
+            wrap = lambda label, text: textwrap.fill(
+                text, 96, initial_indent=f"    {label:<6}", subsequent_indent=" " * 10
+            )
             for node, p in self.problems:
-                lines += ["", f"  [{p.code}] {p.title}: node `{node.name}` ({node.target})" + (f" at {p.location}" if p.location else "")]
+                lines += [
+                    "",
+                    f"  [{p.code}] {p.title}: node `{node.name}` ({node.target})"
+                    + (f" at {p.location}" if p.location else ""),
+                ]
                 lines.append(wrap("what:", p.message))
                 lines.append(wrap("why:", p.why))
                 lines.append(wrap("hint:", p.hint))
@@ -245,15 +276,25 @@ class Report:
         lines = [f"## flowconvert audit of {esc(self._headline())}", ""]
         lines.extend(f"- **{k}**: {esc(v)}" for k, v in self._summary_items())
         lines += ["", "| " + " | ".join(self._COLUMNS) + " |", "|" + "---|" * len(self._COLUMNS)]
-        lines.extend("| " + " | ".join(f"`{esc(c)}`" if i == 0 and c else esc(c) for i, c in enumerate(r)) + " |" for r in self._rows())
+        lines.extend(
+            "| " + " | ".join(f"`{esc(c)}`" if i == 0 and c else esc(c) for i, c in enumerate(r)) + " |"
+            for r in self._rows()
+        )
         notes = [n for n in self.nodes if n.note]
         if notes:
             lines += ["", "### Notes", ""] + [f"- `{n.name}`: {esc(n.note)}" for n in notes]
         if self.problems:
             lines += ["", "### Problems", "", "| code | title | count |", "|---|---|---|"]
-            lines.extend(f"| {c} | {esc(DIAGNOSTICS[c].title if c in DIAGNOSTICS else c)} | {k} |" for c, k in self.counts.items())
+            lines.extend(
+                f"| {c} | {esc(DIAGNOSTICS[c].title if c in DIAGNOSTICS else c)} | {k} |"
+                for c, k in self.counts.items()
+            )
             for node, p in self.problems:
-                lines += ["", f"**{p.code}** {esc(p.title)}: node `{node.name}`" + (f" at `{p.location}`" if p.location else ""), ""]
+                lines += [
+                    "",
+                    f"**{p.code}** {esc(p.title)}: node `{node.name}`" + (f" at `{p.location}`" if p.location else ""),
+                    "",
+                ]
                 lines += [f"- what: {esc(p.message)}", f"- why: {esc(p.why)}", f"- hint: {esc(p.hint)}"]
         return "\n".join(lines) + "\n"
 

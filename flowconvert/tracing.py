@@ -290,8 +290,7 @@ def as_input_tuple(example_inputs: Any) -> tuple[Tensor, ...]:
     inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     if not inputs or not all(isinstance(t, Tensor) for t in inputs):
         raise ExampleInputError(
-            "example_inputs must be a tensor or a tuple of tensors, got "
-            f"{type(example_inputs).__name__}",
+            f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}",
             code="FC309",
         )
     for t in inputs:
@@ -311,9 +310,7 @@ def _concrete_args(model: nn.Module, n_inputs: int) -> dict[str, Any] | None:
     return concrete or None
 
 
-def capture(
-    model: nn.Module, example_inputs: Any, *, leaf_types: Iterable[type] = ()
-) -> Capture:
+def capture(model: nn.Module, example_inputs: Any, *, leaf_types: Iterable[type] = ()) -> Capture:
     """Trace a deep copy of ``model`` (in eval mode) and annotate its nodes (see module docs).
 
     Raises :class:`~flowconvert.errors.TracingError` when the model cannot be traced and

@@ -132,7 +132,9 @@ def _loader(data: Any, batch_size: int, shuffle: bool, world: int, rank: int, se
     if dataset is None:
         raise TypeError(f"unsupported data of type {type(data).__name__}: pass a tensor, a Dataset or a DataLoader")
     if world > 1:
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        sampler = DistributedSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
+        )
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
     g = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g)

@@ -212,10 +212,16 @@ def _check(name, batch, kind, a, b, allowed, draws, statistic="values") -> Parit
     allowed = np.broadcast_to(allowed, diff.shape)
     ok = diff <= allowed  # NaN compares False: a failure
     nan = bool(np.isnan(diff).any())
-    worst = int(np.argmax(diff)) if ok.all() else int(np.argmax(np.where(ok, -np.inf, np.nan_to_num(diff - allowed, nan=np.inf))))
+    worst = (
+        int(np.argmax(diff))
+        if ok.all()
+        else int(np.argmax(np.where(ok, -np.inf, np.nan_to_num(diff - allowed, nan=np.inf))))
+    )
     max_abs = math.nan if nan else float(diff.max())
     max_rel = math.nan if nan else float((diff / np.maximum(np.abs(b), 1e-12)).max())
-    return ParityCheck(name, batch, kind, max_abs, max_rel, float(allowed.flat[worst]), bool(ok.all()), draws, statistic)
+    return ParityCheck(
+        name, batch, kind, max_abs, max_rel, float(allowed.flat[worst]), bool(ok.all()), draws, statistic
+    )
 
 
 # -- report ------------------------------------------------------------------------------
@@ -237,16 +243,23 @@ def render_report(result) -> str:
         "| name | shape | dtype |",
         "|---|---|---|",
     ]
-    lines += [f"| `{n}` | {_shape_text(result.input_shapes[n])} | {result.input_dtypes[n]} |" for n in result.input_names]
+    lines += [
+        f"| `{n}` | {_shape_text(result.input_shapes[n])} | {result.input_dtypes[n]} |" for n in result.input_names
+    ]
     lines += ["", "## Outputs", "", "| name | shape | dtype |", "|---|---|---|"]
-    lines += [f"| `{n}` | {_shape_text(result.output_shapes[n])} | {result.output_dtypes[n]} |" for n in result.output_names]
+    lines += [
+        f"| `{n}` | {_shape_text(result.output_shapes[n])} | {result.output_dtypes[n]} |" for n in result.output_names
+    ]
     lines += ["", "## Nodes by op type", "", "| op | count |", "|---|---|"]
     lines += [f"| {op} | {count} |" for op, count in result.op_counts.items()]
     lines += ["", "## Parity with PyTorch (onnxruntime)", ""]
     if not result.parity:
         lines.append("Not verified (`verify=False`).")
     else:
-        lines += ["| output | batch | comparison | max abs diff | max rel diff | allowed | |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "| output | batch | comparison | max abs diff | max rel diff | allowed | |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for c in result.parity:
             how = "same inputs and noise" if c.kind == "exact" else f"{c.statistic} over {c.draws} draws"
             mark = "ok" if c.passed else "FAILED"

@@ -170,8 +170,13 @@ class Fn(nn.Module):
             return F.softplus(x, a[0], a[1])
         if n == "affine":  # op, constant
             op, c = a
-            return {"mul": lambda: x * c, "add": lambda: x + c, "div": lambda: x / c, "rsub": lambda: c - x,
-                    "neg": lambda: -x}[op]()
+            return {
+                "mul": lambda: x * c,
+                "add": lambda: x + c,
+                "div": lambda: x / c,
+                "rsub": lambda: c - x,
+                "neg": lambda: -x,
+            }[op]()
         if n == "flatten":
             return torch.flatten(x, 1)
         if n == "view_flat":
@@ -203,8 +208,12 @@ class Functional(nn.Module):
             bias = getattr(layer, "bias", None)
             self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
-            self.config = {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation,
-                           "groups": layer.groups}
+            self.config = {
+                "stride": layer.stride,
+                "padding": layer.padding,
+                "dilation": layer.dilation,
+                "groups": layer.groups,
+            }
         if isinstance(layer, nn.modules.batchnorm._BatchNorm):
             self.register_buffer("running_mean", layer.running_mean.clone())
             self.register_buffer("running_var", layer.running_var.clone())
@@ -223,19 +232,38 @@ class Functional(nn.Module):
         if k in ("Conv1d", "Conv2d"):
             conv = F.conv1d if k == "Conv1d" else F.conv2d
             if kw:
-                return conv(x, self.weight, self.bias, stride=c["stride"], padding=c["padding"],
-                            dilation=c["dilation"], groups=c["groups"])
+                return conv(
+                    x,
+                    self.weight,
+                    self.bias,
+                    stride=c["stride"],
+                    padding=c["padding"],
+                    dilation=c["dilation"],
+                    groups=c["groups"],
+                )
             return conv(x, self.weight, self.bias, c["stride"], c["padding"], c["dilation"], c["groups"])
         if k == "PReLU":
             return F.prelu(x, self.weight)
         if k.startswith("BatchNorm"):
             if kw:
-                return F.batch_norm(x, self.running_mean, self.running_var, weight=self.weight, bias=self.bias,
-                                    training=False, eps=c["eps"])
+                return F.batch_norm(
+                    x,
+                    self.running_mean,
+                    self.running_var,
+                    weight=self.weight,
+                    bias=self.bias,
+                    training=False,
+                    eps=c["eps"],
+                )
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, c["eps"])
-        pools = {"MaxPool1d": F.max_pool1d, "MaxPool2d": F.max_pool2d, "AvgPool1d": F.avg_pool1d,
-                 "AvgPool2d": F.avg_pool2d, "AdaptiveAvgPool1d": F.adaptive_avg_pool1d,
-                 "AdaptiveAvgPool2d": F.adaptive_avg_pool2d}
+        pools = {
+            "MaxPool1d": F.max_pool1d,
+            "MaxPool2d": F.max_pool2d,
+            "AvgPool1d": F.avg_pool1d,
+            "AvgPool2d": F.avg_pool2d,
+            "AdaptiveAvgPool1d": F.adaptive_avg_pool1d,
+            "AdaptiveAvgPool2d": F.adaptive_avg_pool2d,
+        }
         if k.startswith("Adaptive"):
             return pools[k](x, c["output_size"])
         if kw:
@@ -384,7 +412,11 @@ class _Builder:
         n = shape[-1]
         rest = math.prod(shape[:-1])
         hi = max(1, MAX_NUMEL // rest)
-        m = n if square_only else self.c.choice([n, self.c.integer(1, max(1, n - 1)), self.c.integer(n, max(n, min(hi, 2 * n + 2)))])
+        m = (
+            n
+            if square_only
+            else self.c.choice([n, self.c.integer(1, max(1, n - 1)), self.c.integer(n, max(n, min(hi, 2 * n + 2)))])
+        )
         m = max(1, min(m, hi))
         layer = self.w.fill_linear(nn.Linear(n, m, bias=self.c.integer(0, 3) > 0))
         kind = "square" if m == n else ("reducing" if m < n else "increasing")
@@ -414,10 +446,21 @@ class _Builder:
             if min(out_spatial) < 1 or c_out * math.prod(out_spatial) > MAX_NUMEL:
                 continue
             cls = nn.Conv1d if dim == 1 else nn.Conv2d
-            padding_arg = "same" if same and c.integer(0, 3) == 0 and all(p * 2 == d * (k - 1) for p, k, d in zip(pad, ks, dil)) else pad
-            conv = cls(c_in, c_out, ks if dim == 2 else ks[0], stride=stride if dim == 2 else stride[0],
-                       padding=padding_arg if isinstance(padding_arg, str) or dim == 2 else padding_arg[0],
-                       dilation=dil if dim == 2 else dil[0], groups=groups, bias=c.integer(0, 3) > 0)
+            padding_arg = (
+                "same"
+                if same and c.integer(0, 3) == 0 and all(p * 2 == d * (k - 1) for p, k, d in zip(pad, ks, dil))
+                else pad
+            )
+            conv = cls(
+                c_in,
+                c_out,
+                ks if dim == 2 else ks[0],
+                stride=stride if dim == 2 else stride[0],
+                padding=padding_arg if isinstance(padding_arg, str) or dim == 2 else padding_arg[0],
+                dilation=dil if dim == 2 else dil[0],
+                groups=groups,
+                bias=c.integer(0, 3) > 0,
+            )
             self.w.fill_conv(conv)
             # the SPEC's prediction: padding that a window reaches or overlapping windows add
             # coordinates (bound); a kernel matrix with more rows than columns augments
@@ -462,7 +505,7 @@ class _Builder:
 
     def unflatten(self, shape) -> _Piece | None:
         (d,) = shape
-        options = [(a, d // a) for a in _divisors(d) if 1 < d // a]
+        options = [(a, d // a) for a in _divisors(d) if d // a > 1]
         if not options:
             return None
         target = self.c.choice(options)
@@ -500,9 +543,12 @@ class _Builder:
         if len(pieces) == 1:
             return pieces[0]
         return _Piece(
-            nn.Sequential(*(p.module for p in pieces)), pieces[-1].shape,
-            exact=all(p.exact for p in pieces), drops=any(p.drops for p in pieces),
-            bounded=any(p.bounded for p in pieces), text=" -> ".join(p.text for p in pieces),
+            nn.Sequential(*(p.module for p in pieces)),
+            pieces[-1].shape,
+            exact=all(p.exact for p in pieces),
+            drops=any(p.drops for p in pieces),
+            bounded=any(p.bounded for p in pieces),
+            text=" -> ".join(p.text for p in pieces),
             plain=True,
         )
 
@@ -511,13 +557,22 @@ class _Builder:
         inner = self.chain(parts, shape)
         # f(x) - x with f an activation alone is exactly 0 wherever f is the identity: a degenerate
         # (constant) map; subtract only around a branch that mixes coordinates or scales them
-        mixes = any(not isinstance(p.module, (nn.LeakyReLU, nn.ELU, nn.SELU, nn.PReLU, nn.Softplus, nn.Tanh,
-                                               nn.Sigmoid, Fn)) for p in parts)
+        mixes = any(
+            not isinstance(p.module, (nn.LeakyReLU, nn.ELU, nn.SELU, nn.PReLU, nn.Softplus, nn.Tanh, nn.Sigmoid, Fn))
+            for p in parts
+        )
         subtract, functional = self.c.integer(0, 3) == 0 and mixes, self.c.boolean()
         hazard_inside = inner.bounded  # the sum is a funnel after the branch
         text = f"residual[{'sub' if subtract else 'add'}]({inner.text})"
-        return _Piece(Residual(inner.module, subtract, functional), shape, exact=False, drops=True,
-                      bounded=hazard_inside, text=text, plain=False)
+        return _Piece(
+            Residual(inner.module, subtract, functional),
+            shape,
+            exact=False,
+            drops=True,
+            bounded=hazard_inside,
+            text=text,
+            plain=False,
+        )
 
     def branches(self, shape) -> _Piece | None:
         """Two branches of the same input, concatenated along dim 1."""
@@ -532,8 +587,15 @@ class _Builder:
             if 2 * math.prod(shape) > MAX_NUMEL:
                 return None
             out = (2 * shape[0], *shape[1:])
-        return _Piece(Branches(a.module, b.module), out, exact=False, drops=a.drops or b.drops,
-                      bounded=a.bounded or b.bounded, text=f"cat[{a.text} | {b.text}]", plain=False)
+        return _Piece(
+            Branches(a.module, b.module),
+            out,
+            exact=False,
+            drops=a.drops or b.drops,
+            bounded=a.bounded or b.bounded,
+            text=f"cat[{a.text} | {b.text}]",
+            plain=False,
+        )
 
     def split_cat(self, shape) -> _Piece | None:
         n = shape[0]
@@ -546,23 +608,53 @@ class _Builder:
         pb = (sizes[1], *shape[1:])
         a = self.same_shape(pa)
         b = self.same_shape(pb) if self.c.boolean() else _Piece(nn.Identity(), pb, text="identity")
-        return _Piece(SplitCat(sizes, a.module, b.module, chunk=chunk), shape, exact=a.exact and b.exact,
-                      drops=a.drops or b.drops, bounded=a.bounded or b.bounded,
-                      text=f"split{sizes}[{a.text} | {b.text}]", plain=False)
+        return _Piece(
+            SplitCat(sizes, a.module, b.module, chunk=chunk),
+            shape,
+            exact=a.exact and b.exact,
+            drops=a.drops or b.drops,
+            bounded=a.bounded or b.bounded,
+            text=f"split{sizes}[{a.text} | {b.text}]",
+            plain=False,
+        )
 
     # one step -----------------------------------------------------------------------------------
     def step(self, shape) -> _Piece | None:
         c = self.c
         if len(shape) == 1:
-            kind = c.choice(["linear", "linear", "act", "act", "bn", "affine", "residual", "branches", "split",
-                             "unflatten"])
+            kind = c.choice(
+                ["linear", "linear", "act", "act", "bn", "affine", "residual", "branches", "split", "unflatten"]
+            )
         else:
-            kind = c.choice(["conv", "conv", "act", "act", "bn", "pool", "residual", "branches", "split",
-                             "flatten", "permute", "linear", "affine"])
+            kind = c.choice(
+                [
+                    "conv",
+                    "conv",
+                    "act",
+                    "act",
+                    "bn",
+                    "pool",
+                    "residual",
+                    "branches",
+                    "split",
+                    "flatten",
+                    "permute",
+                    "linear",
+                    "affine",
+                ]
+            )
         builder = {
-            "linear": self.linear, "act": self.activation, "bn": self.batch_norm, "affine": self.affine,
-            "residual": self.residual, "branches": self.branches, "split": self.split_cat,
-            "unflatten": self.unflatten, "conv": self.conv, "pool": self.pool, "flatten": self.flatten,
+            "linear": self.linear,
+            "act": self.activation,
+            "bn": self.batch_norm,
+            "affine": self.affine,
+            "residual": self.residual,
+            "branches": self.branches,
+            "split": self.split_cat,
+            "unflatten": self.unflatten,
+            "conv": self.conv,
+            "pool": self.pool,
+            "flatten": self.flatten,
             "permute": self.permute,
         }[kind]
         piece = builder(shape)
@@ -573,8 +665,20 @@ class _Builder:
         return piece
 
 
-_FUNCTIONAL = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.PReLU, nn.BatchNorm1d, nn.BatchNorm2d, nn.MaxPool1d, nn.MaxPool2d,
-               nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+_FUNCTIONAL = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.PReLU,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+)
 
 
 def build(choices: Choices, seed: int | None = None) -> Architecture:
@@ -603,8 +707,11 @@ def build(choices: Choices, seed: int | None = None) -> Architecture:
     two = shape[0] >= 2 and c.integer(0, 5) == 0
     if two:
         first = c.integer(1, shape[0] - 1)
-        pieces.append(_Piece(TwoOutputs([first, shape[0] - first]), shape, text=f"outputs{[first, shape[0] - first]}",
-                             plain=False))
+        pieces.append(
+            _Piece(
+                TwoOutputs([first, shape[0] - first]), shape, text=f"outputs{[first, shape[0] - first]}", plain=False
+            )
+        )
     exact = all(p.exact for p in pieces)
     # a bounded activation before (or inside, before the sum of) a layer that drops coordinates
     hazard, seen_bounded = False, False

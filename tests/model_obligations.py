@@ -55,21 +55,33 @@ import flowconvert as fc
 __all__ = ["KNOWN", "OBLIGATIONS", "Outcome", "check", "check_onnx", "randomize_densities"]
 
 OBLIGATIONS = (
-    "convert", "exact_flag", "outputs", "bitwise", "log_prob", "logdet_model", "logdet_layers",
-    "round_trip_model", "round_trip_layers", "sample", "untouched", "save_load", "onnx",
-    "after_calibrate", "after_fit",
+    "convert",
+    "exact_flag",
+    "outputs",
+    "bitwise",
+    "log_prob",
+    "logdet_model",
+    "logdet_layers",
+    "round_trip_model",
+    "round_trip_layers",
+    "sample",
+    "untouched",
+    "save_load",
+    "onnx",
+    "after_calibrate",
+    "after_fit",
 )
 
 #: Known open defects the fuzzer reproduces (reported as ``known``, not ``fail``).
 KNOWN = {
     "linear_strided": "nn.Linear on a non-contiguous input of 3 or more dims: FlowLinear's frozen weight takes "
-                      "another matmul path than the user's weight that requires grad (last-bit differences)",
+    "another matmul path than the user's weight that requires grad (last-bit differences)",
     "grouped_fit": "issue 11 defect 2: after fit(train='all'), FlowGroupedConv copies its blocks' kernels before they "
-                   "are synced (and never the bias): flow(x) keeps the old function",
+    "are synced (and never the bias): flow(x) keeps the old function",
     "fit_unused": "fc.fit on a flow whose only trainable parameters do not enter the loss (a pool "
-                  "with window 1 keeps an unused density parameter) crash with a raw autograd RuntimeError",
+    "with window 1 keeps an unused density parameter) crash with a raw autograd RuntimeError",
     "range": "issue 11 defect 8: a bounded-range activation before a layer that drops coordinates; the inverse "
-             "leaves the activation's range",
+    "leaves the activation's range",
 }
 
 LOG_2PI = math.log(2 * math.pi)
@@ -132,7 +144,7 @@ def _unflat(v: Tensor, shapes) -> list[Tensor]:
     out, offset = [], 0
     for s in shapes:
         n = math.prod(s)
-        out.append(v[:, offset:offset + n].reshape(v.shape[0], *s))
+        out.append(v[:, offset : offset + n].reshape(v.shape[0], *s))
         offset += n
     return out
 
@@ -168,7 +180,9 @@ def _snapshot(model: nn.Module) -> dict:
 
 def _compare_snapshot(model: nn.Module, before: dict) -> None:
     now = _snapshot(model)
-    _require(now["structure"] == before["structure"] and now["types"] == before["types"], "the model's structure changed")
+    _require(
+        now["structure"] == before["structure"] and now["types"] == before["types"], "the model's structure changed"
+    )
     _require(now["training"] == before["training"], "training flags changed")
     _require(now["grad"] == before["grad"], "requires_grad flags changed")
     _require(set(now["state"]) == set(before["state"]), "state dict keys changed")
@@ -179,10 +193,13 @@ def _compare_snapshot(model: nn.Module, before: dict) -> None:
 def _strided_linear_inputs(model: nn.Module, x: Tensor) -> bool:
     """Does some nn.Linear of the model see a non-contiguous input of >= 3 dims? (KNOWN['linear_strided'])"""
     seen = []
-    linear = lambda m: isinstance(m, nn.Linear) or getattr(m, "kind", None) == "Linear"  # also F.linear in architectures
+    linear = lambda m: (
+        isinstance(m, nn.Linear) or getattr(m, "kind", None) == "Linear"
+    )  # also F.linear in architectures
     hooks = [
         m.register_forward_pre_hook(lambda m, args: seen.append(args[0].dim() >= 3 and not args[0].is_contiguous()))
-        for m in model.modules() if linear(m)
+        for m in model.modules()
+        if linear(m)
     ]
     try:
         with torch.no_grad():
@@ -211,7 +228,7 @@ def _record_layer_inputs(flow, x: Tensor) -> list[tuple[str, nn.Module, tuple]]:
         original = layer.call_and_ll
 
         def recorder(*xs, _name=name, _layer=layer, _orig=original, **kw):
-            records.append((_name, _layer, tuple(t.detach() for t in xs[:_layer.num_inputs])))
+            records.append((_name, _layer, tuple(t.detach() for t in xs[: _layer.num_inputs])))
             return _orig(*xs, **kw)
 
         layer.__dict__["call_and_ll"] = recorder
@@ -224,7 +241,9 @@ def _record_layer_inputs(flow, x: Tensor) -> list[tuple[str, nn.Module, tuple]]:
     return records
 
 
-def _layer_checks(name: str, layer: nn.Module, xs: tuple[Tensor, ...], gen: torch.Generator) -> tuple[list[str], list[str]]:
+def _layer_checks(
+    name: str, layer: nn.Module, xs: tuple[Tensor, ...], gen: torch.Generator
+) -> tuple[list[str], list[str]]:
     """Per-layer log-det and round-trip checks; returns (log-det failures, round-trip failures)."""
     logdet_fail, trip_fail = [], []
     xs = tuple(t[:2].clone() for t in xs)
@@ -246,6 +265,7 @@ def _layer_checks(name: str, layer: nn.Module, xs: tuple[Tensor, ...], gen: torc
             bucket.append(f"{what}: {err}")
 
     if fwd is None and inv is None:  # a bijection
+
         def logdet():
             _require(n_in == n_out, f"no noise in either direction, but {n_in} -> {n_out} coordinates")
             f = lambda v: _flat_cat(_as_tuple(layer.call_and_ll(*_unflat(v, in_shapes))[0]))
@@ -269,13 +289,17 @@ def _layer_checks(name: str, layer: nn.Module, xs: tuple[Tensor, ...], gen: torc
             with torch.no_grad():
                 for sample in (True, False):
                     back = _as_tuple(layer.inverse(*ys, sample=sample, noise=eps if sample else None))
-                    _close(_as_tuple(layer.call_and_ll(*back)[0]), ys, 1e-8, 1e-8, f"forward(inverse(y, sample={sample}))")
+                    _close(
+                        _as_tuple(layer.call_and_ll(*back)[0]), ys, 1e-8, 1e-8, f"forward(inverse(y, sample={sample}))"
+                    )
 
         def logdet():
             if n_out + math.prod(inv) != n_in:
                 return  # not a bijection in (y, eps) (e.g. max pooling): not applicable
             shapes = [*out_shapes, inv]
-            g = lambda v: _flat_cat(_as_tuple(layer.inverse(*_unflat(v, shapes)[:-1], sample=True, noise=_unflat(v, shapes)[-1])))
+            g = lambda v: _flat_cat(
+                _as_tuple(layer.inverse(*_unflat(v, shapes)[:-1], sample=True, noise=_unflat(v, shapes)[-1]))
+            )
             with torch.no_grad():
                 x2 = _as_tuple(layer.inverse(*ys, sample=True, noise=eps))
                 ll2 = layer.call_and_ll(*x2)[1]
@@ -291,7 +315,13 @@ def _layer_checks(name: str, layer: nn.Module, xs: tuple[Tensor, ...], gen: torc
             with torch.no_grad():
                 for noise in (None, eps, torch.zeros_like(eps)):
                     out = _as_tuple(layer.call_and_ll(*xs, noise=noise)[0])
-                    _close(_as_tuple(layer.inverse(*out, sample=False)), xs, 1e-8, 1e-8, f"inverse(forward(x, noise={'given' if noise is not None else None}))")
+                    _close(
+                        _as_tuple(layer.inverse(*out, sample=False)),
+                        xs,
+                        1e-8,
+                        1e-8,
+                        f"inverse(forward(x, noise={'given' if noise is not None else None}))",
+                    )
                 y0, ll0 = layer.call_and_ll(*xs, noise=torch.zeros_like(eps))
                 _close(ll0, ll, 1e-9, 1e-9, "log-likelihood at zero noise vs deterministic")
                 _close(_as_tuple(y0), ys, 1e-12, 0, "output at zero noise vs deterministic")
@@ -300,7 +330,9 @@ def _layer_checks(name: str, layer: nn.Module, xs: tuple[Tensor, ...], gen: torc
             if n_in + math.prod(fwd) != n_out:
                 return  # the noise is not a coordinate system of the added part (e.g. tiling): n/a
             shapes = [*in_shapes, fwd]
-            f = lambda v: _flat_cat(_as_tuple(layer.call_and_ll(*_unflat(v, shapes)[:-1], noise=_unflat(v, shapes)[-1])[0]))
+            f = lambda v: _flat_cat(
+                _as_tuple(layer.call_and_ll(*_unflat(v, shapes)[:-1], noise=_unflat(v, shapes)[-1])[0])
+            )
             with torch.no_grad():
                 ll2 = layer.call_and_ll(*xs, noise=eps)[1]
             expected = _slogdet_per_sample(f, _flat_cat([*xs, eps])) - _std_normal(eps)
@@ -358,21 +390,26 @@ def _model_logdet_and_trip(arch, flow, x: Tensor, gen: torch.Generator) -> tuple
             trip = Outcome(known, f"{KNOWN['range'] + ': ' if arch.range_hazard else ''}{err}")
         n_eps = sum(map(math.prod, inv.values()))
         if n_out + n_eps != n_in:
-            return Outcome("skip", f"the sampled inverse is not a bijection of (z, eps) ({n_out}+{n_eps} -> {n_in}), e.g. max pooling"), trip
+            return Outcome(
+                "skip",
+                f"the sampled inverse is not a bijection of (z, eps) ({n_out}+{n_eps} -> {n_in}), e.g. max pooling",
+            ), trip
         try:
             keys = list(inv)
             shapes = [*out_shapes, *(inv[k] for k in keys)]
 
             def g(v):
                 parts = _unflat(v, shapes)
-                noise = dict(zip(keys, parts[len(out_shapes):]))
-                return _flat_cat(_as_tuple(flow.inverse(*parts[:len(out_shapes)], sample=True, noise=noise)))
+                noise = dict(zip(keys, parts[len(out_shapes) :]))
+                return _flat_cat(_as_tuple(flow.inverse(*parts[: len(out_shapes)], sample=True, noise=noise)))
 
             with torch.no_grad():
                 x2 = flow.inverse(*zs, sample=True, noise=eps)
                 lp = flow.log_prob(*_as_tuple(x2), deterministic=True)
             v = _flat_cat([*zs, *(eps[k] for k in keys)])
-            expected = _base_log_prob(flow, zs) + _std_normal(_flat_cat([eps[k] for k in keys])) - _slogdet_per_sample(g, v)
+            expected = (
+                _base_log_prob(flow, zs) + _std_normal(_flat_cat([eps[k] for k in keys])) - _slogdet_per_sample(g, v)
+            )
             _logdet_close(lp, expected, "model (generative change of variables)")
             logdet = Outcome("ok", "funnel: generative change of variables")
         except _Failure as err:
@@ -385,14 +422,21 @@ def _model_logdet_and_trip(arch, flow, x: Tensor, gen: torch.Generator) -> tuple
             with torch.no_grad():
                 for noise in (None, eps):
                     out = flow.forward_with_log_prob(x, deterministic=noise is None, noise=noise)[0]
-                    _close(_as_tuple(flow.inverse(*_as_tuple(out), sample=False)), (x,), 1e-8, 1e-8,
-                           f"inverse(forward(x, {'noise' if noise else 'deterministic'}))")
+                    _close(
+                        _as_tuple(flow.inverse(*_as_tuple(out), sample=False)),
+                        (x,),
+                        1e-8,
+                        1e-8,
+                        f"inverse(forward(x, {'noise' if noise else 'deterministic'}))",
+                    )
             trip = Outcome("ok", "augmentation")
         except _Failure as err:
             trip = Outcome("fail", str(err))
         return Outcome("skip", "bound: checked per layer"), trip
 
-    return Outcome("skip", "noise in both directions: checked per layer"), Outcome("skip", "no whole-model direction: per layer")
+    return Outcome("skip", "noise in both directions: checked per layer"), Outcome(
+        "skip", "no whole-model direction: per layer"
+    )
 
 
 # -- ONNX -------------------------------------------------------------------------------------------
@@ -400,7 +444,7 @@ def check_onnx(arch, seed: int = 0, batch: int = 3) -> Outcome:
     """Only the ONNX obligation (float32 export of both graphs, noise as inputs, onnxruntime vs PyTorch)."""
     try:
         return _onnx(arch, arch.inputs(batch, seed=seed + 1), seed)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         return Outcome("fail", f"crash: {type(err).__name__}: {str(err)[:400]}")
 
 
@@ -424,7 +468,7 @@ def _onnx(arch, x64: Tensor, seed: int) -> Outcome:
             eps = {k: torch.randn((x.shape[0], *s), generator=gen) for k, s in shapes.items()}
             try:
                 result = export_onnx(flow, Path(tmp) / f"{graph}.onnx", x, graph=graph, noise="input")
-            except Exception as err:  # noqa: BLE001 - reported per obligation
+            except Exception as err:
                 problems.append(f"{graph}: export failed: {type(err).__name__}: {str(err)[:300]}")
                 continue
             session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
@@ -434,11 +478,19 @@ def _onnx(arch, x64: Tensor, seed: int) -> Outcome:
             with torch.no_grad():
                 if graph == "likelihood":
                     out, lp = flow.forward_with_log_prob(x, deterministic=False, noise=eps)
-                    out64, lp64 = flow64.forward_with_log_prob(x.double(), deterministic=False, noise={k: v.double() for k, v in eps.items()})
+                    out64, lp64 = flow64.forward_with_log_prob(
+                        x.double(), deterministic=False, noise={k: v.double() for k, v in eps.items()}
+                    )
                     expected, exact = [*_as_tuple(out), lp], [*_as_tuple(out64), lp64]
                 else:
                     expected = list(_as_tuple(flow.inverse(*data, sample=True, noise=eps)))
-                    exact = list(_as_tuple(flow64.inverse(*(d.double() for d in data), sample=True, noise={k: v.double() for k, v in eps.items()})))
+                    exact = list(
+                        _as_tuple(
+                            flow64.inverse(
+                                *(d.double() for d in data), sample=True, noise={k: v.double() for k, v in eps.items()}
+                            )
+                        )
+                    )
             if len(got) != len(expected):
                 problems.append(f"{graph}: {len(got)} outputs, PyTorch has {len(expected)}")
                 continue
@@ -507,7 +559,7 @@ def _after_training(arch, flow, x: Tensor, seed: int, results: dict) -> None:
                 results[name] = Outcome("known", f"{KNOWN['grouped_fit']}: {err}")
             else:
                 results[name] = Outcome("fail", str(err))
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             if isinstance(err, RuntimeError) and "does not require grad" in str(err):
                 results[name] = Outcome("known", f"{KNOWN['fit_unused']}: {err}")
             else:
@@ -525,18 +577,30 @@ def _save_load(flow, x: Tensor, gen: torch.Generator) -> Outcome:
         loaded = fc.load(saved[0] if len(saved) == 1 and not path.exists() else path)
     with torch.no_grad():
         _close_exact = lambda a, b, what: _require(
-            all(torch.equal(p, q) for p, q in zip(_as_tuple(a), _as_tuple(b))) and len(_as_tuple(a)) == len(_as_tuple(b)),
+            all(torch.equal(p, q) for p, q in zip(_as_tuple(a), _as_tuple(b)))
+            and len(_as_tuple(a)) == len(_as_tuple(b)),
             f"{what} differs after save/load",
         )
         _close_exact(loaded(x), flow(x), "flow(x)")
         _close_exact(loaded.log_prob(x, deterministic=True), flow.log_prob(x, deterministic=True), "log_prob")
         z = _as_tuple(flow(x))
         _close_exact(loaded.inverse(*z, sample=False), flow.inverse(*z, sample=False), "inverse(z, sample=False)")
-        inv = {k: torch.randn((x.shape[0], *s), generator=gen, dtype=torch.float64).to(x.dtype) for k, s in flow.inverse_noise_shapes().items()}
-        _close_exact(loaded.inverse(*z, sample=True, noise=inv), flow.inverse(*z, sample=True, noise=inv), "inverse(z, noise)")
-        fwd = {k: torch.randn((x.shape[0], *s), generator=gen, dtype=torch.float64).to(x.dtype) for k, s in flow.noise_shapes().items()}
-        _close_exact(loaded.forward_with_log_prob(x, deterministic=False, noise=fwd)[1],
-                     flow.forward_with_log_prob(x, deterministic=False, noise=fwd)[1], "log_prob with noise")
+        inv = {
+            k: torch.randn((x.shape[0], *s), generator=gen, dtype=torch.float64).to(x.dtype)
+            for k, s in flow.inverse_noise_shapes().items()
+        }
+        _close_exact(
+            loaded.inverse(*z, sample=True, noise=inv), flow.inverse(*z, sample=True, noise=inv), "inverse(z, noise)"
+        )
+        fwd = {
+            k: torch.randn((x.shape[0], *s), generator=gen, dtype=torch.float64).to(x.dtype)
+            for k, s in flow.noise_shapes().items()
+        }
+        _close_exact(
+            loaded.forward_with_log_prob(x, deterministic=False, noise=fwd)[1],
+            flow.forward_with_log_prob(x, deterministic=False, noise=fwd)[1],
+            "log_prob with noise",
+        )
     return Outcome("ok")
 
 
@@ -556,32 +620,47 @@ def check(arch, *, onnx: bool = False, train: bool = False, batch: int = 3, seed
             results[name] = out if isinstance(out, Outcome) else Outcome("ok")
         except _Failure as err:
             results[name] = Outcome("fail", str(err))
-        except Exception as err:  # noqa: BLE001 - a crash is a failure of that obligation
+        except Exception as err:
             results[name] = Outcome("fail", f"crash: {type(err).__name__}: {str(err)[:400]}")
 
     try:
         flow = fc.convert(model, x[:1])
         results["convert"] = Outcome("ok")
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         results["convert"] = Outcome("fail", f"{type(err).__name__}: {str(err)[:600]}")
         for name in OBLIGATIONS[1:]:
             results[name] = Outcome("skip", "no flow")
         attempt("untouched", lambda: _compare_snapshot(model, before))
         return results
 
-    attempt("exact_flag", lambda: _require(flow.exact == arch.exact, f"flow.exact is {flow.exact}, the SPEC predicts {arch.exact}"))
+    attempt(
+        "exact_flag",
+        lambda: _require(flow.exact == arch.exact, f"flow.exact is {flow.exact}, the SPEC predicts {arch.exact}"),
+    )
 
     def outputs():
         with torch.no_grad():
             expected = _as_tuple(model(x))
             _close(_as_tuple(flow(x)), expected, 1e-10, 0, "flow(x) vs model(x)")
-            _close(_as_tuple(flow.forward_with_log_prob(x, deterministic=True)[0]), expected, 1e-10, 0, "likelihood pass vs model(x)")
+            _close(
+                _as_tuple(flow.forward_with_log_prob(x, deterministic=True)[0]),
+                expected,
+                1e-10,
+                0,
+                "likelihood pass vs model(x)",
+            )
             m32 = copy.deepcopy(model).float()
             x32 = x.float()
             flow32 = fc.convert(m32, x32[:1])
             e32 = _as_tuple(m32(x32))
             _close(_as_tuple(flow32(x32)), e32, 1e-5, 0, "float32 flow(x) vs model(x)")
-            _close(_as_tuple(flow32.forward_with_log_prob(x32, deterministic=True)[0]), e32, 1e-5, 0, "float32 likelihood pass")
+            _close(
+                _as_tuple(flow32.forward_with_log_prob(x32, deterministic=True)[0]),
+                e32,
+                1e-5,
+                0,
+                "float32 likelihood pass",
+            )
             results["_bitwise32"] = all(torch.equal(a, b) for a, b in zip(_as_tuple(flow32(x32)), e32))
 
     attempt("outputs", outputs)
@@ -603,7 +682,10 @@ def check(arch, *, onnx: bool = False, train: bool = False, batch: int = 3, seed
     def log_prob():
         with torch.no_grad():
             det = flow.log_prob(x, deterministic=True)
-            _require(det.shape == (x.shape[0],) and det.dtype == x.dtype, f"log_prob shape {tuple(det.shape)} dtype {det.dtype}")
+            _require(
+                det.shape == (x.shape[0],) and det.dtype == x.dtype,
+                f"log_prob shape {tuple(det.shape)} dtype {det.dtype}",
+            )
             _require(bool(torch.isfinite(det).all()), f"log_prob not finite: {det.tolist()}")
             sto = flow.log_prob(x, deterministic=False)
             _require(bool(torch.isfinite(sto).all()), "stochastic log_prob not finite")
@@ -614,7 +696,10 @@ def check(arch, *, onnx: bool = False, train: bool = False, batch: int = 3, seed
             _close(lp0, det, 1e-9, 1e-9, "log_prob at zero noise vs deterministic")
             _close(_as_tuple(out0), _as_tuple(flow(x)), 1e-12, 0, "outputs at zero noise")
             if not flow.exact:
-                _require(bool(torch.isfinite(flow.log_prob(x, num_samples=3)).all()), "importance-weighted log_prob not finite")
+                _require(
+                    bool(torch.isfinite(flow.log_prob(x, num_samples=3)).all()),
+                    "importance-weighted log_prob not finite",
+                )
 
     attempt("log_prob", log_prob)
 
@@ -633,7 +718,9 @@ def check(arch, *, onnx: bool = False, train: bool = False, batch: int = 3, seed
             a, b = _layer_checks(name, layer, xs, gen)
             logdet_fail += a
             trip_fail += b
-        results["round_trip_layers"] = Outcome("fail", "; ".join(trip_fail)) if trip_fail else Outcome("ok", f"{len(records)} layers")
+        results["round_trip_layers"] = (
+            Outcome("fail", "; ".join(trip_fail)) if trip_fail else Outcome("ok", f"{len(records)} layers")
+        )
         return Outcome("fail", "; ".join(logdet_fail)) if logdet_fail else Outcome("ok", f"{len(records)} layers")
 
     attempt("logdet_layers", layer_level)
@@ -644,9 +731,15 @@ def check(arch, *, onnx: bool = False, train: bool = False, batch: int = 3, seed
             z = _as_tuple(flow(x))
             for s in (True, False):
                 back = _as_tuple(flow.inverse(*z, sample=s))
-                _require(len(back) == 1 and back[0].shape == x.shape, f"inverse(sample={s}) shapes {[tuple(b.shape) for b in back]}")
+                _require(
+                    len(back) == 1 and back[0].shape == x.shape,
+                    f"inverse(sample={s}) shapes {[tuple(b.shape) for b in back]}",
+                )
             draws = _as_tuple(flow.sample(2))
-            _require(len(draws) == 1 and draws[0].shape == (2, *x.shape[1:]), f"sample shapes {[tuple(d.shape) for d in draws]}")
+            _require(
+                len(draws) == 1 and draws[0].shape == (2, *x.shape[1:]),
+                f"sample shapes {[tuple(d.shape) for d in draws]}",
+            )
             _require(all(bool(torch.isfinite(d).all()) for d in draws), "samples not finite")
 
     attempt("sample", sample)
@@ -669,7 +762,7 @@ def check(arch, *, onnx: bool = False, train: bool = False, batch: int = 3, seed
         try:
             second = fc.convert(model, x[:1])
             _after_training(arch, second, x, seed, results)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             results["after_calibrate"] = results["after_fit"] = Outcome("fail", f"crash: {type(err).__name__}: {err}")
     else:
         results["after_calibrate"] = results["after_fit"] = Outcome("skip", "not sampled for training")

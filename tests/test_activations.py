@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from flowconvert import FlowLeakyReLU, LayerConfigurationError
-
 from obligations import autograd_logdet, grid_integral, log_density
 
 

@@ -143,7 +143,8 @@ def test_split_pieces_are_bound_and_checked():
     graph = capture(Pieces(), torch.randn(1, 4)).graph
     assert check_pieces(graph) == []
     assert {n.name: record(n).piece for n in graph.nodes if record(n).piece} == {
-        "getitem": ("split", 1), "getitem_1": ("split", 0)
+        "getitem": ("split", 1),
+        "getitem_1": ("split", 0),
     }
     _, dropped = analyse(Pieces(drop=True), torch.randn(1, 4))
     assert dropped == {("split", "FC306")}

@@ -100,7 +100,11 @@ def test_calibration_reaches_the_true_density_of_a_linear_gaussian():
     S, Sc = lin.dropped_index, lin.kept_index
     A = torch.tensor([[0.7, -0.4], [0.2, 0.5]], dtype=torch.float64)
     c = torch.tensor([0.5, -1.0], dtype=torch.float64)
-    m_y, s_y, s_d = torch.tensor([1.0, -1.0], dtype=torch.float64), torch.tensor([2.0, 0.5], dtype=torch.float64), torch.tensor([0.3, 0.2], dtype=torch.float64)
+    m_y, s_y, s_d = (
+        torch.tensor([1.0, -1.0], dtype=torch.float64),
+        torch.tensor([2.0, 0.5], dtype=torch.float64),
+        torch.tensor([0.3, 0.2], dtype=torch.float64),
+    )
     # x = P [y; x_S]: x_S = x_S, x_Sc = W_Sc^{-1} (y - W_S x_S)
     inv = torch.linalg.inv(W[:, Sc])
     P = torch.zeros(4, 4, dtype=torch.float64)

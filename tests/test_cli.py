@@ -91,11 +91,37 @@ SUBPROCESS_RUNS = {
     "version": ["--version"],
     "help": ["--help"],
     # the whole job: ReLU policy, closed-form calibration and a fit of integer data with dequantization
-    "convert_job": ["convert", "{t}:WithReLU", "--input-shape", "1,8", "--relu", "leaky", "--base", "diagonal",
-                    "--calibrate", "{d}/levels.npy", "--fit", "{d}/levels.npy", "--levels", "17", "--epochs", "2",
-                    "--no-progress", "-o", "{d}/job.pt"],
-    "convert_discrete": ["convert", "{t}:Good", "--input-shape", "1,8", "--calibrate", "{d}/levels.npy",
-                         "-o", "{d}/discrete.pt"],
+    "convert_job": [
+        "convert",
+        "{t}:WithReLU",
+        "--input-shape",
+        "1,8",
+        "--relu",
+        "leaky",
+        "--base",
+        "diagonal",
+        "--calibrate",
+        "{d}/levels.npy",
+        "--fit",
+        "{d}/levels.npy",
+        "--levels",
+        "17",
+        "--epochs",
+        "2",
+        "--no-progress",
+        "-o",
+        "{d}/job.pt",
+    ],
+    "convert_discrete": [
+        "convert",
+        "{t}:Good",
+        "--input-shape",
+        "1,8",
+        "--calibrate",
+        "{d}/levels.npy",
+        "-o",
+        "{d}/discrete.pt",
+    ],
     "convert_untrained": ["convert", "{t}:Good", "--input-shape", "1,8", "-o", "{d}/untrained.pt"],
     "relu_refused": ["audit", "{t}:WithReLU", "--input-shape", "1,8"],
     "relu_leaky": ["audit", "{t}:WithReLU", "--input-shape", "1,8", "--relu", "leaky"],
@@ -112,7 +138,11 @@ SECOND_RUNS = {
 def _start(args, d, env):
     return subprocess.Popen(
         [sys.executable, "-m", "flowconvert", *(a.format(t=d / "models.py", d=d) for a in args)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=d,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=d,
     )
 
 
@@ -137,7 +167,7 @@ def runs(tmp_path_factory):
     results: dict = {}
     names = list(SUBPROCESS_RUNS)
     for i in range(0, len(names), 4):  # 2 cores: no more than four interpreters at once
-        results.update(_wait({n: _start(SUBPROCESS_RUNS[n], d, env) for n in names[i:i + 4]}))
+        results.update(_wait({n: _start(SUBPROCESS_RUNS[n], d, env) for n in names[i : i + 4]}))
     results.update(_wait({n: _start(a, d, env) for n, a in SECOND_RUNS.items()}))
     return d, results
 
@@ -207,7 +237,12 @@ def test_weights_are_loaded(target, tmp_path, capsys):
     good = models.Good()
     torch.save(good.state_dict(), tmp_path / "w.pt")
     out = tmp_path / "flow.safetensors"
-    assert cli.main(["convert", f"{target}:Good", "--input-shape", "1,8", "--weights", str(tmp_path / "w.pt"), "-o", str(out)]) == 0
+    assert (
+        cli.main(
+            ["convert", f"{target}:Good", "--input-shape", "1,8", "--weights", str(tmp_path / "w.pt"), "-o", str(out)]
+        )
+        == 0
+    )
     flow = fc.load(out)
     x = torch.randn(4, 8)
     assert torch.equal(flow(x), good(x))

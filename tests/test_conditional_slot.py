@@ -11,15 +11,12 @@ Tolerances: float64 throughout, 1e-10 for identities, integrals within 3e-3 of o
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch import nn
 
 from flowconvert import FlowConv, FlowGroupedConv, FlowLinear
 from flowconvert.densities import ConditionalDensity, ConditionalDiagonalNormal, normal_log_prob, sum_except_batch
-
 from obligations import grid_integral, log_density
 
 
@@ -82,8 +79,14 @@ LAYERS = {
         (2, 7, 7),
     ),
     "conv_augment": lambda: (FlowConv.from_module(nn.Conv2d(1, 16, 3, padding=1).double(), (1, 5, 5)), (1, 5, 5)),
-    "grouped": lambda: (FlowGroupedConv.from_module(nn.Conv2d(4, 6, 3, padding=1, groups=2).double(), (4, 4, 4)), (4, 4, 4)),
-    "depthwise_dropped": lambda: (FlowGroupedConv.from_module(nn.Conv2d(2, 2, 1, stride=2, groups=2).double(), (2, 5, 5)), (2, 5, 5)),
+    "grouped": lambda: (
+        FlowGroupedConv.from_module(nn.Conv2d(4, 6, 3, padding=1, groups=2).double(), (4, 4, 4)),
+        (4, 4, 4),
+    ),
+    "depthwise_dropped": lambda: (
+        FlowGroupedConv.from_module(nn.Conv2d(2, 2, 1, stride=2, groups=2).double(), (2, 5, 5)),
+        (2, 5, 5),
+    ),
 }
 
 
@@ -143,7 +146,9 @@ def test_linear_logdet_of_the_split_map_with_replacement():
     x = torch.randn(5, 6, dtype=torch.float64)
     eye = torch.eye(6, dtype=torch.float64)
     D = layer.observe(eye)["dropped"][0].mT  # d = D x (the dropped coordinates carry no bias)
-    torch.testing.assert_close(layer.observe(torch.zeros(1, 6, dtype=torch.float64))["dropped"][0], torch.zeros(1, 3, dtype=torch.float64))
+    torch.testing.assert_close(
+        layer.observe(torch.zeros(1, 6, dtype=torch.float64))["dropped"][0], torch.zeros(1, 3, dtype=torch.float64)
+    )
     J = torch.cat([layer.weight, D])
     logdet = torch.linalg.slogdet(J)[1]
     y, ll = layer.call_and_ll(x)
@@ -218,5 +223,7 @@ def test_fused_path_only_for_the_linear_gaussian_type():
     with torch.no_grad():
         _, ll = layer.call_and_ll(x)
     d, ctx = layer.observe(x)["dropped"]
-    logdet = torch.linalg.slogdet(torch.cat([layer.weight, layer.observe(torch.eye(6, dtype=torch.float64))["dropped"][0].mT]))[1]
+    logdet = torch.linalg.slogdet(
+        torch.cat([layer.weight, layer.observe(torch.eye(6, dtype=torch.float64))["dropped"][0].mT])
+    )[1]
     torch.testing.assert_close(ll, logdet + sub.log_prob(d, ctx).detach(), atol=1e-10, rtol=0)

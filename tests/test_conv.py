@@ -7,6 +7,7 @@ and path agreement atol 1e-8 in float64; integrals within 2e-3 of one.
 from __future__ import annotations
 
 import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,12 @@ CASES = {
     "2x2_s2_funnel_dropped_row": (lambda: nn.Conv2d(3, 5, 2, stride=2), (3, 5, 4), "funnel", True),
     "1x1_s2_dropped": (lambda: nn.Conv2d(3, 2, 1, stride=2), (3, 5, 5), "funnel", True),
     "3x3_dil2_p2": (lambda: nn.Conv2d(2, 4, 3, dilation=2, padding=2), (2, 7, 7), "funnel", False),
-    "3x3_dil2_s2_p1_all_stages": (lambda: nn.Conv2d(2, 3, 3, stride=2, dilation=2, padding=1), (2, 7, 7), "funnel", False),
+    "3x3_dil2_s2_p1_all_stages": (
+        lambda: nn.Conv2d(2, 3, 3, stride=2, dilation=2, padding=1),
+        (2, 7, 7),
+        "funnel",
+        False,
+    ),
     "3x3_p1_augment": (lambda: nn.Conv2d(1, 16, 3, padding=1), (1, 5, 5), "augment", False),
     "3x3_p1_square_kernel": (lambda: nn.Conv2d(1, 9, 3, padding=1), (1, 4, 4), "bijection", False),
     "2x2_same_asymmetric": (lambda: nn.Conv2d(2, 3, 2, padding="same"), (2, 5, 5), "funnel", False),
@@ -38,7 +44,13 @@ CASES = {
     "conv1d_valid_augment": (lambda: nn.Conv1d(1, 3, 2, padding="valid"), (1, 6), "augment", False),
 }
 
-ROUND_TRIP_INJECTIVE = ["2x2_s2_bijection", "3x3_p1_augment", "3x3_p1_square_kernel", "conv1d_k2_s2_bijection", "conv1d_valid_augment"]
+ROUND_TRIP_INJECTIVE = [
+    "2x2_s2_bijection",
+    "3x3_p1_augment",
+    "3x3_p1_square_kernel",
+    "conv1d_k2_s2_bijection",
+    "conv1d_valid_augment",
+]
 ROUND_TRIP_FUNNEL = ["2x2_s2_funnel_dropped_row", "1x1_s2_dropped", "conv1d_k2_s3_dropped"]
 
 

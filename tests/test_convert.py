@@ -165,7 +165,9 @@ def test_generated_code_reads_as_a_likelihood_program():
     torch.manual_seed(0)
     flow = fc.convert(SquareMLP(), torch.randn(1, 6))
     code = flow.code
-    assert "fc1_layer.call_and_ll(x" in code and "log_terms = torch.stack([ll_fc1, ll_act, ll_fc2, log_base_fc2])" in code
+    assert (
+        "fc1_layer.call_and_ll(x" in code and "log_terms = torch.stack([ll_fc1, ll_act, ll_fc2, log_base_fc2])" in code
+    )
     inverse = flow.inverse_graph.code
     assert inverse.index("fc2_layer.inverse") < inverse.index("fc1_layer.inverse")
     assert "self.layers.fc1(x)" in flow.function_graph.code

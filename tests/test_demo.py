@@ -29,4 +29,6 @@ def test_quick_demo_runs_every_stage(tmp_path):
     assert any("max-softmax" in k for k in results["auroc"])
     assert all(0.0 <= q["in_range"] <= 1.0 for q in results["samples"].values())
     pictures = sorted(p.name for p in tmp_path.glob("*.png"))
-    assert "samples_mlp_frozen_T1.png" in pictures and f"samples_mlp_frozen_T{demo.DEFAULT_TEMPERATURE:g}.png" in pictures
+    assert (
+        "samples_mlp_frozen_T1.png" in pictures and f"samples_mlp_frozen_T{demo.DEFAULT_TEMPERATURE:g}.png" in pictures
+    )

@@ -6,12 +6,15 @@ from torch.distributions import Normal
 
 from flowconvert import ConditionalDiagonalNormal, DiagonalNormal, GaussianNoise, StandardNormal
 from flowconvert.densities import normal_log_prob
-
 from obligations import grid_integral
 
 
 def test_normal_log_prob_matches_reference():
-    x, loc, log_scale = torch.randn(3, 4, dtype=torch.float64), torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    x, loc, log_scale = (
+        torch.randn(3, 4, dtype=torch.float64),
+        torch.randn(4, dtype=torch.float64),
+        torch.randn(4, dtype=torch.float64),
+    )
     torch.testing.assert_close(normal_log_prob(x, loc, log_scale), Normal(loc, log_scale.exp()).log_prob(x))
 
 

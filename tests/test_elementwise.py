@@ -15,7 +15,6 @@ from flowconvert.elementwise import (
     FlowSoftplus,
     FlowTanh,
 )
-
 from obligations import autograd_logdet, grid_integral, log_density
 
 
@@ -60,8 +59,14 @@ def cases(dtype):
 def flow_of(module):
     if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
         return FlowBatchNorm.from_module(module)
-    table = {torch.nn.ELU: FlowELU, torch.nn.SELU: FlowELU, torch.nn.Tanh: FlowTanh, torch.nn.Sigmoid: FlowSigmoid,
-             torch.nn.Softplus: FlowSoftplus, torch.nn.PReLU: FlowPReLU}
+    table = {
+        torch.nn.ELU: FlowELU,
+        torch.nn.SELU: FlowELU,
+        torch.nn.Tanh: FlowTanh,
+        torch.nn.Sigmoid: FlowSigmoid,
+        torch.nn.Softplus: FlowSoftplus,
+        torch.nn.PReLU: FlowPReLU,
+    }
     return table[type(module)].from_module(module)
 
 
@@ -74,8 +79,10 @@ AFFINE = {
     "div": (lambda x: x / 3.0, FlowScalarAffine("div", 3.0)),
     "neg": (lambda x: -x, FlowScalarAffine("neg")),
     "mul_0d": (lambda x: x * torch.tensor(0.75), FlowScalarAffine("mul", torch.tensor(0.75))),
-    "mul_channel": (lambda x: x * torch.tensor([[0.5], [-2.0], [3.0]], dtype=x.dtype),
-                    FlowScalarAffine("mul", torch.tensor([[0.5], [-2.0], [3.0]]))),
+    "mul_channel": (
+        lambda x: x * torch.tensor([[0.5], [-2.0], [3.0]], dtype=x.dtype),
+        FlowScalarAffine("mul", torch.tensor([[0.5], [-2.0], [3.0]])),
+    ),
 }
 
 
@@ -179,7 +186,9 @@ def test_round_trips(name, dtype, batch):
 
 
 @pytest.mark.parametrize("dtype,big", [(torch.float32, 30.0), (torch.float64, 300.0)])
-@pytest.mark.parametrize("flow", [FlowTanh(), FlowSigmoid(), FlowSoftplus(), FlowELU()], ids=["tanh", "sigmoid", "softplus", "elu"])
+@pytest.mark.parametrize(
+    "flow", [FlowTanh(), FlowSigmoid(), FlowSoftplus(), FlowELU()], ids=["tanh", "sigmoid", "softplus", "elu"]
+)
 def test_saturated_inputs_have_finite_log_derivative(flow, dtype, big):
     x = torch.tensor([[-big, big, 0.0]], dtype=dtype)
     y, ll = flow.call_and_ll(x)
@@ -195,7 +204,12 @@ def test_saturated_inputs_have_finite_log_derivative(flow, dtype, big):
 
 
 def test_inverses_clamp_saturated_outputs():
-    for flow, y in [(FlowTanh(), [1.0, -1.0]), (FlowSigmoid(), [0.0, 1.0]), (FlowSoftplus(), [0.0]), (FlowELU(), [-1.0])]:
+    for flow, y in [
+        (FlowTanh(), [1.0, -1.0]),
+        (FlowSigmoid(), [0.0, 1.0]),
+        (FlowSoftplus(), [0.0]),
+        (FlowELU(), [-1.0]),
+    ]:
         assert torch.isfinite(flow.inverse(torch.tensor([y]))).all(), flow
 
 
@@ -216,11 +230,17 @@ def test_batchnorm_refusals():
 
 @pytest.mark.parametrize(
     "make",
-    [lambda: FlowELU(0.0), lambda: FlowELU(-1.0), lambda: FlowPReLU(torch.tensor([0.2, 0.0, 0.1])),
-     lambda: FlowPReLU(torch.tensor([-0.25])), lambda: FlowSoftplus(beta=0.0),
-     # torch's switch to the identity at beta * x = threshold jumps down: not injective unless negligible
-     lambda: FlowSoftplus(threshold=5.0), lambda: FlowSoftplus(beta=2.0, threshold=1.0),
-     lambda: FlowSoftplus(threshold=-3.0)],
+    [
+        lambda: FlowELU(0.0),
+        lambda: FlowELU(-1.0),
+        lambda: FlowPReLU(torch.tensor([0.2, 0.0, 0.1])),
+        lambda: FlowPReLU(torch.tensor([-0.25])),
+        lambda: FlowSoftplus(beta=0.0),
+        # torch's switch to the identity at beta * x = threshold jumps down: not injective unless negligible
+        lambda: FlowSoftplus(threshold=5.0),
+        lambda: FlowSoftplus(beta=2.0, threshold=1.0),
+        lambda: FlowSoftplus(threshold=-3.0),
+    ],
 )
 def test_non_injective_parameters_are_refused(make):
     with pytest.raises(LayerConfigurationError) as err:
@@ -228,8 +248,9 @@ def test_non_injective_parameters_are_refused(make):
     assert err.value.code == "FC212"
 
 
-@pytest.mark.parametrize("op,c", [("mul", 0.0), ("div", 0), ("mul", math.inf), ("add", math.nan),
-                                  ("mul", torch.tensor([1.0, 0.0]))])
+@pytest.mark.parametrize(
+    "op,c", [("mul", 0.0), ("div", 0), ("mul", math.inf), ("add", math.nan), ("mul", torch.tensor([1.0, 0.0]))]
+)
 def test_zero_or_non_finite_constant_is_refused(op, c):
     with pytest.raises(LayerConfigurationError) as err:
         FlowScalarAffine(op, c)

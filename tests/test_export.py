@@ -12,11 +12,10 @@ import torch
 from torch import nn
 
 import flowconvert as fc
+import zoo as converter_zoo
 from flowconvert.export import export_onnx
 from flowconvert.flow import FlowModel
 from flowconvert.verification import LINEAR_ALGEBRA_OPS, linear_algebra_ops
-
-import zoo as converter_zoo
 
 GRAPHS = ("likelihood", "inverse")
 NOISES = ("zero", "input", "random")

@@ -16,9 +16,15 @@ from flowconvert.densities import (
     normal_log_prob,
     triangular_inverse,
 )
-from flowconvert.families import FlowBase, FlowConditional, GaussianMixture, MLPConditionalNormal, make_base, make_conditional
+from flowconvert.families import (
+    FlowBase,
+    FlowConditional,
+    GaussianMixture,
+    MLPConditionalNormal,
+    make_base,
+    make_conditional,
+)
 from flowconvert.pooling import ChannelConditionalNormal
-
 from obligations import grid_integral
 
 
@@ -189,7 +195,9 @@ def test_make_base_by_name_and_callable():
 def test_triangular_inverse_and_full_covariance_round_trip():
     g = torch.Generator().manual_seed(0)
     for F in (1, 2, 3, 5, 8, 13):
-        P = torch.tril(torch.randn(F, F, generator=g, dtype=torch.float64), -1) + torch.diag(torch.rand(F, generator=g, dtype=torch.float64) + 0.5)
+        P = torch.tril(torch.randn(F, F, generator=g, dtype=torch.float64), -1) + torch.diag(
+            torch.rand(F, generator=g, dtype=torch.float64) + 0.5
+        )
         torch.testing.assert_close(triangular_inverse(P) @ P, torch.eye(F, dtype=torch.float64))
     q = ConditionalFullNormal(3, 2).double()
     M = torch.randn(3, 3, generator=g, dtype=torch.float64)

@@ -61,8 +61,12 @@ def test_convert_with_each_family_keeps_outputs_and_round_trips(density):
     x = torch.randn(5, 6)
     flow = fc.convert(net, x[:2], density=density)
     expected = {"gaussian": fc.ConditionalDiagonalNormal, "mlp": MLPConditionalNormal, "flow": FlowConditional}[density]
-    assert all(type(layer.get_submodule(p.name)) is expected
-               for layer in flow.layers.values() for p in layer.density_parts() if p.kind == "conditional")
+    assert all(
+        type(layer.get_submodule(p.name)) is expected
+        for layer in flow.layers.values()
+        for p in layer.density_parts()
+        if p.kind == "conditional"
+    )
     base = {"gaussian": fc.DiagonalNormal, "mlp": GaussianMixture, "flow": FlowBase}[density]
     assert all(type(b) is base for b in flow.bases.values())
     with torch.no_grad():
@@ -98,7 +102,11 @@ def test_user_callable_family_is_used_and_reported_as_not_calibrated():
             self.log_b = nn.Parameter(torch.zeros(f))
 
         def log_prob(self, d, y):
-            return (-(d - self.loc(y)).abs() / self.log_b.exp() - self.log_b - 0.6931471805599453).reshape(d.shape[0], -1).sum(1)
+            return (
+                (-(d - self.loc(y)).abs() / self.log_b.exp() - self.log_b - 0.6931471805599453)
+                .reshape(d.shape[0], -1)
+                .sum(1)
+            )
 
         def sample(self, y, eps=None):
             mu = self.loc(y)
@@ -127,9 +135,17 @@ def test_pooling_and_merging_parts_are_declared_calibrated_and_fitted():
     torch.manual_seed(0)
     net = _PoolNet()
     flow = fc.convert(net, x[:2])
-    kinds = {(p.kind, type(layer.get_submodule(p.name)).__name__) for layer in flow.layers.values() for p in layer.density_parts()}
-    assert {("conditional", "ChannelConditionalNormal"), ("gaps", "HalfNormal"),
-            ("conditional", "ElementwiseConditionalNormal"), ("noise", "GaussianNoise")} <= kinds, kinds
+    kinds = {
+        (p.kind, type(layer.get_submodule(p.name)).__name__)
+        for layer in flow.layers.values()
+        for p in layer.density_parts()
+    }
+    assert {
+        ("conditional", "ChannelConditionalNormal"),
+        ("gaps", "HalfNormal"),
+        ("conditional", "ElementwiseConditionalNormal"),
+        ("noise", "GaussianNoise"),
+    } <= kinds, kinds
     out = flow(held)
     report = fc.calibrate(flow, x)
     by_kind = {}

@@ -1,6 +1,5 @@
 """Grouped and depthwise convolution (block-diagonal per-patch maps) against the obligations of docs/mathematics.md section 12."""
 
-
 import pytest
 import torch
 import torch.nn as nn
@@ -8,7 +7,6 @@ import torch.nn as nn
 from flowconvert import LayerConfigurationError
 from flowconvert.conv import FlowConv
 from flowconvert.grouped import FlowGroupedConv
-
 from obligations import autograd_logdet, base_log_prob, check_iw_bound, grid_integral
 
 # (module factory, per-sample input shape)
@@ -54,11 +52,11 @@ def test_contribution_is_the_sum_over_blocks(name):
         ref = nn.Conv2d if module.weight.dim() == 4 else nn.Conv1d
         block = ref(cin, cout, module.kernel_size, module.stride, module.padding, module.dilation).double()
         with torch.no_grad():
-            block.weight.copy_(module.weight[g * cout:(g + 1) * cout])
-            block.bias.copy_(module.bias[g * cout:(g + 1) * cout])
+            block.weight.copy_(module.weight[g * cout : (g + 1) * cout])
+            block.bias.copy_(module.bias[g * cout : (g + 1) * cout])
         single = FlowConv.from_module(block, (cin, *shape[1:]))
         single.load_state_dict(flow.blocks[g].state_dict())
-        total = total + single.call_and_ll(x[:, g * cin:(g + 1) * cin], noises[g])[1]
+        total = total + single.call_and_ll(x[:, g * cin : (g + 1) * cin], noises[g])[1]
     torch.testing.assert_close(ll, total, atol=1e-10, rtol=0)
 
 
@@ -143,7 +141,9 @@ def test_full_training_keeps_forward_likelihood_and_inverse_on_the_same_weights(
         assert torch.equal(flow(x), trained)
         torch.testing.assert_close(y, trained, atol=1e-10, rtol=0)
         for g, block in enumerate(layer.blocks):  # the blocks' kernels are the trained weights
-            torch.testing.assert_close(block.kernel.weight.reshape(2, -1), layer.weight[2 * g : 2 * g + 2].reshape(2, -1))
+            torch.testing.assert_close(
+                block.kernel.weight.reshape(2, -1), layer.weight[2 * g : 2 * g + 2].reshape(2, -1)
+            )
             torch.testing.assert_close(block.kernel.bias, layer.bias[2 * g : 2 * g + 2])
         z = flow(x[:5])
         for sample in (False, True):

@@ -15,11 +15,11 @@ import struct
 import pytest
 import torch
 import torch.nn.functional as F
-import zoo
 from test_zoo import ZOO as ARCHITECTURES
 from torch import nn
 
 import flowconvert as fc
+import zoo
 from flowconvert.config import RECORDED
 from flowconvert.core import FlowLayer
 from flowconvert.densities import BaseDensity, ConditionalDensity, GaussianNoise
@@ -107,7 +107,9 @@ def assert_reproduces(flow, loaded, x):
     with torch.no_grad():
         _assert_same(flow(*xs), loaded(*xs))
         _assert_same(flow.log_prob(*xs, deterministic=True), loaded.log_prob(*xs, deterministic=True))
-        noise = {k: torch.randn((len(xs[0]), *s), generator=gen, dtype=xs[0].dtype) for k, s in flow.noise_shapes().items()}
+        noise = {
+            k: torch.randn((len(xs[0]), *s), generator=gen, dtype=xs[0].dtype) for k, s in flow.noise_shapes().items()
+        }
         _assert_same(flow.log_prob(*xs, noise=noise), loaded.log_prob(*xs, noise=noise))
         z = flow(*xs)
         _assert_same(flow.inverse(z, sample=False), loaded.inverse(z, sample=False))
@@ -184,9 +186,16 @@ def test_a_single_layer_round_trips(tmp_path):
 # -- every layer kind and every density family ----------------------------------------------------
 def _concrete(base):
     for key, cls in sorted(RECORDED.items()):
-        if key.startswith("flowconvert.") and issubclass(cls, base) and not cls.__name__.startswith("_") \
-                and cls not in (FlowLayer, ConditionalDensity, BaseDensity) and not inspect.isabstract(cls):
-            if any("raise NotImplementedError" in inspect.getsource(f) for f in vars(cls).values() if inspect.isfunction(f)):
+        if (
+            key.startswith("flowconvert.")
+            and issubclass(cls, base)
+            and not cls.__name__.startswith("_")
+            and cls not in (FlowLayer, ConditionalDensity, BaseDensity)
+            and not inspect.isabstract(cls)
+        ):
+            if any(
+                "raise NotImplementedError" in inspect.getsource(f) for f in vars(cls).values() if inspect.isfunction(f)
+            ):
                 continue  # an interface or an abstract base
             yield cls
 
@@ -214,7 +223,7 @@ def _family_factories():
 def _swapped_families():
     """Flows whose conditional parts were replaced by each family (and by a diagonal base density)."""
     out = []
-    for cls, factory in _family_factories():
+    for _cls, factory in _family_factories():
         flow, x = _convert(zoo.ReducingMLP, (4, 12), seed=1)
         for layer in flow.layers.values():
             for part in layer.density_parts():
@@ -241,7 +250,7 @@ def test_every_family_round_trips_when_swapped_in(tmp_path):
 
 def test_a_part_that_is_not_a_flowconvert_family_is_refused_at_save(tmp_path):
     flow, _ = MODELS["reducing_mlp"]()
-    layer = next(l for l in flow.layers.values() if l.density_parts())
+    layer = next(m for m in flow.layers.values() if m.density_parts())
 
     class Foreign(nn.Module):  # not a ConditionalDensity: cannot be described as data
         pass
@@ -340,7 +349,7 @@ def test_failed_save_leaves_no_file(tmp_path):
 
 
 # -- the command line writes and reads the format, and refuses pickles ------------------------------
-MODEL_FILE = '''
+MODEL_FILE = """
 import torch
 from torch import nn
 
@@ -354,7 +363,7 @@ class Net(nn.Module):
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
-'''
+"""
 
 
 def test_cli_convert_writes_the_format_and_export_reads_it(tmp_path, capsys):
@@ -381,8 +390,11 @@ def test_cli_never_runs_a_crafted_pickle(tmp_path, capsys):
         assert cli.main(["export", str(path), "-o", str(tmp_path / "m.onnx")]) == 2
         err = capsys.readouterr().err
         assert "FC502" in err and "unpickle" in err
-        for command in (["audit", target], ["convert", target, "-o", str(tmp_path / "o")],
-                        ["export", target, "-o", str(tmp_path / "m.onnx")]):
+        for command in (
+            ["audit", target],
+            ["convert", target, "-o", str(tmp_path / "o")],
+            ["export", target, "-o", str(tmp_path / "m.onnx")],
+        ):
             assert cli.main([*command, "--input-shape", "1,5", "--weights", str(path)]) == 2
     assert not marker.exists()
     assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "o").exists()

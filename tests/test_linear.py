@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from flowconvert import FlowLinear, SingularWeightError, network_training
-
 from obligations import autograd_logdet, base_log_prob, check_iw_bound, grid_integral, log_density
 
 SHAPES = {"bijection": (4, 4), "funnel": (6, 3), "augment": (3, 5)}  # (in, out)

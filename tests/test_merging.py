@@ -7,7 +7,6 @@ import torch
 
 from flowconvert import LayerConfigurationError
 from flowconvert.merging import FlowCat, FlowDuplicate, FlowSplit, FlowSum
-
 from obligations import base_log_prob, check_iw_bound, grid_integral
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=0), torch.float64: dict(atol=1e-10, rtol=0)}
@@ -86,7 +85,9 @@ def test_duplicate_inverse_of_noisy_forward_is_identity(dtype, batch):
     x = torch.randn(batch, 4, 2, dtype=dtype)
     ys, _ = flow.call_and_ll(x, flow.draw_noise(x))
     assert not torch.allclose(ys[0], ys[1])
-    torch.testing.assert_close(flow.inverse(*ys), x, **({"atol": 1e-5, "rtol": 0} if dtype == torch.float32 else TOL[dtype]))
+    torch.testing.assert_close(
+        flow.inverse(*ys), x, **({"atol": 1e-5, "rtol": 0} if dtype == torch.float32 else TOL[dtype])
+    )
     torch.testing.assert_close(flow.inverse(ys), flow.inverse(*ys))  # a tuple is accepted too
     torch.testing.assert_close(sum(ys) / 3, x, **({"atol": 1e-5, "rtol": 0} if dtype == torch.float32 else TOL[dtype]))
 
@@ -117,7 +118,9 @@ def test_sum_logdet_matches_jacobian_of_split_map(subtract):
     a, b = torch.randn(2, 2, 3, dtype=torch.float64)
     y, ll = flow.call_and_ll(a, b)
     logq = flow.dropped.log_prob(flow.to_rows(flow.dropped_coordinates(a, b)), flow.to_rows(y))
-    split = lambda z: torch.cat([flow(z[:3][None], z[3:][None])[0], flow.dropped_coordinates(z[:3][None], z[3:][None])[0]])
+    split = lambda z: torch.cat(
+        [flow(z[:3][None], z[3:][None])[0], flow.dropped_coordinates(z[:3][None], z[3:][None])[0]]
+    )
     for i in range(2):
         J = torch.autograd.functional.jacobian(split, torch.cat([a[i], b[i]]))
         logdet = torch.linalg.slogdet(J)[1]
@@ -160,8 +163,10 @@ def test_sum_refuses_broadcasting():
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("dim", [1, 2, -1])
 def test_cat_and_split_are_exact_bijections(dtype, batch, dim):
-    parts = [torch.randn(batch, 3, 4, dtype=dtype)[..., :k] if dim in (2, -1) else torch.randn(batch, k, 4, dtype=dtype)
-             for k in (1, 3)]
+    parts = [
+        torch.randn(batch, 3, 4, dtype=dtype)[..., :k] if dim in (2, -1) else torch.randn(batch, k, 4, dtype=dtype)
+        for k in (1, 3)
+    ]
     cat = FlowCat(dim, [p.shape[dim] for p in parts])
     y, ll = cat.call_and_ll(*parts)
     assert torch.equal(y, torch.cat(parts, dim)) and torch.equal(ll, torch.zeros(batch, dtype=dtype))

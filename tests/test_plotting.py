@@ -15,10 +15,13 @@ def test_sample_reconstruction_and_curve_pictures(tmp_path):
     paths = [
         save_samples(flow, tmp_path / "s.png", n=9, image_shape=(4, 4)),
         save_reconstructions(flow, x, tmp_path / "r.png", image_shape=(4, 4)),
-        save_training_curves({"a": fc.History(epochs=[1, 2], train_bpd=[3.0, 2.0], val_bpd=[3.1, 2.5])}, tmp_path / "c.png"),
+        save_training_curves(
+            {"a": fc.History(epochs=[1, 2], train_bpd=[3.0, 2.0], val_bpd=[3.1, 2.5])}, tmp_path / "c.png"
+        ),
     ]
     for p in paths:
-        assert open(p, "rb").read(4) == PNG
+        with open(p, "rb") as f:
+            assert f.read(4) == PNG
 
 
 def test_pictures_say_how_many_values_were_clipped(tmp_path, monkeypatch):

@@ -8,7 +8,6 @@ import torch.nn as nn
 
 from flowconvert import LayerConfigurationError
 from flowconvert.pooling import FlowAvgPool, FlowMaxPool, helmert, to_windows
-
 from obligations import base_log_prob, grid_integral
 
 # (module, per-sample input shape)
@@ -68,7 +67,9 @@ def test_avgpool_logdet_matches_jacobian_of_split_map(name):
     y, ll = flow.call_and_ll(x)
     logq = flow.dropped.log_prob(flow.dropped_rows(flow.dropped_coordinates(x)), flow.output_rows(y))
     for i in range(2):
-        split = lambda v: torch.cat([flow(v.reshape(1, *shape)).reshape(-1), flow.dropped_coordinates(v.reshape(1, *shape)).reshape(-1)])
+        split = lambda v: torch.cat(
+            [flow(v.reshape(1, *shape)).reshape(-1), flow.dropped_coordinates(v.reshape(1, *shape)).reshape(-1)]
+        )
         J = torch.autograd.functional.jacobian(split, x[i].reshape(-1))
         logdet = torch.linalg.slogdet(J)[1]
         assert abs(logdet.item()) > 0.1
@@ -98,13 +99,20 @@ def _density(flow, shape):
         x = points.reshape(-1, *shape)
         y, ll = flow.call_and_ll(x)
         return base_log_prob(y) + ll
+
     return log_p
 
 
 @pytest.mark.parametrize(
     "module,shape,points",
-    [(nn.AvgPool1d(2), (1, 2), 400), (nn.AvgPool1d(3), (1, 3), 90), (nn.AdaptiveAvgPool2d(1), (1, 1, 2), 400),
-     (nn.MaxPool1d(2), (1, 2), 400), (nn.MaxPool1d(3), (1, 3), 90), (nn.MaxPool2d((1, 2)), (1, 1, 2), 400)],
+    [
+        (nn.AvgPool1d(2), (1, 2), 400),
+        (nn.AvgPool1d(3), (1, 3), 90),
+        (nn.AdaptiveAvgPool2d(1), (1, 1, 2), 400),
+        (nn.MaxPool1d(2), (1, 2), 400),
+        (nn.MaxPool1d(3), (1, 3), 90),
+        (nn.MaxPool2d((1, 2)), (1, 1, 2), 400),
+    ],
     ids=["avg2", "avg3", "adaptive2", "max2", "max3", "max2d"],
 )
 def test_integrates_to_one(module, shape, points):
@@ -160,9 +168,16 @@ def test_inverse_mean_puts_mean_in_every_window():
 
 @pytest.mark.parametrize(
     "module,shape",
-    [(nn.AvgPool2d(3, stride=2), (1, 5, 5)), (nn.AvgPool2d(2, padding=1), (1, 4, 4)), (nn.AvgPool2d(2), (1, 5, 4)),
-     (nn.MaxPool2d(3, stride=1), (1, 4, 4)), (nn.MaxPool2d(2, dilation=2), (1, 8, 8)), (nn.MaxPool2d(2, return_indices=True), (1, 4, 4)),
-     (nn.AdaptiveAvgPool2d(3), (1, 4, 4)), (nn.MaxPool2d(2, padding=1), (1, 4, 4))],
+    [
+        (nn.AvgPool2d(3, stride=2), (1, 5, 5)),
+        (nn.AvgPool2d(2, padding=1), (1, 4, 4)),
+        (nn.AvgPool2d(2), (1, 5, 4)),
+        (nn.MaxPool2d(3, stride=1), (1, 4, 4)),
+        (nn.MaxPool2d(2, dilation=2), (1, 8, 8)),
+        (nn.MaxPool2d(2, return_indices=True), (1, 4, 4)),
+        (nn.AdaptiveAvgPool2d(3), (1, 4, 4)),
+        (nn.MaxPool2d(2, padding=1), (1, 4, 4)),
+    ],
 )
 def test_overlapping_padded_or_ragged_pooling_is_refused(module, shape):
     cls = FlowMaxPool if isinstance(module, nn.MaxPool2d) else FlowAvgPool

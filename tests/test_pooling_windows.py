@@ -19,7 +19,6 @@ from torch.autograd.functional import jacobian
 import flowconvert as fc
 from flowconvert.densities import ConditionalDiagonalNormal
 from flowconvert.pooling import FlowAvgPool, FlowMaxPool, FlowReduce, FlowWindowPool, helmert, pooling_layer
-
 from obligations import base_log_prob, check_iw_bound, grid_integral
 
 D64 = torch.float64
@@ -82,14 +81,17 @@ def test_deterministic_output_is_the_torch_op(name, dtype):
 
 def _split_map(layer, shape):
     """x -> (y, Helmert coordinates of every window, dropped cells): a bijection for exact avg pools."""
+
     def split(v):
         x = v.reshape(1, *shape)
         cells = layer._to_cells(x)
         copies, _ = layer._copies(cells, None)
         from flowconvert.pooling import helmert_apply
+
         pieces = [layer(x).reshape(-1)] + [helmert_apply(t).reshape(-1) for t in copies]
         pieces.append(cells[:, :, layer._drop_idx].reshape(-1))
         return torch.cat(pieces)
+
     return split
 
 
@@ -100,13 +102,15 @@ def _log_q(layer, x):
     y = layer._to_locations(layer(x))
     total = x.new_zeros(x.shape[0])
     from flowconvert.pooling import helmert_apply
+
     for K, t in zip(layer.group_sizes, copies):
         if K > 1:
             yk = y[:, :, getattr(layer, f"_loc{K}")].unsqueeze(-1)
             total = total + layer.dropped[str(K)].log_prob(helmert_apply(t), yk)
     if layer.dropped_pixels is not None:
-        total = total + layer.dropped_pixels.log_prob(cells[:, :, layer._drop_idx].unsqueeze(-1),
-                                                      y[:, :, layer._drop_loc].unsqueeze(-1))
+        total = total + layer.dropped_pixels.log_prob(
+            cells[:, :, layer._drop_idx].unsqueeze(-1), y[:, :, layer._drop_loc].unsqueeze(-1)
+        )
     return total
 
 
@@ -143,7 +147,9 @@ def _helmert_noise(layer, omega):
     return eps.reshape(1, -1)
 
 
-@pytest.mark.parametrize("name", ["resnet_stem_max", "nin_avg", "max1d_overlap", "adaptive_avg_upsample", "max_dilated"])
+@pytest.mark.parametrize(
+    "name", ["resnet_stem_max", "nin_avg", "max1d_overlap", "adaptive_avg_upsample", "max_dilated"]
+)
 def test_tile_logdet_matches_autograd(name):
     """(x, omega) -> copies is linear and square; L_tile + log phi(omega) == log|det J| (float64)."""
     module, shape, layer = build(name)
@@ -169,8 +175,10 @@ def test_tile_logdet_matches_autograd(name):
     copies, _ = layer._copies(layer._to_cells(x), eps)
     pool_ll = layer._pool(copies, None)[1] + layer.log_gain
     if layer.dropped_pixels is not None:
-        pool_ll = pool_ll + layer.dropped_pixels.log_prob(layer._to_cells(x)[:, :, layer._drop_idx].unsqueeze(-1),
-                                                          layer._to_locations(y)[:, :, layer._drop_loc].unsqueeze(-1))
+        pool_ll = pool_ll + layer.dropped_pixels.log_prob(
+            layer._to_cells(x)[:, :, layer._drop_idx].unsqueeze(-1),
+            layer._to_locations(y)[:, :, layer._drop_loc].unsqueeze(-1),
+        )
     log_phi = (-0.5 * omega * omega - 0.5 * math.log(2 * math.pi)).sum()
     torch.testing.assert_close(ll[0] - pool_ll[0] + log_phi, logdet, atol=1e-9, rtol=0)
 
@@ -179,22 +187,34 @@ def _density(layer, shape):
     def log_p(points):
         y, ll = layer.call_and_ll(points.reshape(-1, *shape))
         return base_log_prob(y) + ll
+
     return log_p
 
 
 @pytest.mark.parametrize(
     "make,shape,points",
-    [(lambda s: FlowWindowPool(s, "max", kernel=2, stride=2, padding=1), (1, 3), 90),
-     (lambda s: FlowWindowPool(s, "avg", kernel=2, stride=2, padding=1), (1, 3), 90),
-     (lambda s: FlowWindowPool(s, "avg", kernel=2, stride=2, padding=1, count_include_pad=False), (1, 3), 90),
-     (lambda s: FlowWindowPool(s, "max", kernel=2, ceil_mode=True), (1, 3), 90),
-     (lambda s: FlowWindowPool(s, "avg", kernel=3, stride=2), (1, 3), 90),
-     (lambda s: FlowWindowPool(s, "max", kernel=1, stride=2), (1, 2), 400),
-     (lambda s: FlowReduce(s, dims=(0, 1), how="mean"), (1, 3), 90),
-     (lambda s: FlowReduce(s, dims=(1,), how="sum"), (1, 2), 400),
-     (lambda s: FlowReduce(s, dims=(0,), how="amax"), (2, 1), 400)],
-    ids=["max_padded", "avg_padded", "avg_padded_no_count", "max_ceil", "avg_global_stride", "max_gapped",
-         "mean", "sum", "amax"],
+    [
+        (lambda s: FlowWindowPool(s, "max", kernel=2, stride=2, padding=1), (1, 3), 90),
+        (lambda s: FlowWindowPool(s, "avg", kernel=2, stride=2, padding=1), (1, 3), 90),
+        (lambda s: FlowWindowPool(s, "avg", kernel=2, stride=2, padding=1, count_include_pad=False), (1, 3), 90),
+        (lambda s: FlowWindowPool(s, "max", kernel=2, ceil_mode=True), (1, 3), 90),
+        (lambda s: FlowWindowPool(s, "avg", kernel=3, stride=2), (1, 3), 90),
+        (lambda s: FlowWindowPool(s, "max", kernel=1, stride=2), (1, 2), 400),
+        (lambda s: FlowReduce(s, dims=(0, 1), how="mean"), (1, 3), 90),
+        (lambda s: FlowReduce(s, dims=(1,), how="sum"), (1, 2), 400),
+        (lambda s: FlowReduce(s, dims=(0,), how="amax"), (2, 1), 400),
+    ],
+    ids=[
+        "max_padded",
+        "avg_padded",
+        "avg_padded_no_count",
+        "max_ceil",
+        "avg_global_stride",
+        "max_gapped",
+        "mean",
+        "sum",
+        "amax",
+    ],
 )
 def test_exact_forms_integrate_to_one(make, shape, points):
     layer = make(shape).double()
@@ -324,8 +344,12 @@ class Spelling(nn.Module):
         super().__init__()
         self.how = how
         self.conv = nn.Conv2d(2, 2, 1)
-        self.pool = {"adaptive_module": nn.AdaptiveAvgPool2d(1), "avg_module_stride1": nn.AvgPool2d(4, stride=1),
-                     "adaptive_identity": nn.AdaptiveAvgPool2d((4, 4)), "adaptive_max": nn.AdaptiveMaxPool2d(1)}.get(how)
+        self.pool = {
+            "adaptive_module": nn.AdaptiveAvgPool2d(1),
+            "avg_module_stride1": nn.AvgPool2d(4, stride=1),
+            "adaptive_identity": nn.AdaptiveAvgPool2d((4, 4)),
+            "adaptive_max": nn.AdaptiveMaxPool2d(1),
+        }.get(how)
 
     def forward(self, x):
         h = self.conv(x)
@@ -349,8 +373,19 @@ class Spelling(nn.Module):
         raise AssertionError(how)
 
 
-SPELLINGS = ["adaptive_module", "avg_module_stride1", "adaptive_identity", "adaptive_max", "mean_tuple",
-             "mean_keepdim", "torch_mean", "functional_adaptive", "sum", "amax", "token_mean"]
+SPELLINGS = [
+    "adaptive_module",
+    "avg_module_stride1",
+    "adaptive_identity",
+    "adaptive_max",
+    "mean_tuple",
+    "mean_keepdim",
+    "torch_mean",
+    "functional_adaptive",
+    "sum",
+    "amax",
+    "token_mean",
+]
 
 
 @pytest.mark.parametrize("how", SPELLINGS)
@@ -377,8 +412,13 @@ def test_mean_over_the_batch_is_refused():
 
 def test_overlapping_pool_in_a_network_is_a_bound_with_the_original_output():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.MaxPool2d(3, 2, 1), nn.Conv2d(4, 4, 1),
-                          nn.AvgPool2d(3, 2, 1, ceil_mode=True), nn.Flatten()).eval()
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.MaxPool2d(3, 2, 1),
+        nn.Conv2d(4, 4, 1),
+        nn.AvgPool2d(3, 2, 1, ceil_mode=True),
+        nn.Flatten(),
+    ).eval()
     x = torch.randn(2, 2, 9, 9)
     flow = fc.convert(model, x)
     assert not flow.exact

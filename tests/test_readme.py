@@ -92,8 +92,14 @@ def test_readme_three_commands_give_a_calibrated_onnx_file_with_log_p(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     for command in readme_three_commands():
         argv = shlex.split(command)
-        proc = subprocess.run([sys.executable, "-m", "flowconvert", *argv[1:]], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, "-m", "flowconvert", *argv[1:]],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, (command, proc.stdout, proc.stderr)
         assert "never calibrated" not in proc.stderr
     assert "onnxruntime vs PyTorch" in proc.stdout and proc.stdout.rstrip().endswith(": ok")

@@ -22,12 +22,27 @@ def layers_of(model, x):
 @pytest.mark.parametrize(
     "key, kind",
     [
-        (nn.Linear, "module"), (nn.Conv1d, "module"), (nn.Conv2d, "module"), (nn.LeakyReLU, "module"),
-        (nn.Flatten, "module"), (nn.Identity, "module"), (nn.Dropout, "module"),
-        (F.linear, "function"), (F.conv1d, "function"), (F.conv2d, "function"), (F.leaky_relu, "function"),
-        (torch.flatten, "function"), (torch.reshape, "function"), (torch.permute, "function"),
-        ("view", "method"), ("reshape", "method"), ("squeeze", "method"), ("unsqueeze", "method"),
-        ("permute", "method"), ("transpose", "method"), ("contiguous", "method"),
+        (nn.Linear, "module"),
+        (nn.Conv1d, "module"),
+        (nn.Conv2d, "module"),
+        (nn.LeakyReLU, "module"),
+        (nn.Flatten, "module"),
+        (nn.Identity, "module"),
+        (nn.Dropout, "module"),
+        (F.linear, "function"),
+        (F.conv1d, "function"),
+        (F.conv2d, "function"),
+        (F.leaky_relu, "function"),
+        (torch.flatten, "function"),
+        (torch.reshape, "function"),
+        (torch.permute, "function"),
+        ("view", "method"),
+        ("reshape", "method"),
+        ("squeeze", "method"),
+        ("unsqueeze", "method"),
+        ("permute", "method"),
+        ("transpose", "method"),
+        ("contiguous", "method"),
     ],
 )
 def test_supported_spellings_have_rules(key, kind):
@@ -52,8 +67,14 @@ def test_functional_and_method_spellings_convert():
     model = Spellings()
     layers = layers_of(model, torch.randn(1, 2, 3))
     assert layers == {
-        "flatten": Reshape, "linear": fc.FlowLinear, "leaky_relu": fc.FlowLeakyReLU, "reshape": Reshape,
-        "transpose": Permute, "permute": Permute, "contiguous": FlowIdentity, "view": Reshape,
+        "flatten": Reshape,
+        "linear": fc.FlowLinear,
+        "leaky_relu": fc.FlowLeakyReLU,
+        "reshape": Reshape,
+        "transpose": Permute,
+        "permute": Permute,
+        "contiguous": FlowIdentity,
+        "view": Reshape,
     }
     flow = fc.convert(model, torch.randn(1, 2, 3))
     x = torch.randn(4, 2, 3)
@@ -65,15 +86,21 @@ def test_functional_and_method_spellings_convert():
 @pytest.mark.parametrize(
     "layer, code",
     [
-        (nn.ReLU(), "FC101"), (nn.GELU(), "FC102"), (nn.SiLU(), "FC102"), (nn.LayerNorm(4), "FC103"),
-        (nn.Softmax(dim=1), "FC104"), (nn.ReLU6(), "FC106"), (nn.Softsign(), "FC110"),
-        (nn.LeakyReLU(0.0), "FC202"), (nn.LeakyReLU(-0.1), "FC202"),
+        (nn.ReLU(), "FC101"),
+        (nn.GELU(), "FC102"),
+        (nn.SiLU(), "FC102"),
+        (nn.LayerNorm(4), "FC103"),
+        (nn.Softmax(dim=1), "FC104"),
+        (nn.ReLU6(), "FC106"),
+        (nn.Softsign(), "FC110"),
+        (nn.LeakyReLU(0.0), "FC202"),
+        (nn.LeakyReLU(-0.1), "FC202"),
     ],
 )
 def test_refused_modules_get_their_codes(layer, code):
     report = fc.audit(nn.Sequential(nn.Linear(4, 4), layer), torch.randn(1, 4))
     assert report.counts == {code: 1}
-    (node, problem), = report.problems
+    ((node, problem),) = report.problems
     assert node.name == "_1" and node.status == "rejected" and problem.hint
 
 
@@ -90,8 +117,14 @@ class FunctionalRefusals(nn.Module):
 def test_refused_functions_and_methods_get_their_codes():
     report = fc.audit(FunctionalRefusals(), torch.randn(1, 2, 4))
     codes = {n.name: n.code for n in report.nodes if n.status == "rejected"}
-    assert codes == {"relu": "FC101", "gelu": "FC102", "cumsum": "FC111", "cumsum_1": "FC112",
-                     "lp_pool1d": "FC105", "dropout": "FC114"}
+    assert codes == {
+        "relu": "FC101",
+        "gelu": "FC102",
+        "cumsum": "FC111",
+        "cumsum_1": "FC112",
+        "lp_pool1d": "FC105",
+        "dropout": "FC114",
+    }
 
 
 def test_permuting_the_batch_dimension_is_refused():

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from flowconvert import FlowIdentity, Permute, Reshape
-
 from obligations import autograd_logdet
 
 CASES = [

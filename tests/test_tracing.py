@@ -5,13 +5,12 @@ from __future__ import annotations
 import copy
 
 import pytest
-import source_lines
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zoo import ZOO, make
 
 import flowconvert as fc
+import source_lines
 from flowconvert.registry import REGISTRY
 from flowconvert.tracing import (
     DATA,
@@ -25,6 +24,7 @@ from flowconvert.tracing import (
     record,
     user_location,
 )
+from zoo import ZOO, make
 
 
 def line_of(marker: str) -> int:

@@ -41,7 +41,9 @@ def test_all_mode_trains_the_network_and_keeps_the_caches_consistent():
             # the cached log|det| is that of the trained weight's block; the inverse follows it
             block = layer.block().double()
             assert torch.allclose(layer.logdet().double(), torch.linalg.slogdet(block)[1], atol=1e-5)
-            assert torch.allclose(layer.block_inverse().double() @ block, torch.eye(block.shape[0], dtype=torch.float64), atol=1e-4)
+            assert torch.allclose(
+                layer.block_inverse().double() @ block, torch.eye(block.shape[0], dtype=torch.float64), atol=1e-4
+            )
     with torch.no_grad():
         z = flow(x[:20])
         torch.testing.assert_close(flow(flow.inverse(z, sample=False)), z, atol=1e-4, rtol=1e-4)

@@ -9,7 +9,6 @@ use ReLU convert with ``relu="leaky"``.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn as nn
@@ -32,10 +31,16 @@ class VGGStyle(nn.Module):
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), bn(8), nn.ReLU(inplace=True),
-            nn.Conv2d(8, 8, 3, padding=1), bn(8), nn.ReLU(inplace=True),
+            nn.Conv2d(3, 8, 3, padding=1),
+            bn(8),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(8, 8, 3, padding=1),
+            bn(8),
+            nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1), bn(16), nn.ReLU(inplace=True),
+            nn.Conv2d(8, 16, 3, padding=1),
+            bn(16),
+            nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
         )
         self.classifier = nn.Linear(16 * 2 * 2, 10)
@@ -94,9 +99,14 @@ class Conv1dNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv1d(4, 8, 3, padding=1), nn.LeakyReLU(0.1), nn.MaxPool1d(2),
-            nn.Conv1d(8, 8, 3, padding=1), nn.Tanh(), nn.AvgPool1d(2),
-            nn.Flatten(), nn.Linear(8 * 4, 6),
+            nn.Conv1d(4, 8, 3, padding=1),
+            nn.LeakyReLU(0.1),
+            nn.MaxPool1d(2),
+            nn.Conv1d(8, 8, 3, padding=1),
+            nn.Tanh(),
+            nn.AvgPool1d(2),
+            nn.Flatten(),
+            nn.Linear(8 * 4, 6),
         )
 
     def forward(self, x):
