@@ -34,6 +34,7 @@ _PUBLIC = {
         "LayerConfigurationError",
         "SingularWeightError",
         "TracingError",
+        "FileFormatError",
     ),
     "linear": ("FlowLinear",),
     "conv": ("FlowConv",),

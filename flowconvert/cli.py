@@ -615,7 +615,7 @@ register_command(
 # -- demo (flowconvert/demo.py; imported only when it runs) ----------------------------------
 def configure_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="flowconvert-demo", metavar="DIR", help="output directory")
-    parser.add_argument("--quick", action="store_true", help="a quarter of the epochs (a smoke run)")
+    parser.add_argument("--quick", action="store_true", help="a tenth of the epochs (a smoke run)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data split, training and sampling")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -419,7 +419,7 @@ class GaussianNoise(Configurable, nn.Module):
         return sum_except_batch(normal_log_prob(u, 0.0, self.log_scale))
 
 
-class HalfNormal(nn.Module):
+class HalfNormal(Configurable, nn.Module):
     r"""Half-normal density of non-negative gaps :math:`g = s\,|\varepsilon|` with a learnable
     per-channel scale (``log_scale`` = :math:`\log s`, shape ``(channels,)``):
 

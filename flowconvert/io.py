@@ -127,10 +127,12 @@ class _Writer:
 
     def _add(self, key: str, t: Tensor) -> None:
         data = t.detach().to("cpu")
-        if data.data_ptr() in self._seen or not data.is_contiguous():
+        storage = data.untyped_storage()
+        whole = data.is_contiguous() and data.storage_offset() == 0 and data.nbytes == storage.nbytes()
+        if not whole or storage.data_ptr() in self._seen:  # a view, or memory already written: own copy
             data = data.contiguous().clone()
         elif data.numel():
-            self._seen[data.data_ptr()] = key
+            self._seen[storage.data_ptr()] = key
         self.tensors[key] = data if data.is_contiguous() else data.contiguous()
         self._by_shape.setdefault((tuple(t.shape), t.dtype), []).append(key)
 

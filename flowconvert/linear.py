@@ -339,8 +339,17 @@ class FlowLinear(FlowLayer):
         return self._inverse
 
     def prepare_for_export(self) -> None:
-        """Compute the caches now and stop re-checking them (on a copy about to be traced)."""
+        """Compute the caches now and stop re-checking them (on a copy about to be traced).
+
+        The fused Gaussian density's ``1 / sigma`` and constant are fixed as buffers too, so that
+        the traced graph holds no weight-only arithmetic."""
         self.refresh()
+        q = self.dropped
+        if q is not None and type(q) is ConditionalDiagonalNormal:
+            with torch.no_grad():
+                self.register_buffer("_export_inv_sigma", torch.exp(-q.log_scale).clone(), persistent=False)
+                const = q.log_scale.sum() + 0.5 * LOG_2PI * q.features
+                self.register_buffer("_export_row_const", const.clone(), persistent=False)
         self._frozen = True
 
     def sync_network(self) -> None:
@@ -358,9 +367,13 @@ class FlowLinear(FlowLayer):
         if type(q) is not ConditionalDiagonalNormal:
             return q.log_prob(d, y)
         rows = d.numel() // max(d.shape[0] * q.features, 1)
-        const = rows * (q.log_scale.sum() + 0.5 * LOG_2PI * q.features)
+        if self._frozen and "_export_inv_sigma" in self._buffers:  # prepared for export: fixed constants
+            inv_sigma, row_const = self._export_inv_sigma, self._export_row_const
+        else:
+            inv_sigma, row_const = torch.exp(-q.log_scale), q.log_scale.sum() + 0.5 * LOG_2PI * q.features
+        const = rows * row_const
         resid = torch.addmm(d.reshape(-1, q.features), y.reshape(-1, q.context_features), q.weight.mT, alpha=-1)
-        r = (resid - q.bias) * torch.exp(-q.log_scale)
+        r = (resid - q.bias) * inv_sigma
         r = r.reshape(d.shape[0], -1)
         return torch.sub(-const, torch.linalg.vecdot(r, r), alpha=0.5)
 

@@ -354,7 +354,7 @@ def test_a_closed_pipe_ends_quietly_with_the_commands_own_status(tmp_path):
     err = proc.stderr.read()
     assert proc.wait(timeout=300) == 0, err
     assert "BrokenPipe" not in err and "Traceback" not in err and "Exception ignored" not in err
-    assert (tmp_path / "flow.pt").is_file()  # the work was still done
+    assert (tmp_path / "flow.safetensors").is_file()  # the work was still done
 
 
 def test_relu_is_refused_with_a_hint_to_the_policy_and_substituted_on_request(runs):
@@ -387,9 +387,9 @@ def test_convert_calibrates_and_fits_from_data_files(runs):
     assert proc.returncode == 0, proc.stderr
     assert "calibrated on" in proc.stderr and "fitted densities for" in proc.stderr
     assert "looks discrete" not in proc.stderr  # --levels was given
-    flow = torch.load(d / "job.pt", weights_only=False)
+    flow = fc.load(d / "job.pt")
     assert flow.density_state == "fitted"
-    untrained = torch.load(d / "untrained.pt", weights_only=False)
+    untrained = fc.load(d / "untrained.pt")
     assert untrained.density_state == "untrained"
     assert "densities are untrained" in results["convert_untrained"].stderr
 

@@ -68,7 +68,20 @@ class Kinds2(nn.Module):
         return self.avg(h)
 
 
-KINDS = {"kinds1": (Kinds1, (5, 4)), "kinds2": (Kinds2, (3, 2, 8, 8))}
+class Kinds3(nn.Module):
+    """Overlapping/padded pooling (a Tile, then a pool) and global pooling by a mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 2, stride=2)
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+
+    def forward(self, x):  # (B, 2, 8, 8)
+        h = self.pool(F.leaky_relu(self.c1(x), 0.1))  # (B, 4, 2, 2)
+        return h.mean(dim=(2, 3))
+
+
+KINDS = {"kinds1": (Kinds1, (5, 4)), "kinds2": (Kinds2, (3, 2, 8, 8)), "kinds3": (Kinds3, (3, 2, 8, 8))}
 
 
 def _convert(factory, shape, relu=None, seed=0, dtype=torch.float32):
@@ -235,6 +248,10 @@ def _swapped_families():
         flow.bases[key] = fc.DiagonalNormal(flow.bases[key].event_shape)
     flow._build_graphs()
     out.append((flow, x))
+    for base in ("standard", "mixture", "flow"):  # every base family (the default is "diagonal")
+        torch.manual_seed(2)
+        x = torch.randn(4, 12)
+        out.append((fc.convert(zoo.ReducingMLP().eval(), x, base=base), x))
     return out
 
 
