@@ -216,6 +216,15 @@ class ConditionalNormal(ConditionalDensity):
         return mu + eps.reshape(mu.shape) * self.log_scale_for(y).exp()
 
 
+def _init_linear_gaussian(q: nn.Module, features: int, context_features: int) -> None:
+    """The parameters of a linear-Gaussian conditional, a standard normal at the start (A = 0, c = 0, sigma = 1)."""
+    q.features = int(features)
+    q.context_features = int(context_features)
+    q.weight = nn.Parameter(torch.zeros(q.features, q.context_features))
+    q.bias = nn.Parameter(torch.zeros(q.features))
+    q.log_scale = nn.Parameter(torch.zeros(q.features))
+
+
 class ConditionalDiagonalNormal(ConditionalNormal):
     r"""Density of dropped coordinates given kept ones: :math:`q(d\mid y) = \mathcal N(A y + c, \operatorname{diag}\sigma^2)`.
 
@@ -230,11 +239,7 @@ class ConditionalDiagonalNormal(ConditionalNormal):
 
     def __init__(self, features: int, context_features: int):
         super().__init__()
-        self.features = int(features)
-        self.context_features = int(context_features)
-        self.weight = nn.Parameter(torch.zeros(self.features, self.context_features))
-        self.bias = nn.Parameter(torch.zeros(self.features))
-        self.log_scale = nn.Parameter(torch.zeros(self.features))
+        _init_linear_gaussian(self, features, context_features)
 
     def mean(self, y: Tensor) -> Tensor:
         """Conditional mean :math:`A y + c` over the last dimension."""
@@ -308,11 +313,7 @@ class ConditionalFullNormal(ConditionalDensity):
 
     def __init__(self, features: int, context_features: int):
         super().__init__()
-        self.features = int(features)
-        self.context_features = int(context_features)
-        self.weight = nn.Parameter(torch.zeros(self.features, self.context_features))
-        self.bias = nn.Parameter(torch.zeros(self.features))
-        self.log_scale = nn.Parameter(torch.zeros(self.features))
+        _init_linear_gaussian(self, features, context_features)
         self.tril = nn.Parameter(torch.zeros(self.features, self.features))
 
     def precision_factor(self) -> Tensor:
