@@ -38,7 +38,7 @@ _PUBLIC = {
     ),
     "linear": ("FlowLinear",),
     "conv": ("FlowConv",),
-    "activations": ("FlowLeakyReLU",),
+    "activations": ("FlowLeakyClamp", "FlowLeakyReLU"),
     "grouped": ("FlowGroupedConv",),
     "merging": ("FlowCat", "FlowDuplicate", "FlowSplit", "FlowSum"),
     "pooling": ("FlowAvgPool", "FlowMaxPool", "FlowReduce", "FlowWindowPool"),

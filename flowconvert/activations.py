@@ -24,7 +24,7 @@ from .core import FlowLayer
 from .densities import sum_except_batch
 from .errors import LayerConfigurationError
 
-__all__ = ["FlowLeakyReLU"]
+__all__ = ["FlowLeakyReLU", "FlowLeakyClamp"]
 
 
 class FlowLeakyReLU(FlowLayer):
@@ -61,3 +61,81 @@ class FlowLeakyReLU(FlowLayer):
 
     def extra_repr(self) -> str:
         return f"negative_slope={self.negative_slope:g}, exact=True"
+
+
+class FlowLeakyClamp(FlowLayer):
+    r"""A leaky clamp: the invertible substitute of ReLU6, Hardtanh, Hardsigmoid and ``torch.clamp``.
+
+    With the affine pre-map :math:`u = s x + c` (``scale``, ``shift``; Hardsigmoid is
+    :math:`\operatorname{clamp}(x/6 + 1/2, 0, 1)`) and bounds :math:`l < h` (either may be absent),
+
+    .. math:: f(x) = \begin{cases} l + a (u - l) & u < l \\ u & l \le u \le h \\ h + a (u - h) & u > h \end{cases}
+
+    is strictly increasing for a slope :math:`a > 0`, with
+    :math:`L = n \log|s| + (\#\text{outside}) \log a` (exact). Inside the bounds it equals
+    the original clamp; outside it deviates by :math:`(1 - a)` times the distance to the bound.
+
+    >>> layer = FlowLeakyClamp(0.0, 6.0, 0.01)
+    >>> y, ll = layer.call_and_ll(torch.tensor([[-1.0, 3.0, 8.0]]))
+    >>> y
+    tensor([[-0.0100,  3.0000,  6.0200]])
+    >>> torch.allclose(layer.inverse(y), torch.tensor([[-1.0, 3.0, 8.0]]))
+    True
+    """
+
+    exact = True
+
+    def __init__(
+        self,
+        low: float | None,
+        high: float | None,
+        negative_slope: float = 0.01,
+        scale: float = 1.0,
+        shift: float = 0.0,
+    ):
+        super().__init__()
+        slope = float(negative_slope)
+        if not slope > 0 or not math.isfinite(slope):
+            raise LayerConfigurationError(f"leaky clamp slope={slope:g} is not > 0", code="FC202")
+        if low is not None and high is not None and not float(low) < float(high):
+            raise LayerConfigurationError(f"clamp bounds min={low} >= max={high}: a constant map", code="FC106")
+        if not float(scale) != 0.0 or not math.isfinite(float(scale)):
+            raise LayerConfigurationError(f"leaky clamp with scale {scale} is not invertible", code="FC106")
+        self.low = None if low is None else float(low)
+        self.high = None if high is None else float(high)
+        self.negative_slope, self.log_slope = slope, math.log(slope)
+        self.scale, self.shift = float(scale), float(shift)
+
+    def _affine(self) -> bool:
+        return (self.scale, self.shift) != (1.0, 0.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.call_and_ll(x)[0]
+
+    def call_and_ll(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        u = x * self.scale + self.shift if self._affine() else x
+        y, outside, a = u, None, self.negative_slope
+        if self.low is not None:
+            below = u < self.low
+            y = torch.where(below, self.low + a * (u - self.low), y)
+            outside = below
+        if self.high is not None:
+            above = u > self.high
+            y = torch.where(above, self.high + a * (u - self.high), y)
+            outside = above if outside is None else outside | above
+        ll = x.new_full((x.shape[0],), x[0].numel() * math.log(abs(self.scale)))
+        if outside is not None:
+            ll = ll + sum_except_batch(outside.to(x.dtype)) * self.log_slope
+        return y, ll
+
+    def inverse(self, y: Tensor, sample: bool = False, noise: Tensor | None = None) -> Tensor:
+        u, a = y, self.negative_slope
+        if self.low is not None:
+            u = torch.where(y < self.low, self.low + (y - self.low) / a, u)
+        if self.high is not None:
+            u = torch.where(y > self.high, self.high + (y - self.high) / a, u)
+        return (u - self.shift) / self.scale if self._affine() else u
+
+    def extra_repr(self) -> str:
+        pre = f"scale={self.scale:g}, shift={self.shift:g}, " if self._affine() else ""
+        return f"{pre}low={self.low}, high={self.high}, negative_slope={self.negative_slope:g}, exact=True"

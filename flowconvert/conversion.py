@@ -33,14 +33,15 @@ from torch import fx, nn
 
 from .analysis import legalize
 from .assembly import assemble
+from .deviation import measure_deviations
 from .errors import ConversionError, TracingError
 from .flow import FlowModel
 from .lowering import lower
-from .registry import REGISTRY, Registry
+from .registry import REGISTRY, Registry, resolve_substitutions
 from .report import Report
 from .reporting import report as build_report
 from .reporting import trace_failure_report
-from .tracing import ExampleInputError, as_input_tuple, capture
+from .tracing import ExampleInputError, as_input_tuple, capture, record
 
 __all__ = ["audit", "convert", "audit_and_convert", "Options"]
 
@@ -53,33 +54,43 @@ class Options:
         base: base density of each output: ``"standard"`` (standard normal) or ``"diagonal"``
             (learnable diagonal Gaussian); any ``"base:<name>"`` structure rule of the registry.
         registry: the rules to convert with (default :data:`~flowconvert.registry.REGISTRY`).
-        relu: ``None`` refuses ReLU (FC101); ``"leaky"`` substitutes ``LeakyReLU(negative_slope)``
-            (the flow then computes a slightly different function; the report lists each
-            substituted node and the largest output deviation on the example inputs).
-        negative_slope: the slope of the substitute.
+        relu: ``None`` refuses ReLU (FC101) and the saturating ReLU family (FC106);
+            ``"leaky"`` substitutes ``LeakyReLU(negative_slope)`` for ReLU and a leaky clamp
+            (:class:`~flowconvert.activations.FlowLeakyClamp`) for ReLU6, Hardtanh,
+            Hardsigmoid and constant-bound ``torch.clamp`` (the flow then computes a slightly
+            different function; the report gives each substituted node's own output deviation,
+            the accumulated one there, and the largest output deviation, on the example inputs).
+        negative_slope: the slope of the substitutes.
+        substitute: further substitutions by family (:data:`~flowconvert.registry.SUBSTITUTIONS`):
+            ``{"gelu": "leaky"}`` (also ``"silu"``, ``"hardswish"``, ``"mish"``: never implied by
+            ``relu``), or ``{"relu6": None}`` to keep a family refused.
     """
 
     base: str = "standard"
     registry: Registry = field(default_factory=lambda: REGISTRY)
     relu: str | None = None
     negative_slope: float = 0.01
+    substitute: dict[str, str | None] | None = None
 
     def __post_init__(self) -> None:
         if self.base not in self.registry.bases:
             raise ValueError(f"base must be one of {sorted(self.registry.bases)}, got {self.base!r}")
-        if self.relu not in (None, "leaky"):
-            raise ValueError(f"relu must be None (refuse ReLU) or 'leaky', got {self.relu!r}")
+        resolve_substitutions(self.relu, self.substitute)  # validates relu and substitute
 
     @property
     def rule_options(self) -> dict[str, Any]:
         """What the rules see as ``ctx.options``."""
-        return {"relu": self.relu, "negative_slope": float(self.negative_slope)} if self.relu else {}
+        chosen = resolve_substitutions(self.relu, self.substitute)
+        if not chosen:
+            return {}
+        return {"relu": self.relu, "substitute": chosen, "negative_slope": float(self.negative_slope)}
 
 
 def audit(model: nn.Module, example_inputs: Any, **options: Any) -> Report:
     """Trace ``model`` on ``example_inputs`` and report, node by node, what can be flowified.
 
-    ``options`` are those of :class:`Options` (``base``, ``registry``, ``relu``, ``negative_slope``).
+    ``options`` are those of :class:`Options` (``base``, ``registry``, ``relu``, ``negative_slope``,
+    ``substitute``).
     Runs capture, legalize, lower (cheap checks: no weight is factorized) and report. Never
     raises for unsupported nodes or untraceable code (they are problems in the report);
     raises :class:`~flowconvert.tracing.ExampleInputError` when the model fails on the example
@@ -98,7 +109,9 @@ def convert(model: nn.Module, example_inputs: Any, *, density: Any = "gaussian",
     ``"mixture"``, ``"flow"`` or a callable ``event_shape -> BaseDensity``; by default the
     family's (``"diagonal"`` for ``"gaussian"``). The other ``options`` are those of
     :class:`Options`: ``registry``, ``relu="leaky"`` with ``negative_slope`` (substitutes
-    LeakyReLU for every ReLU; refused by default, FC101). Raises
+    LeakyReLU for every ReLU and a leaky clamp for ReLU6, Hardtanh, Hardsigmoid and clamps;
+    refused by default, FC101/FC106), ``substitute={"gelu": "leaky", ...}`` for the
+    non-monotone families (FC102). Raises
     :class:`~flowconvert.errors.ConversionError` (with the full report as ``.report``) when any
     node blocks the conversion. ``flow.report`` is the report.
     """
@@ -140,6 +153,10 @@ def _run(model: nn.Module, example_inputs: Any, options: Options, *, build: bool
     flow = assemble(graph, device=inputs[0].device)
     if report.substitutions:
         report.max_output_deviation = _max_deviation(cap.module, flow, inputs)
+        substituted = {n.name: record(n).layer for n in graph.nodes if record(n).substitution is not None}
+        deviations = measure_deviations(cap.module, inputs, substituted)
+        for entry in report.substitutions:
+            entry.deviation, entry.accumulated_deviation = deviations[entry.name]
     flow.report = report
     return report, flow
 

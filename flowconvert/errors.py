@@ -326,14 +326,16 @@ register_diagnostic(
     "output and the change of log-density is -infinity there.",
     "Replace nn.ReLU with nn.LeakyReLU(negative_slope=0.01) and fine-tune, or convert with "
     'relu="leaky" (--relu leaky on the command line) to substitute LeakyReLU as is; the report '
-    "then gives the largest output deviation it causes.",
+    "then gives each substituted node's output deviation and the largest one at the outputs.",
 )
 register_diagnostic(
     "FC102",
     "GELU/SiLU-type activation is not monotone",
     "GELU, SiLU and Mish dip below zero for negative inputs and come back up, so two "
     "different inputs give the same output; they have no inverse.",
-    "Replace the activation with nn.LeakyReLU(negative_slope=0.01) (strictly increasing) and fine-tune.",
+    "Replace the activation with nn.LeakyReLU(negative_slope=0.01) (strictly increasing) and "
+    'fine-tune, or name the substitution explicitly: convert(..., substitute={"gelu": "leaky"}) '
+    '(also "silu", "hardswish", "mish"); the report then gives each node\'s output deviation.',
 )
 register_diagnostic(
     "FC103",
@@ -364,9 +366,12 @@ register_diagnostic(
 register_diagnostic(
     "FC106",
     "saturating activation is not invertible",
-    "ReLU6, Hardtanh, Hardsigmoid and clamp map whole ranges of inputs to the same "
-    "boundary value, so they have no inverse.",
-    "Replace the activation with nn.LeakyReLU(negative_slope=0.01) and fine-tune.",
+    "ReLU6, Hardtanh, Hardsigmoid, Threshold and clamp map whole ranges of inputs to the "
+    "same boundary value, so they have no inverse.",
+    'convert(..., relu="leaky") (--relu leaky on the command line) substitutes a leaky clamp '
+    "(slope negative_slope outside the bounds) for ReLU6, Hardtanh, Hardsigmoid and torch.clamp "
+    "with constant bounds, and reports each node's output deviation; otherwise replace the "
+    "activation with nn.LeakyReLU(negative_slope=0.01) and fine-tune.",
 )
 register_diagnostic(
     "FC107",

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from .activations import FlowLeakyReLU
+from .activations import FlowLeakyClamp, FlowLeakyReLU
 from .core import FlowLayer
 from .densities import DiagonalNormal, StandardNormal
 from .elementwise import FlowBatchNorm, FlowELU, FlowPReLU, FlowScalarAffine, FlowSigmoid, FlowSoftplus, FlowTanh
@@ -59,6 +59,9 @@ __all__ = [
     "Registry",
     "REGISTRY",
     "Substitution",
+    "SubstitutionPolicy",
+    "SUBSTITUTIONS",
+    "resolve_substitutions",
     "Verdict",
     "describe_target",
     "function_name",
@@ -585,20 +588,195 @@ def _leaky_relu(ctx: NodeContext) -> FlowLayer:
     return FlowLeakyReLU(ctx.param("negative_slope", 1, 0.01))
 
 
+# -- substitutions: activations without an inverse, replaced by an invertible approximation --------
+@dataclass(frozen=True)
+class SubstitutionPolicy:
+    """An activation family that conversion may replace by an invertible approximation.
+
+    ``convert(model, x, relu="leaky")`` substitutes every family with ``with_relu_leaky``;
+    ``convert(..., substitute={"gelu": "leaky"})`` names further families explicitly (and
+    ``substitute={"relu6": None}`` keeps one refused). Without a substitution the family is
+    refused with ``code``.
+    """
+
+    family: str
+    code: str
+    substitutes: tuple[str, ...]
+    with_relu_leaky: bool
+    description: str
+
+
+SUBSTITUTIONS: dict[str, SubstitutionPolicy] = {
+    s.family: s
+    for s in (
+        SubstitutionPolicy("relu", "FC101", ("leaky",), True, "ReLU -> LeakyReLU(negative_slope)"),
+        SubstitutionPolicy("relu6", "FC106", ("leaky",), True, "ReLU6 -> leaky clamp to [0, 6]"),
+        SubstitutionPolicy("hardtanh", "FC106", ("leaky",), True, "Hardtanh -> leaky clamp to [min_val, max_val]"),
+        SubstitutionPolicy(
+            "hardsigmoid", "FC106", ("leaky",), True, "Hardsigmoid -> leaky clamp of x/6 + 1/2 to [0, 1]"
+        ),
+        SubstitutionPolicy(
+            "clamp", "FC106", ("leaky",), True, "torch.clamp / clip with constant bounds -> leaky clamp"
+        ),
+        SubstitutionPolicy("gelu", "FC102", ("leaky",), False, "GELU -> LeakyReLU(negative_slope)"),
+        SubstitutionPolicy("silu", "FC102", ("leaky",), False, "SiLU (swish) -> LeakyReLU(negative_slope)"),
+        SubstitutionPolicy("hardswish", "FC102", ("leaky",), False, "Hardswish -> LeakyReLU(negative_slope)"),
+        SubstitutionPolicy("mish", "FC102", ("leaky",), False, "Mish -> LeakyReLU(negative_slope)"),
+    )
+}
+"""The substitution policies, as data: family -> :class:`SubstitutionPolicy` (documented in docs/supported.md)."""
+
+
+def resolve_substitutions(relu: str | None = None, substitute: dict[str, str | None] | None = None) -> dict[str, str]:
+    """The family -> substitute mapping for ``convert(..., relu=..., substitute=...)``.
+
+    >>> resolve_substitutions("leaky", {"gelu": "leaky", "relu6": None})["gelu"]
+    'leaky'
+    >>> "relu6" in resolve_substitutions("leaky", {"relu6": None}), "gelu" in resolve_substitutions("leaky")
+    (False, False)
+    """
+    if relu not in (None, "leaky"):
+        raise ValueError(f"relu must be None (refuse ReLU) or 'leaky', got {relu!r}")
+    chosen = {f: "leaky" for f, s in SUBSTITUTIONS.items() if s.with_relu_leaky} if relu == "leaky" else {}
+    if substitute is not None and not isinstance(substitute, dict):
+        raise ValueError(f"substitute must be a dict {{family: substitute or None}}, got {type(substitute).__name__}")
+    for family, name in (substitute or {}).items():
+        if family not in SUBSTITUTIONS:
+            raise ValueError(f"substitute: unknown activation family {family!r}; known: {sorted(SUBSTITUTIONS)}")
+        if name is None:
+            chosen.pop(family, None)
+        elif name not in SUBSTITUTIONS[family].substitutes:
+            raise ValueError(f"substitute[{family!r}] must be one of {SUBSTITUTIONS[family].substitutes}, got {name!r}")
+        else:
+            chosen[family] = name
+    return chosen
+
+
+def _substitute(
+    ctx: NodeContext, family: str, what: str, build: Callable[[float], FlowLayer], detail: str
+) -> FlowLayer:
+    """Build the substitute of ``family`` when the conversion options ask for it, else refuse."""
+    policy = SUBSTITUTIONS[family]
+    chosen = ctx.options.get("substitute")
+    if chosen is None:  # options given directly (a rule called outside convert): the relu policy alone
+        chosen = resolve_substitutions(ctx.options.get("relu"))
+    if chosen.get(family) is None:
+        how = (
+            'convert(..., relu="leaky")'
+            if policy.with_relu_leaky
+            else f'convert(..., substitute={{"{family}": "leaky"}})'
+        )
+        raise Rejection(policy.code, f"{what} `{ctx.node.name}` cannot be part of a flow ({how} substitutes {detail})")
+    slope = float(ctx.options.get("negative_slope", 0.01))
+    layer = build(slope)
+    ctx.substitute(what, f"{detail} (negative_slope={slope:g})")
+    return layer
+
+
 @REGISTRY.rule(
     [nn.ReLU, F.relu, torch.relu, "relu"],
     "substitution",
     [FlowLeakyReLU],
-    'refused by default; convert(..., relu="leaky", negative_slope=0.01) substitutes LeakyReLU and '
-    "reports the output deviation",
+    'refused by default; convert(..., relu="leaky", negative_slope=0.01) substitutes LeakyReLU and reports, per '
+    "node, its own output deviation and the accumulated one",
     codes=["FC101"],
 )
 def _relu(ctx: NodeContext) -> FlowLayer:
-    if ctx.options.get("relu") != "leaky":
-        raise Rejection("FC101", f"ReLU `{ctx.node.name}` cannot be part of a flow")
-    slope = float(ctx.options.get("negative_slope", 0.01))
-    ctx.substitute("ReLU", f"LeakyReLU(negative_slope={slope:g})")
-    return FlowLeakyReLU(slope)
+    return _substitute(ctx, "relu", "ReLU", FlowLeakyReLU, "LeakyReLU")
+
+
+def _bound(ctx: NodeContext, value: Any, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise Rejection("FC106", f"`{ctx.node.name}` clamps to a {type(value).__name__} {name}, not a constant number")
+    return float(value)
+
+
+def _interval(low: float | None, high: float | None) -> str:
+    return f"[{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}]"
+
+
+@REGISTRY.rule(
+    [
+        nn.ReLU6,
+        nn.Hardtanh,
+        nn.Hardsigmoid,
+        F.relu6,
+        F.hardtanh,
+        F.hardsigmoid,
+        torch.clamp,
+        torch.clip,
+        torch.clamp_min,
+        torch.clamp_max,
+        "clamp",
+        "clip",
+        "clamp_min",
+        "clamp_max",
+    ],
+    "substitution",
+    [FlowLeakyClamp],
+    'refused by default; relu="leaky" substitutes a leaky clamp (identity between the bounds, slope '
+    "negative_slope outside; Hardsigmoid as a clamp of x/6 + 1/2) with the deviation reported per node; clamps "
+    "need constant bounds",
+    codes=["FC106"],
+)
+def _clamp_family(ctx: NodeContext) -> FlowLayer:
+    """ReLU6, Hardtanh, Hardsigmoid and clamps with constant bounds: a leaky clamp under ``relu="leaky"``."""
+    target, module = ctx.node.target, ctx.module
+    scale, shift = 1.0, 0.0
+    if isinstance(module, nn.ReLU6) or target is F.relu6:
+        family, what, low, high = "relu6", "ReLU6", 0.0, 6.0
+    elif isinstance(module, nn.Hardtanh) or target is F.hardtanh:
+        family, what = "hardtanh", "Hardtanh"
+        low = _bound(ctx, ctx.param("min_val", 1, -1.0), "min_val")
+        high = _bound(ctx, ctx.param("max_val", 2, 1.0), "max_val")
+    elif isinstance(module, nn.Hardsigmoid) or target is F.hardsigmoid:
+        family, what, low, high, scale, shift = "hardsigmoid", "Hardsigmoid", 0.0, 1.0, 1.0 / 6.0, 0.5
+    else:
+        family, what = "clamp", describe_target(ctx.node)
+        if target in (torch.clamp_min, "clamp_min"):
+            low, high = _bound(ctx, ctx.arg(1, "min"), "min"), None
+        elif target in (torch.clamp_max, "clamp_max"):
+            low, high = None, _bound(ctx, ctx.arg(1, "max"), "max")
+        else:
+            low, high = _bound(ctx, ctx.arg(1, "min"), "min"), _bound(ctx, ctx.arg(2, "max"), "max")
+        if low is None and high is None:
+            raise Rejection("FC106", f"`{ctx.node.name}` clamps without bounds")
+    pre = " of x/6 + 1/2" if (scale, shift) != (1.0, 0.0) else ""
+    return _substitute(
+        ctx,
+        family,
+        what,
+        lambda a: FlowLeakyClamp(low, high, a, scale, shift),
+        f"a leaky clamp{pre} to {_interval(low, high)}",
+    )
+
+
+_SMOOTH = {
+    nn.GELU: ("gelu", "GELU"),
+    F.gelu: ("gelu", "GELU"),
+    nn.SiLU: ("silu", "SiLU"),
+    F.silu: ("silu", "SiLU"),
+    nn.Hardswish: ("hardswish", "Hardswish"),
+    F.hardswish: ("hardswish", "Hardswish"),
+    nn.Mish: ("mish", "Mish"),
+    F.mish: ("mish", "Mish"),
+}
+
+
+@REGISTRY.rule(
+    list(_SMOOTH),
+    "substitution",
+    [FlowLeakyReLU],
+    'not monotone: refused, also under relu="leaky", unless named: convert(..., substitute={"gelu": "leaky"}) '
+    '(families "gelu", "silu", "hardswish", "mish"; the table is flowconvert.registry.SUBSTITUTIONS)',
+    codes=["FC102"],
+)
+def _smooth_relu(ctx: NodeContext) -> FlowLayer:
+    """GELU, SiLU, Hardswish, Mish: refused (FC102) unless ``substitute={family: "leaky"}`` names them."""
+    family, what = _SMOOTH[type(ctx.module) if ctx.module is not None else ctx.node.target]
+    return _substitute(ctx, family, what, FlowLeakyReLU, "LeakyReLU")
 
 
 # -- elementwise bijections (flowconvert.elementwise) --------------------------------------------
@@ -989,13 +1167,6 @@ REGISTRY.reject(
     methods=["narrow", "select", "index_select", "gather", "masked_select"],
 )
 REGISTRY.reject(
-    "FC102",
-    "non-monotone activation",
-    conditions="not monotone",
-    modules=[nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish],
-    functions=[F.gelu, F.silu, F.mish, F.hardswish],
-)
-REGISTRY.reject(
     "FC103", "normalization", conditions="per-sample normalization (LayerNorm etc.)",
     modules=[nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
              nn.LocalResponseNorm, *([nn.RMSNorm] if hasattr(nn, "RMSNorm") else [])],
@@ -1016,10 +1187,9 @@ REGISTRY.reject(
 REGISTRY.reject(
     "FC106",
     "saturating activation",
-    conditions="saturating",
-    modules=[nn.ReLU6, nn.Hardtanh, nn.Hardsigmoid, nn.Threshold],
-    functions=[F.relu6, F.hardtanh, F.hardsigmoid, F.threshold, torch.clamp, torch.clip],
-    methods=["clamp", "clip"],
+    conditions="saturating (no substitute: the threshold value is arbitrary)",
+    modules=[nn.Threshold],
+    functions=[F.threshold],
 )
 REGISTRY.reject(
     "FC107",

@@ -94,6 +94,10 @@ class NodeReport:
     fanout: bool = False
     #: set when the node's layer approximates the original operation (e.g. ReLU -> LeakyReLU)
     substitution: Substitution | None = None
+    #: for a substituted node: max |substitute(v) - original(v)| on its original input v (example inputs)
+    deviation: float | None = None
+    #: for a substituted node: max |its value with every substitution - its original value|
+    accumulated_deviation: float | None = None
 
     def _first(self, attr: str) -> str | None:
         return getattr(self.problems[0], attr) if self.problems else None
@@ -124,6 +128,18 @@ class NodeReport:
             shape=list(self.shape) if self.shape is not None else None,
             problems=[p.to_dict() for p in self.problems],
             note=self.note,
+            deviation=self.deviation,
+            accumulated_deviation=self.accumulated_deviation,
+        )
+
+    @property
+    def full_note(self) -> str | None:
+        """The note with the measured deviations of a substituted node."""
+        if self.note is None or self.deviation is None:
+            return self.note
+        return (
+            f"{self.note}; output deviation {self.deviation:.3g} here, "
+            f"{self.accumulated_deviation:.3g} accumulated (example inputs)"
         )
 
 
@@ -216,7 +232,7 @@ class Report:
         notes = [n for n in self.nodes if n.note]
         if not notes:
             return []
-        return ["", "Notes:"] + [f"  {n.name}: {n.note}" for n in notes]
+        return ["", "Notes:"] + [f"  {n.name}: {n.full_note}" for n in notes]
 
     # -- renderings ----------------------------------------------------------------------
     _COLUMNS = ("node", "op", "target", "status", "likelihood", "code", "location")
@@ -282,7 +298,7 @@ class Report:
         )
         notes = [n for n in self.nodes if n.note]
         if notes:
-            lines += ["", "### Notes", ""] + [f"- `{n.name}`: {esc(n.note)}" for n in notes]
+            lines += ["", "### Notes", ""] + [f"- `{n.name}`: {esc(n.full_note)}" for n in notes]
         if self.problems:
             lines += ["", "### Problems", "", "| code | title | count |", "|---|---|---|"]
             lines.extend(
@@ -309,7 +325,14 @@ class Report:
             density_parameters=self.density_parameters,
             base=self.base,
             substitutions=[
-                dict(node=n.name, note=n.note, original=n.substitution.original, replacement=n.substitution.replacement)
+                dict(
+                    node=n.name,
+                    note=n.note,
+                    original=n.substitution.original,
+                    replacement=n.substitution.replacement,
+                    deviation=n.deviation,
+                    accumulated_deviation=n.accumulated_deviation,
+                )
                 for n in self.substitutions
             ],
             max_output_deviation=self.max_output_deviation,
