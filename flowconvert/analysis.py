@@ -9,8 +9,9 @@ by :func:`data_uses` over ``node.users``. The pass, :func:`legalize`, runs after
 
 * binds the pieces of a data tuple (``torch.split``): each ``getitem`` user reads one piece
   by a constant index (``record.piece``), every piece is read once (:func:`check_pieces`);
-* reports unused data values (:func:`check_unused`, ``FC306``) and outputs that are not data
-  (:func:`check_outputs`, ``FC307``);
+* reports unused data values (:func:`check_unused`, ``FC306``), outputs that are not data
+  (:func:`check_outputs`, ``FC307``) and random numbers drawn in the forward pass
+  (:func:`check_random`, ``FC114``: a drop mask would otherwise be frozen into the flow as a constant);
 * inserts an explicit fan-out node ``duplicate(x, n)`` with ``n`` copies (``getitem``) for
   every value with ``n > 1`` consumers, and gives each consumer its own copy
   (:func:`insert_duplicates`); the lower pass turns it into a ``FlowDuplicate``.
@@ -36,6 +37,7 @@ from __future__ import annotations
 import operator
 from typing import Callable
 
+import torch
 from torch import fx
 
 from .registry import duplicate
@@ -154,8 +156,63 @@ def check_outputs(graph: fx.Graph) -> list[Finding]:
     return []
 
 
+#: Functions and tensor methods that draw random numbers (a stochastic forward pass).
+RANDOM_FUNCTIONS = frozenset(
+    {
+        torch.rand,
+        torch.randn,
+        torch.randint,
+        torch.rand_like,
+        torch.randn_like,
+        torch.randint_like,
+        torch.randperm,
+        torch.bernoulli,
+        torch.normal,
+        torch.poisson,
+        torch.multinomial,
+    }
+)
+RANDOM_METHODS = frozenset(
+    {
+        "bernoulli",
+        "bernoulli_",
+        "normal_",
+        "uniform_",
+        "random_",
+        "exponential_",
+        "geometric_",
+        "cauchy_",
+        "log_normal_",
+        "multinomial",
+    }
+)
+
+
+def check_random(graph: fx.Graph) -> list[Finding]:
+    """Random numbers drawn in the forward pass (``torch.empty(n).bernoulli_(p)``, ``torch.rand``): ``FC114``.
+
+    Traced once, a random tensor would become a constant of the flow (one fixed drop mask).
+    """
+    found: list[Finding] = []
+    for node in graph.nodes:
+        if node.op == "call_method":
+            random = node.target in RANDOM_METHODS
+        elif node.op == "call_function":
+            try:
+                random = node.target in RANDOM_FUNCTIONS
+            except TypeError:  # unhashable target
+                random = False
+        else:
+            random = False
+        if random:
+            what = f".{node.target}()" if node.op == "call_method" else getattr(node.target, "__name__", node.target)
+            message = f"`{node.name}` draws random numbers ({what}) in the forward pass"
+            found.append((node, Problem("FC114", message, record(node).location)))
+    return found
+
+
 #: The checks of the legalize pass, in order.
-CHECKS: tuple[Callable[[fx.Graph], list[Finding]], ...] = (check_pieces, check_unused, check_outputs)
+CHECKS: tuple[Callable[[fx.Graph], list[Finding]], ...] = (check_pieces, check_unused, check_outputs, check_random)
 
 
 # -- the rewrite ------------------------------------------------------------------------------------

@@ -382,6 +382,17 @@ register_diagnostic(
     "flowconvert.registry that builds a FlowLayer for it.",
 )
 register_diagnostic(
+    "FC109",
+    "reduction without a flow layer",
+    "This reduction (std, var, norm, prod, logsumexp, median, max/min with indices, amin, "
+    "argmax) maps many inputs to one value in a way that has no flow layer: nothing models "
+    "what it discards.",
+    "Global pooling converts when written as x.mean(dims), x.sum(dims) or x.amax(dims) over "
+    "non-batch dimensions (e.g. x.mean((2, 3)) or x.mean(1) over tokens), as "
+    "nn.AdaptiveAvgPool2d(1) / nn.AdaptiveMaxPool2d(1), or as F.adaptive_avg_pool2d(x, 1); "
+    "use x.amax(dim) instead of x.max(dim) (which also returns indices).",
+)
+register_diagnostic(
     "FC130",
     "in-place operation",
     "An in-place tensor method overwrites its argument; when that is a model input or a value "
@@ -430,8 +441,9 @@ register_diagnostic(
     "flowconvert has no conversion rule for this tensor method, so it cannot tell whether it "
     "is invertible or what its likelihood contribution is.",
     "Use a supported method (docs/supported.md: view, reshape, flatten, squeeze, unsqueeze, "
-    "permute, transpose, contiguous, tanh, sigmoid, add/sub/mul/div, split, chunk), or declare "
-    "a rule with flowconvert.registry.REGISTRY.rule(methods=[...]).",
+    "permute, transpose, contiguous, tanh, sigmoid, add/sub/mul/div, split, chunk; mean, sum "
+    "and amax over non-batch dimensions are global pooling), or declare a rule with "
+    "flowconvert.registry.REGISTRY.rule(methods=[...]).",
 )
 register_diagnostic(
     "FC113",

@@ -119,7 +119,16 @@ class FlowModel(Configurable, nn.Module):
     :func:`~flowconvert.fit` (``flowconvert export`` warns on an untrained one).
     """
 
-    density_state: str = "untrained"
+    @property
+    def density_state(self) -> str:
+        return self.__dict__.get("_density_state", self.__dict__.get("density_state", "untrained"))
+
+    @density_state.setter
+    def density_state(self, value: str) -> None:
+        self.__dict__["_density_state"] = value
+        report = self.__dict__.get("report")
+        if report is not None:  # the conversion report says whether the densities are fitted
+            report.calibrated = value != "untrained"
 
     def __init__(self, plan: FlowPlan, layers: Mapping[str, FlowLayer], bases: Mapping[str, nn.Module]):
         super().__init__()

@@ -45,8 +45,8 @@ def _batch_problem(node: fx.Node, module: nn.Module | None, batch: int) -> Probl
     shape, check = rec.shape, rec.shape_check
     if check is None:
         why = f"it fails when the batch size changes from {batch} to {batch + 1}"
-    elif shape[0] != batch:
-        why = f"its result has shape {tuple(shape)} for a batch of {batch} samples"
+    elif not shape or shape[0] != batch:  # a 0-d result (x.sum()) has no batch dimension at all
+        why = f"its result has shape {tuple(shape or ())} for a batch of {batch} samples"
     else:
         why = f"its per-sample shape changes with the batch size ({tuple(shape[1:])} vs {tuple(check[1:])})"
     return Problem("FC113", f"{describe_target(node, module)} does not keep samples apart: {why}", rec.location)

@@ -285,6 +285,8 @@ class Registry:
     functions: dict[Any, Rule] = field(default_factory=dict)
     methods: dict[str, Rule] = field(default_factory=dict)
     structure: dict[str, Rule] = field(default_factory=lambda: dict(_STRUCTURE))
+    #: functions of optional packages by ``"module.qualname"``, matched without importing the package
+    named_functions: dict[str, Rule] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return (
@@ -294,7 +296,13 @@ class Registry:
 
     def copy(self) -> Registry:
         """A registry with the same rules, to extend without changing this one."""
-        return Registry(dict(self.modules), dict(self.functions), dict(self.methods), dict(self.structure))
+        return Registry(
+            dict(self.modules),
+            dict(self.functions),
+            dict(self.methods),
+            dict(self.structure),
+            dict(self.named_functions),
+        )
 
     # -- registration -------------------------------------------------------------------
     def rule(
@@ -307,6 +315,7 @@ class Registry:
         modules: Sequence[type] = (),
         functions: Sequence[Any] = (),
         methods: Sequence[str] = (),
+        named_functions: Sequence[str] = (),
         codes: Sequence[str] = (),
         check: Checker | None = None,
         data_first: bool = True,
@@ -316,6 +325,8 @@ class Registry:
 
         ``spellings`` mixes module types (``nn.Tanh``), functions (``torch.tanh``) and tensor method
         names (``"tanh"``); ``modules``/``functions``/``methods`` name them by kind instead.
+        ``named_functions`` are functions of optional packages by ``"module.qualname"``
+        (``"torchvision.ops.stochastic_depth.stochastic_depth"``), matched without importing them.
         """
         modules = [*modules, *(t for t in spellings if isinstance(t, type))]
         methods = [*methods, *(t for t in spellings if isinstance(t, str))]
@@ -340,6 +351,8 @@ class Registry:
                 self.functions[fn] = Rule("function", fn, spec, function_name(fn))
             for method in methods:
                 self.methods[method] = Rule("method", method, spec, method)
+            for qualified in named_functions:
+                self.named_functions[qualified] = Rule("function", qualified, spec, qualified)
             return build
 
         return register
@@ -396,9 +409,12 @@ class Registry:
 
     def lookup_function(self, fn: Any) -> Rule | None:
         try:
-            return self.functions.get(fn)
+            rule = self.functions.get(fn)
         except TypeError:  # unhashable target
-            return None
+            rule = None
+        if rule is None and self.named_functions:
+            rule = self.named_functions.get(f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', '')}")
+        return rule
 
     def lookup_method(self, name: str) -> Rule | None:
         return self.methods.get(name)
@@ -450,7 +466,7 @@ class Registry:
     def specs(self) -> list[tuple[RuleSpec, list[Rule]]]:
         """Every rule with its spellings (modules, functions, methods), in registration order."""
         found: dict[int, tuple[RuleSpec, list[Rule]]] = {}
-        for table in (self.structure, self.modules, self.functions, self.methods):
+        for table in (self.structure, self.modules, self.functions, self.methods, self.named_functions):
             for rule in table.values():
                 found.setdefault(id(rule.spec), (rule.spec, []))[1].append(rule)
         return list(found.values())
@@ -924,6 +940,21 @@ def _dropout(ctx: NodeContext) -> FlowLayer:
     return FlowIdentity()
 
 
+@REGISTRY.rule(
+    named_functions=["torchvision.ops.stochastic_depth.stochastic_depth"],
+    likelihood="exact",
+    layers=[FlowIdentity],
+    conditions="torchvision's stochastic depth: the identity in eval mode (training=False or p=0; FC114 otherwise)",
+    codes=["FC114"],
+)
+def _stochastic_depth(ctx: NodeContext) -> FlowLayer:
+    """``torchvision.ops.stochastic_depth(x, p, mode, training)``: the identity when it drops nothing."""
+    p, training = ctx.arg(1, "p", 0.0), ctx.arg(3, "training", True)
+    if training and p > 0:
+        raise Rejection("FC114", f"stochastic_depth `{ctx.node.name}` is called with training=True, p={p}")
+    return FlowIdentity()
+
+
 # -- arithmetic: with a constant (affine bijection), or of two data values (a + b funnel) -------
 _ARITHMETIC = {
     operator.add: "add", torch.add: "add", "add": "add",
@@ -1191,6 +1222,12 @@ REGISTRY.reject(
     modules=[nn.Threshold],
     functions=[F.threshold],
 )
+REGISTRY.reject(
+    "FC109", "reduction", conditions="reductions without a flow layer; mean/sum/amax over non-batch dims are global pooling (FlowReduce)",
+    functions=[torch.std, torch.var, torch.norm, torch.prod, torch.logsumexp, torch.median, torch.max, torch.min,
+               torch.amin, torch.argmax, torch.argmin, torch.std_mean, torch.var_mean],
+    methods=["std", "var", "norm", "prod", "logsumexp", "median", "max", "min", "amin", "argmax", "argmin"],
+)  # fmt: skip
 REGISTRY.reject(
     "FC107",
     "activation",

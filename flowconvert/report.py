@@ -28,7 +28,10 @@ import networkx as nx
 
 from .errors import DIAGNOSTICS
 
-__all__ = ["Problem", "Substitution", "NodeReport", "Report"]
+__all__ = ["Problem", "Substitution", "NodeReport", "Report", "FOLLOW_ON_CODES"]
+
+#: Codes that can be a mere consequence of a rejected producer (its value is then a tuple or unknown).
+FOLLOW_ON_CODES = frozenset({"FC132", "FC304", "FC305", "FC306"})
 
 CONVERTED, PASSTHROUGH, REJECTED = "converted", "passthrough", "rejected"
 
@@ -98,6 +101,9 @@ class NodeReport:
     deviation: float | None = None
     #: for a substituted node: max |its value with every substitution - its original value|
     accumulated_deviation: float | None = None
+    #: problems that only follow from the root problem of node ``caused_by`` (listed, not counted)
+    follow_ons: list[Problem] = field(default_factory=list)
+    caused_by: str | None = None
 
     def _first(self, attr: str) -> str | None:
         return getattr(self.problems[0], attr) if self.problems else None
@@ -130,6 +136,8 @@ class NodeReport:
             note=self.note,
             deviation=self.deviation,
             accumulated_deviation=self.accumulated_deviation,
+            follow_ons=[p.to_dict() for p in self.follow_ons],
+            caused_by=self.caused_by,
         )
 
     @property
@@ -156,6 +164,8 @@ class Report:
     base: str = "standard"
     #: with substitutions (``relu="leaky"``): largest |flow output - original output| on the example inputs
     max_output_deviation: float | None = None
+    #: whether the flow's densities had been fitted to data when this report was made (never at conversion)
+    calibrated: bool = False
 
     # -- summary -----------------------------------------------------------------------
     @property
@@ -190,11 +200,17 @@ class Report:
         """Problems per code, sorted by code."""
         return dict(sorted(Counter(p.code for _, p in self.problems).items()))
 
+    @property
+    def follow_ons(self) -> list[tuple[NodeReport, Problem]]:
+        """Problems that only follow from a root problem (``NodeReport.caused_by``), listed but not counted."""
+        return [(n, p) for n in self.nodes for p in n.follow_ons]
+
     def _headline(self) -> str:
         if self.convertible:
             return f"{self.model}: convertible, {self.likelihood} likelihood"
-        n = len(self.problems)
-        return f"{self.model}: NOT convertible, {n} problem{'s' * (n != 1)}"
+        n, k = len(self.problems), len(self.follow_ons)
+        extra = f" (and {k} follow-on problem{'s' * (k != 1)} collapsed under their cause)" if k else ""
+        return f"{self.model}: NOT convertible, {n} problem{'s' * (n != 1)}{extra}"
 
     def _summary_items(self) -> list[tuple[str, str]]:
         shapes = lambda ss: ", ".join(str(tuple(s)) for s in ss) or "-"
@@ -203,15 +219,24 @@ class Report:
             "" if self.exact else " (one-sample lower bound; deterministic log_prob is a point evaluation)"
         )
         converted = sum(n.status == CONVERTED for n in self.nodes)
-        return [
-            ("convertible", verdict),
-            ("likelihood", lik if self.convertible else lik + " if fixed"),
-            ("flow layers", str(converted)),
-            ("input shapes", shapes(self.input_shapes)),
-            ("latent shapes", shapes(self.output_shapes)),
-            ("latent size", str(self.latent_size)),
-            (f"density parameters ({self.base} base)", str(self.density_parameters)),
-        ] + self._substitution_items()
+        return (
+            [
+                ("convertible", verdict),
+                ("likelihood", lik if self.convertible else lik + " if fixed"),
+                ("flow layers", str(converted)),
+                ("input shapes", shapes(self.input_shapes)),
+                ("latent shapes", shapes(self.output_shapes)),
+                ("latent size", str(self.latent_size)),
+                (f"density parameters ({self.base} base)", str(self.density_parameters)),
+            ]
+            + self._calibration_items()
+            + self._substitution_items()
+        )
+
+    def _calibration_items(self) -> list[tuple[str, str]]:
+        if self.calibrated or not self.density_parameters or not self.convertible:
+            return []
+        return [("densities", "uncalibrated: fit them with fc.calibrate(flow, data) before reading log_prob")]
 
     def _substitution_items(self) -> list[tuple[str, str]]:
         subs = self.substitutions
@@ -245,7 +270,10 @@ class Report:
                 n.target,
                 n.status,
                 n.likelihood or "",
-                ",".join(p.code for p in n.problems),
+                ",".join(
+                    [p.code for p in n.problems]
+                    + ([f"({','.join(p.code for p in n.follow_ons)} after {n.caused_by})"] if n.follow_ons else [])
+                ),
                 n.location or "",
             )
             for n in self.nodes
@@ -276,6 +304,14 @@ class Report:
                 lines.append(wrap("what:", p.message))
                 lines.append(wrap("why:", p.why))
                 lines.append(wrap("hint:", p.hint))
+                if p is node.problems[0]:
+                    after = [
+                        f"{q.code} at `{m.name}`" for m in self.nodes if m.caused_by == node.name for q in m.follow_ons
+                    ]
+                    if after:
+                        lines.append(
+                            wrap("then:", "; ".join(after) + " (follow from this problem; they go away with it)")
+                        )
         lines += self._note_lines()
         lines += ["", "Summary:"]
         items = self._summary_items()
@@ -312,6 +348,11 @@ class Report:
                     "",
                 ]
                 lines += [f"- what: {esc(p.message)}", f"- why: {esc(p.why)}", f"- hint: {esc(p.hint)}"]
+                after = [
+                    f"{q.code} at `{m.name}`" for m in self.nodes if m.caused_by == node.name for q in m.follow_ons
+                ]
+                if after and p is node.problems[0]:
+                    lines.append(f"- then: {esc('; '.join(after))} (follow from this problem)")
         return "\n".join(lines) + "\n"
 
     def to_dict(self) -> dict[str, Any]:
@@ -336,10 +377,12 @@ class Report:
                 for n in self.substitutions
             ],
             max_output_deviation=self.max_output_deviation,
+            calibrated=self.calibrated,
             input_shapes=[list(s) for s in self.input_shapes],
             output_shapes=[list(s) for s in self.output_shapes],
             problem_counts=self.counts,
             problems=[dict(node=n.name, **p.to_dict()) for n, p in self.problems],
+            follow_on_problems=[dict(node=n.name, caused_by=n.caused_by, **p.to_dict()) for n, p in self.follow_ons],
             nodes=[n.to_dict() for n in self.nodes],
         )
 

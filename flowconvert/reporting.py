@@ -17,10 +17,10 @@ from torch import fx, nn
 from .analysis import origin
 from .densities import ConditionalDiagonalNormal, DiagonalNormal, GaussianNoise, StandardNormal
 from .registry import describe_target
-from .report import CONVERTED, PASSTHROUGH, REJECTED, NodeReport, Problem, Report
-from .tracing import OUTPUT, TracingError, record
+from .report import CONVERTED, FOLLOW_ON_CODES, PASSTHROUGH, REJECTED, NodeReport, Problem, Report
+from .tracing import DATA, OUTPUT, TracingError, record
 
-__all__ = ["report", "trace_failure_report", "density_parameters"]
+__all__ = ["report", "trace_failure_report", "density_parameters", "collapse_follow_ons"]
 
 # Until every layer declares its density parts, modules of these families are counted too.
 _DENSITY_TYPES = (ConditionalDiagonalNormal, GaussianNoise, DiagonalNormal, StandardNormal)
@@ -110,6 +110,41 @@ def _nx_graph(graph: fx.Graph, modules: dict[str, nn.Module], entries: dict[str,
     return g
 
 
+def collapse_follow_ons(nodes: list[NodeReport], graph: nx.DiGraph) -> None:
+    """Move problems that only follow from another problem into ``follow_ons`` (in place).
+
+    A problem with a code of :data:`~flowconvert.report.FOLLOW_ON_CODES` follows from a root
+    cause when its node also has a problem of another code (``x, w = attention(...)`` with ``w``
+    unused: FC131, then FC306), or when a data input of the node is a rejected tuple-valued node
+    (indexing the tuple a refused module returns: FC132, FC306). The root is followed through
+    chains of such nodes. Follow-ons are listed under their root (``caused_by``), not counted.
+    """
+    by_name = {n.name: n for n in nodes}
+    root_of: dict[str, str] = {}
+    for node in nodes:
+        if not node.problems:
+            continue
+        cause = node.name if any(p.code not in FOLLOW_ON_CODES for p in node.problems) else None
+        if cause is None and node.name in graph:
+            for pred in graph.predecessors(node.name):
+                attrs, src = graph.nodes[pred], by_name.get(pred)
+                if src is None or attrs.get("kind") != DATA or attrs.get("shape") is not None:
+                    continue  # only a tuple-valued data producer hides what its pieces would be
+                if src.problems or src.follow_ons:
+                    cause = root_of.get(pred, pred)
+                    break
+        if cause is None:
+            continue
+        root_of[node.name] = cause
+        moved = [p for p in node.problems if p.code in FOLLOW_ON_CODES]
+        if moved:
+            node.problems = [p for p in node.problems if p.code not in FOLLOW_ON_CODES]
+            node.follow_ons.extend(moved)
+            node.caused_by = cause
+            if node.name in graph:
+                graph.nodes[node.name]["codes"] = [p.code for p in node.problems]
+
+
 def report(
     graph: fx.Graph,
     modules: dict[str, nn.Module],
@@ -125,13 +160,15 @@ def report(
         for node in graph.nodes
         if not record(node).inserted
     }
+    nx_graph = _nx_graph(graph, modules, entries)
+    collapse_follow_ons(list(entries.values()), nx_graph)
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     layers = [record(n).layer for n in graph.nodes if record(n).layer is not None]
     checked = sum(record(n).verdict.density_parameters for n in graph.nodes if record(n).verdict is not None)
     return Report(
         name,
         list(entries.values()),
-        _nx_graph(graph, modules, entries),
+        nx_graph,
         input_shapes=input_shapes,
         output_shapes=[record(n).sample_shape for n in _returned(output)],
         density_parameters=density_parameters([*layers, *record(output).bases.values()]) + checked,

@@ -143,7 +143,26 @@ class ExampleInputError(TracingError, ValueError):
 
 
 # -- source locations -------------------------------------------------------------------
+def _install_roots() -> tuple[str, ...]:
+    """Where installed packages live (site-packages, dist-packages): model code, not the user's."""
+    roots = set()
+    for key in ("purelib", "platlib"):
+        path = sysconfig.get_paths().get(key)
+        if path:
+            roots.add(path)
+    try:
+        import site
+
+        roots.update(site.getsitepackages())
+        roots.add(site.getusersitepackages())
+    except (AttributeError, ImportError):  # embedded interpreters
+        pass
+    roots.update(p for p in sys.path if os.path.basename(p.rstrip(os.sep)) in ("site-packages", "dist-packages"))
+    return tuple(os.path.abspath(r) + os.sep for r in roots if r)
+
+
 def _library_roots() -> tuple[str, ...]:
+    """torch, flowconvert and the standard library: never a location worth reporting."""
     roots = {os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__))}
     for key in ("stdlib", "platstdlib"):
         path = sysconfig.get_paths().get(key)
@@ -153,33 +172,58 @@ def _library_roots() -> tuple[str, ...]:
 
 
 _LIBRARY_ROOTS = _library_roots()
+_INSTALL_ROOTS = _install_roots()
+_TORCH_ROOT = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+_OWN_ROOT = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+)')
 
 
+def _installed_root(filename: str) -> str | None:
+    path = os.path.abspath(filename)
+    return next((r for r in _INSTALL_ROOTS if path.startswith(r)), None)
+
+
 def _is_user_file(filename: str) -> bool:
+    """The user's own code: not torch, flowconvert, the standard library or an installed package."""
     if filename.startswith("<") and not filename.startswith("<doctest"):
         return False
-    return not os.path.abspath(filename).startswith(_LIBRARY_ROOTS)
+    path = os.path.abspath(filename)
+    return _installed_root(path) is None and not path.startswith(_LIBRARY_ROOTS)
+
+
+def _is_model_file(filename: str) -> bool:
+    """Code of an installed package other than torch and flowconvert (``torchvision/models/resnet.py``)."""
+    if filename.startswith("<"):
+        return False
+    path = os.path.abspath(filename)
+    return _installed_root(path) is not None and not path.startswith((_TORCH_ROOT, _OWN_ROOT))
 
 
 def _format_location(filename: str, line: int) -> str:
     path = filename
-    if not filename.startswith("<"):
+    root = None if filename.startswith("<") else _installed_root(filename)
+    if root is not None:
+        path = os.path.relpath(os.path.abspath(filename), root)  # torchvision/models/resnet.py
+    elif not filename.startswith("<"):
         rel = os.path.relpath(os.path.abspath(filename))
         path = filename if rel.startswith("..") else rel
     return f"{path}:{line}"
 
 
 def user_location(frames: Iterable[tuple[str, int]]) -> str | None:
-    """``file:line`` of the last frame that belongs to the user's code (not torch, not flowconvert).
+    """``file:line`` of the innermost frame of the user's code; else of an installed model's code
+    (``torchvision/models/resnet.py:NN``); never torch's or flowconvert's internals.
 
     >>> user_location([("/site-packages/torch/nn/modules/module.py", 3), ("model.py", 12)])
     'model.py:12'
     """
-    found = None
+    user = model = None
     for filename, line in frames:
         if _is_user_file(filename):
-            found = (filename, int(line))
+            user = (filename, int(line))
+        elif _is_model_file(filename):
+            model = (filename, int(line))
+    found = user or model
     return _format_location(*found) if found else None
 
 
