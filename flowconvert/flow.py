@@ -121,11 +121,11 @@ class FlowModel(Configurable, nn.Module):
 
     @property
     def density_state(self) -> str:
-        return self.__dict__.get("_density_state", self.__dict__.get("density_state", "untrained"))
+        return self.__dict__.get("density_state", "untrained")
 
     @density_state.setter
     def density_state(self, value: str) -> None:
-        self.__dict__["_density_state"] = value
+        self.__dict__["density_state"] = value  # a plain attribute for vars(): fc.save writes it
         report = self.__dict__.get("report")
         if report is not None:  # the conversion report says whether the densities are fitted
             report.calibrated = value != "untrained"

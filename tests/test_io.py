@@ -81,7 +81,25 @@ class Kinds3(nn.Module):
         return h.mean(dim=(2, 3))
 
 
-KINDS = {"kinds1": (Kinds1, (5, 4)), "kinds2": (Kinds2, (3, 2, 8, 8)), "kinds3": (Kinds3, (3, 2, 8, 8))}
+class Kinds4(nn.Module):
+    """Substitutions under relu="leaky": ReLU6, Hardsigmoid and a clamp become leaky clamps."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.relu6 = nn.ReLU6()
+
+    def forward(self, x):
+        h = self.relu6(3 * self.lin(x))
+        return torch.clamp(F.hardsigmoid(h - 3), 0.2, 0.8)
+
+
+KINDS = {
+    "kinds1": (Kinds1, (5, 4)),
+    "kinds2": (Kinds2, (3, 2, 8, 8)),
+    "kinds3": (Kinds3, (3, 2, 8, 8)),
+    "kinds4": (Kinds4, (5, 4), "leaky"),
+}
 
 
 def _convert(factory, shape, relu=None, seed=0, dtype=torch.float32):
@@ -97,8 +115,8 @@ def _all_models():
     for name in ARCHITECTURES:
         factory, shape, relu = ARCHITECTURES[name]
         yield name, lambda f=factory, s=shape, r=relu: _convert(f, (2, *s), r)
-    for name, (factory, shape) in KINDS.items():
-        yield name, lambda f=factory, s=shape: _convert(f, s)
+    for name, (factory, shape, *relu) in KINDS.items():
+        yield name, lambda f=factory, s=shape, r=relu: _convert(f, s, *r)
 
 
 MODELS = dict(_all_models())
