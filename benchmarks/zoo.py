@@ -4,8 +4,8 @@ For each architecture (torchvision / pytorchcv definitions, random weights, eval
 ``relu="leaky"``), in its own subprocess so that peak memory is measured per model:
 
 * parameters of the model; audit time; conversion time (and seconds per 2M parameters);
-* peak memory during conversion (resident-set growth over the process before converting,
-  ``ru_maxrss``) and the finished flow's size (its parameters and buffers);
+* peak memory during conversion (resident-set growth, sampled, over the fresh process before
+  converting) and the finished flow's own size (its parameters and buffers not shared with the model);
 * ``log_prob`` time over the model's forward time, deterministic and stochastic (batch
   ``--batch``, median of ``--repeats``, ``torch.no_grad``), and the multiply-add *floor* of
   the likelihood pass over the forward's multiply-adds: a funnel convolution/linear map with
@@ -14,8 +14,8 @@ For each architecture (torchvision / pytorchcv definitions, random weights, eval
   (target <= 1.5);
 * the largest output deviation of the substitutions, finiteness of ``log_prob`` and ``inverse``;
 * ONNX parity of the likelihood graph (``--onnx``: names, default resnet18, vgg11_bn, resnet20),
-  after closed-form calibration on ``--calibrate`` generated inputs (uncalibrated densities give
-  finite but absurd figures; 0 skips calibration);
+  after closed-form calibration for the deterministic pass on ``--calibrate`` generated inputs
+  (uncalibrated densities give finite but absurd figures; 0 skips calibration);
 * the refused architectures (ViT, MobileNetV3, EfficientNet) with their problem counts.
 
     python benchmarks/zoo.py [--models resnet18,nin] [--batch 8] [--repeats 5] [--threads 2]
@@ -153,29 +153,36 @@ def run_one(name: str, batch: int, repeats: int, onnx: bool, calibrate: int) -> 
         x = torch.randn(batch, *shape)
         row["fwd_macs_G"], floor = (v / 1e9 for v in forward_macs(model, x))
         row["floor_x"] = floor / row["fwd_macs_G"]
+        # conversion first, in a fresh process: the resident-set growth is then its own peak memory
+        stage = "convert"
+        start = time.perf_counter()
+        with PeakRSS() as mem:
+            try:
+                flow = fc.convert(model, example, relu="leaky")
+            except fc.ConversionError:
+                flow = None
+        convert_s, convert_peak = time.perf_counter() - start, mem.growth
         stage = "audit"
         start = time.perf_counter()
         with PeakRSS() as mem:
             report = fc.audit(model, example, relu="leaky")
         row["audit_s"] = time.perf_counter() - start
         row["audit_peak_MB"] = mem.growth
-        if not report.convertible:
+        if flow is None or not report.convertible:
             row["refused"] = report.counts
             row["follow_ons"] = len(report.follow_ons)
             row["located"] = all(p.location for _, p in report.problems)
             return row
-        stage = "convert"
-        start = time.perf_counter()
-        with PeakRSS() as mem:
-            flow = fc.convert(model, example, relu="leaky")
-        row["convert_s"] = time.perf_counter() - start
-        row["peak_MB"] = mem.growth
-        row["flow_MB"] = sum(t.numel() * t.element_size() for t in [*flow.parameters(), *flow.buffers()]) / 2**20
+        row["convert_s"], row["peak_MB"] = convert_s, convert_peak
+        shared = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        tensors = {t.untyped_storage().data_ptr(): t for t in [*flow.parameters(), *flow.buffers()]}
+        row["flow_MB"] = sum(t.untyped_storage().nbytes() for p, t in tensors.items() if p not in shared) / 2**20
         row["model_MB"] = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**20
         if calibrate:
             stage = "calibrate"
             start = time.perf_counter()
-            fc.calibrate(flow, torch.randn(calibrate, *shape))
+            # for the deterministic pass (the ONNX likelihood graph's zero noise)
+            fc.calibrate(flow, torch.randn(calibrate, *shape), deterministic=True)
             row["calibrate_s"] = time.perf_counter() - start
         stage = "likelihood"
         with torch.no_grad():
@@ -273,8 +280,9 @@ def main(argv=None) -> None:
         "convert [s]",
         "s per 2M params",
         "peak conv. [MB]",
-        "flow [MB]",
-        "flow/model size",
+        "flow own [MB]",
+        "flow own/model size",
+        "calibrate [s]",
         "log_prob/fwd det",
         "log_prob/fwd stoch",
         "floor (MACs x fwd)",
@@ -300,6 +308,7 @@ def main(argv=None) -> None:
                 fmt(r.get("peak_MB"), ".0f"),
                 fmt(r.get("flow_MB"), ".0f"),
                 fmt(ratio, ".1f"),
+                fmt(r.get("calibrate_s"), ".1f"),
                 fmt(r.get("det_x"), ".2f"),
                 fmt(r.get("sto_x"), ".2f"),
                 fmt(r.get("floor_x"), ".2f"),
