@@ -565,7 +565,12 @@ def _recording(flow: nn.Module, by_layer: dict, bases: list, state: dict) -> Ite
             if len(xs) > layer.num_inputs:  # noise passed positionally
                 xs, noise = xs[: layer.num_inputs], xs[layer.num_inputs]
             out = original(*xs, noise=noise)
-            observed = layer.observe(*xs, noise=noise)
+            # observe() may call call_and_ll itself (FlowConv's dropped pixels): unpatched meanwhile
+            patch = layer.__dict__.pop("call_and_ll")
+            try:
+                observed = layer.observe(*xs, noise=noise)
+            finally:
+                layer.__dict__["call_and_ll"] = patch
             for part_name, cal in calibrators.items():
                 if part_name not in observed:
                     raise RuntimeError(

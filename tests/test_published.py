@@ -235,3 +235,18 @@ def test_reductions_without_a_flow_layer_get_the_pooling_hint():
     report = fc.audit(Spread(), torch.randn(2, 3, 4, 4))
     assert report.counts == {"FC109": 2}
     assert all("x.mean(dims)" in p.hint for _, p in report.problems)
+
+
+def test_stochastic_calibration_of_a_conv_with_dropped_pixels_and_noise():
+    """ResNet downsampling: pixels no window reads (dropped) and padding noise in one FlowConv.
+
+    The calibration observer used to recurse forever (FlowConv.observe calls call_and_ll).
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 4, 2, stride=3, padding=1)).eval()
+    x = torch.randn(32, 4, 6, 6)
+    flow = fc.convert(model, x[:2])
+    assert flow.layers["_0"].dropped_pixels is not None and flow.layers["_0"].pad_noise is not None
+    result = fc.calibrate(flow, x)
+    assert result.heldout_after >= result.heldout_before
+    assert "call_and_ll" not in flow.layers["_0"].__dict__  # the observer is removed again
