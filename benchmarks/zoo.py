@@ -181,7 +181,7 @@ def run_one(name: str, batch: int, repeats: int, onnx: bool, calibrate: int) -> 
         if calibrate:
             stage = "calibrate"
             start = time.perf_counter()
-            # for the deterministic pass (the ONNX likelihood graph's zero noise)
+            # for the deterministic pass: the ONNX likelihood graph's zero noise, the det. timing
             fc.calibrate(flow, torch.randn(calibrate, *shape), deterministic=True)
             row["calibrate_s"] = time.perf_counter() - start
         stage = "likelihood"
