@@ -1034,6 +1034,8 @@ def _cat(ctx: NodeContext) -> FlowLayer:
         )
     ndim = len(ctx.in_shapes[0]) + 1
     dim = _feature_dim(ctx, ctx.arg(1, "dim", ctx.kwargs.get("axis", 0)), ndim)
+    if len(parts) == 1:  # torch.cat([x], 1), e.g. DenseNet's first dense layer: the identity
+        return FlowIdentity()
     return FlowCat(dim, [shape[dim - 1] for shape in ctx.in_shapes])
 
 

@@ -250,3 +250,23 @@ def test_stochastic_calibration_of_a_conv_with_dropped_pixels_and_noise():
     result = fc.calibrate(flow, x)
     assert result.heldout_after >= result.heldout_before
     assert "call_and_ll" not in flow.layers["_0"].__dict__  # the observer is removed again
+
+
+def test_a_concatenation_of_one_tensor_is_the_identity():
+    """DenseNet's first dense layer concatenates a list of one feature map."""
+
+    class OneCat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.lin(torch.cat([x], 1))
+
+    torch.manual_seed(0)
+    model, x = OneCat(), torch.randn(4, 3)
+    flow = fc.convert(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(flow(x), model(x), atol=1e-6, rtol=0)
+        assert torch.isfinite(flow.log_prob(x, deterministic=True)).all()
+        assert torch.isfinite(flow.log_prob(x)).all()
