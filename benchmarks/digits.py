@@ -39,8 +39,8 @@ from flowconvert.demo import (
     DigitsTileCNN,
     carve_validation,
     categorical_bits_per_dim,
+    convert_and_fit,
     format_table,
-    frozen_flow,
     load_digits_split,
     ood_auroc,
     sample_quality,
@@ -149,7 +149,7 @@ def main() -> None:
         print(f"{name} classifier: test accuracy {acc:.3f}", flush=True)
         for density in ("gaussian", "mlp", "flow"):
             epochs = max(1, int((60 if density != "flow" else 25) * q))
-            flow, h, secs = frozen_flow(net, data, deq, density, epochs=epochs)
+            flow, h, secs = convert_and_fit(net, data, deq, density, epochs=epochs)
             key = f"{name}, frozen, density={density!r}"
             test = fc.bits_per_dim(flow, data.test_x, dequantize=deq)
             rows.append((key, h.best_val_bpd, test, secs))
@@ -162,29 +162,25 @@ def main() -> None:
             )
 
     torch.manual_seed(args.seed)
-    t = time.perf_counter()
-    gen = fc.convert(DigitsFlowMLP(), deq.center(data.train_x[:2]))
-    fc.calibrate(gen, data.train_x, val_data=data.val_x, dequantize=deq)
     per_epoch = math.ceil(len(data.train_x) / args.batch)
-    h = fc.fit(
-        gen,
-        data.train_x,
-        val_data=data.val_x,
-        dequantize=deq,
+    gen, h, secs = convert_and_fit(
+        DigitsFlowMLP(),
+        data,
+        deq,
+        "gaussian",
         epochs=math.ceil(steps / per_epoch),
         max_steps=steps,
         lr=5e-3,
         batch_size=args.batch,
         train="all",
         patience=8,
-        progress=False,
     )
     rows.append(
         (
             f"flowified 64-64-64 MLP, trained fully ({h.steps} steps)",
             h.best_val_bpd,
             fc.bits_per_dim(gen, data.test_x, dequantize=deq),
-            time.perf_counter() - t,
+            secs,
         )
     )
     flows["trained fully"] = gen

@@ -15,9 +15,9 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-__all__ = ["iter_inputs", "first"]
+__all__ = ["iter_inputs", "first", "as_dataset"]
 
 
 def first(batch: Any) -> Tensor:
@@ -31,17 +31,24 @@ def first(batch: Any) -> Tensor:
     raise TypeError(f"cannot find the input tensor in a batch of type {type(batch).__name__}")
 
 
+def as_dataset(data: Any) -> Dataset:
+    """``data`` (a tensor, a tuple of tensors with inputs first, or a Dataset) as a Dataset."""
+    if isinstance(data, Tensor):
+        return TensorDataset(data)
+    if isinstance(data, (tuple, list)) and data and isinstance(data[0], Tensor):
+        return TensorDataset(data[0])
+    if isinstance(data, Dataset):
+        return data
+    raise TypeError(f"unsupported data of type {type(data).__name__}: pass a tensor, a Dataset or a DataLoader")
+
+
 def iter_inputs(data: Any, batch_size: int = 512) -> Iterator[Tensor]:
     """Yield input batches from a tensor, tensors tuple, Dataset or DataLoader (in order)."""
-    if isinstance(data, Tensor):
-        yield from data.split(batch_size)
-    elif isinstance(data, (tuple, list)) and data and isinstance(data[0], Tensor):
-        yield from data[0].split(batch_size)
-    elif isinstance(data, DataLoader):
-        for batch in data:
-            yield first(batch)
+    if isinstance(data, DataLoader):
+        batches = data
     elif isinstance(data, Dataset):
-        for batch in DataLoader(data, batch_size=batch_size, shuffle=False):
-            yield first(batch)
-    else:
-        raise TypeError(f"unsupported data of type {type(data).__name__}: pass a tensor, a Dataset or a DataLoader")
+        batches = DataLoader(data, batch_size=batch_size, shuffle=False)
+    else:  # a tensor (or inputs and labels): split, no per-row indexing
+        batches = as_dataset(data).tensors[0].split(batch_size)
+    for batch in batches:
+        yield first(batch)

@@ -78,6 +78,7 @@ from ._data import iter_inputs
 from .core import FlowLayer
 from .densities import LOG_2PI, BaseDensity, ConditionalDensity, GaussianNoise, HalfNormal
 from .dequantization import Dequantize, warn_if_discrete
+from .evaluation import sum_log_likelihood
 
 __all__ = ["calibrate", "CalibrationReport", "PartReport", "flow_layers", "declared_parts"]
 
@@ -312,8 +313,15 @@ class _IndexMoments:
 
 # -- one calibrator per part ----------------------------------------------------------------
 class _Calibrator:
+    """Accumulates the rows one density part models (``part`` 0: fitting rows, 1: held out) and
+    fits the part in closed form; ``fit`` returns its :class:`PartReport` or None without rows."""
+
     name: str
     kind: str
+
+    def __init__(self, name: str, density: nn.Module):
+        self.name, self.density = name, density
+        self.reset()
 
     def reset(self) -> None: ...
 
@@ -327,13 +335,11 @@ class _Conditional(_Calibrator):
 
     kind = "conditional"
 
-    def __init__(self, name: str, q: ConditionalDensity):
-        self.name, self.q = name, q
-        self.reset()
+    density: ConditionalDensity
 
     def reset(self) -> None:
-        structure = self.q.linear_regressors()
-        F, C = int(self.q.features), int(self.q.context_features)
+        structure = self.density.linear_regressors()
+        F, C = int(self.density.features), int(self.density.context_features)
         self.full_cov = structure == "full-cov"
         if isinstance(structure, str):
             self.moments = _FullMoments(C, F, full_cov=self.full_cov)
@@ -344,7 +350,7 @@ class _Conditional(_Calibrator):
     def record(self, rows, context, part):
         self.moments.add(rows, context, part)
         if part == 1:
-            self.before += self.q.log_prob(rows, context).double().sum().item()
+            self.before += self.density.log_prob(rows, context).double().sum().item()
 
     def fit(self, ridge, min_var, heldout_samples):
         if self.full_cov:
@@ -353,12 +359,12 @@ class _Conditional(_Calibrator):
         if solved is None:
             return None
         new = solved
-        old = self.q.read_linear()
+        old = self.density.read_linear()
         ll_new, ll_old = self.moments.heldout_ll(*new), self.moments.heldout_ll(*old)
-        F = int(self.q.features)
+        F = int(self.density.features)
         if ll_new is None:  # no held-out data: take the fit
             A, c, var = new
-            self.q.write_linear(A, c, var, *(self.moments.context_stats() or (None, None)))
+            self.density.write_linear(A, c, var, *(self.moments.context_stats() or (None, None)))
             return PartReport(self.name, self.kind, F, F)
         keep = ll_new > ll_old  # per coordinate, closed form
         mask = keep[:, None] if new[0].dim() == 2 else keep
@@ -367,41 +373,31 @@ class _Conditional(_Calibrator):
         after = torch.where(keep, ll_new, ll_old).sum().item()
         before = self.before
         if not after >= before:  # the current (possibly richer, fitted) density is better held out
-            return PartReport(
-                self.name,
-                self.kind,
-                F,
-                0,
-                before / heldout_samples,
-                before / heldout_samples,
-                "kept: better than its linear-Gaussian fit",
-            )
-        self.q.write_linear(A, c, var, *(self.moments.context_stats() or (None, None)))
+            return self._kept(F, before / heldout_samples)
+        self.density.write_linear(A, c, var, *(self.moments.context_stats() or (None, None)))
         return PartReport(self.name, self.kind, F, int(keep.sum()), before / heldout_samples, after / heldout_samples)
+
+    def _kept(self, features: int, before: float) -> PartReport:
+        """The current (possibly richer, fitted) density is better held out than the closed form."""
+        return PartReport(
+            self.name, self.kind, features, 0, before, before, "kept: better than its linear-Gaussian fit"
+        )
 
     def _fit_cov(self, ridge, min_var, heldout_samples):
         """Full covariance: the whole part takes the new parameters or keeps its own."""
         new = self.moments.solve_cov(ridge, min_var)
         if new is None:
             return None
-        F = int(self.q.features)
+        F = int(self.density.features)
         stats = self.moments.context_stats() or (None, None)
         ll_new = self.moments.heldout_ll_cov(*new)
         if ll_new is None:
-            self.q.write_linear(*new, *stats)
+            self.density.write_linear(*new, *stats)
             return PartReport(self.name, self.kind, F, F)
         after, before = ll_new.item(), self.before
         if not after >= before:
-            return PartReport(
-                self.name,
-                self.kind,
-                F,
-                0,
-                before / heldout_samples,
-                before / heldout_samples,
-                "kept: better than its linear-Gaussian fit",
-            )
-        self.q.write_linear(*new, *stats)
+            return self._kept(F, before / heldout_samples)
+        self.density.write_linear(*new, *stats)
         return PartReport(self.name, self.kind, F, F, before / heldout_samples, after / heldout_samples)
 
 
@@ -410,12 +406,10 @@ class _Gaps(_Calibrator):
 
     kind = "gaps"
 
-    def __init__(self, name: str, gaps: HalfNormal):
-        self.name, self.gaps = name, gaps
-        self.reset()
+    density: HalfNormal
 
     def reset(self):
-        C = self.gaps.channels
+        C = self.density.channels
         self.sq = [torch.zeros(C, dtype=torch.float64) for _ in range(2)]
         self.n = [0, 0]
 
@@ -431,9 +425,9 @@ class _Gaps(_Calibrator):
     def fit(self, ridge, min_var, heldout_samples):
         if self.n[0] == 0:
             return None
-        C = self.gaps.channels
+        C = self.density.channels
         new = (self.sq[0] / self.n[0]).clamp_min(1e-30)
-        old = (2 * self.gaps.log_scale.detach().double()).exp()
+        old = (2 * self.density.log_scale.detach().double()).exp()
         if self.n[1] == 0:
             keep = torch.ones(C, dtype=torch.bool)
             before = after = float("nan")
@@ -444,7 +438,7 @@ class _Gaps(_Calibrator):
             after = torch.where(keep, ll_new, ll_old).sum().item() / heldout_samples
         var = torch.where(keep, new, old)
         with torch.no_grad():
-            self.gaps.log_scale.copy_((0.5 * var.log()).to(self.gaps.log_scale.dtype))
+            self.density.log_scale.copy_((0.5 * var.log()).to(self.density.log_scale.dtype))
         return PartReport(self.name, self.kind, C, int(keep.sum()), before, after)
 
 
@@ -453,9 +447,7 @@ class _Base(_Calibrator):
 
     kind = "base"
 
-    def __init__(self, name: str, base: BaseDensity):
-        self.name, self.base = name, base
-        self.reset()
+    density: BaseDensity
 
     def reset(self):
         self.rows: list[list[Tensor]] = [[], []]
@@ -471,14 +463,14 @@ class _Base(_Calibrator):
     def fit(self, ridge, min_var, heldout_samples):
         if not self.rows[0]:
             return None
-        shape = tuple(self.base.event_shape)
+        shape = tuple(self.density.event_shape)
         fit_rows = torch.cat(self.rows[0]).reshape(-1, *shape)
         held = torch.cat(self.rows[1]).reshape(-1, *shape) if self.rows[1] else None
         coords = math.prod(shape)
-        state = {k: v.detach().clone() for k, v in self.base.state_dict().items()}
+        state = {k: v.detach().clone() for k, v in self.density.state_dict().items()}
         with torch.no_grad():
-            before = self.base.log_prob(held).double().mean().item() if held is not None else float("nan")
-            if not self.base.fit_closed_form(fit_rows, min_var=min_var):
+            before = self.density.log_prob(held).double().mean().item() if held is not None else float("nan")
+            if not self.density.fit_closed_form(fit_rows, min_var=min_var):
                 return PartReport(
                     self.name,
                     self.kind,
@@ -487,12 +479,12 @@ class _Base(_Calibrator):
                     before,
                     before,
                     "not calibrated: fixed base"
-                    if not list(self.base.parameters())
+                    if not list(self.density.parameters())
                     else "not calibrated: no closed form (fit() trains it)",
                 )
-            after = self.base.log_prob(held).double().mean().item() if held is not None else float("nan")
+            after = self.density.log_prob(held).double().mean().item() if held is not None else float("nan")
         if held is not None and not after >= before:
-            self.base.load_state_dict(state)
+            self.density.load_state_dict(state)
             return PartReport(self.name, self.kind, coords, 0, before, before, "kept: the fit was worse held out")
         return PartReport(self.name, self.kind, coords, coords, before, after)
 
@@ -502,9 +494,7 @@ class _Noise(_Calibrator):
 
     kind = "noise"
 
-    def __init__(self, name: str, noise: GaussianNoise):
-        self.name, self.noise = name, noise
-        self.reset()
+    density: GaussianNoise
 
     def reset(self):
         self.total, self.count = 0.0, 0
@@ -583,7 +573,7 @@ def _recording(flow: nn.Module, by_layer: dict, bases: list, state: dict) -> Ite
         layer.call_and_ll = call_and_ll
         patched.append((layer, "call_and_ll"))
     for cal in bases:
-        base = cal.base
+        base = cal.density
         original = type(base).log_prob.__get__(base)
 
         def log_prob(z, cal=cal, original=original):
@@ -616,17 +606,11 @@ def _split(data: Any, holdout: float, val_data: Any, batch_size: int, seed: int)
     return [(b, 1 if every and i % every == every - 1 else 0) for i, b in enumerate(iter_inputs(data, batch_size))]
 
 
-@torch.no_grad()
 def _heldout_mean(flow, batches, dequantize, deterministic, seed) -> float:
-    total, count = 0.0, 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
-        for x, part in batches:
-            if part != 1:
-                continue
-            xi = dequantize(x) if dequantize is not None else x
-            total += flow.log_prob(xi, deterministic=deterministic).double().sum().item()
-            count += x.shape[0]
+        held_out = (x for x, part in batches if part == 1)
+        total, count, _ = sum_log_likelihood(flow, held_out, dequantize=dequantize, deterministic=deterministic)
     return total / count if count else float("nan")
 
 
@@ -724,7 +708,7 @@ def calibrate(
             with torch.no_grad():
                 for nz, log_tau in zip(noises, matched):
                     if log_tau is not None:
-                        nz.noise.log_scale.fill_(log_tau + math.log(factor))
+                        nz.density.log_scale.fill_(log_tau + math.log(factor))
             cand_parts = run()
             score = _heldout_mean(flow, batches, dequantize, deterministic, seed)
             if have_heldout and score > best[0]:
@@ -732,14 +716,14 @@ def calibrate(
         _, report.noise_factor, state, parts = best
         flow.load_state_dict(state)
         for nz in noises:
-            n = int(nz.noise.log_scale.numel())
+            n = int(nz.density.log_scale.numel())
             parts.append(PartReport(nz.name, "noise", n, n * int(report.noise_factor is not None)))
     elif noises:
         parts += [
             PartReport(
                 nz.name,
                 "noise",
-                int(nz.noise.log_scale.numel()),
+                int(nz.density.log_scale.numel()),
                 0,
                 note="not calibrated: deterministic mode adds no noise" if deterministic else "",
             )

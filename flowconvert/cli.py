@@ -141,22 +141,22 @@ def add_input_arguments(parser: argparse.ArgumentParser, *, shape_required: bool
         help="trained weights: a state dict saved with torch.save(model.state_dict(), FILE) "
         "or a .safetensors file (never unpickled)",
     )
-    parser.add_argument(
-        "--dtype",
-        choices=["float32", "float64"],
-        default="float32",
-        help="dtype of the model, the example inputs and the data",
-    )
+    add_choice(parser, "--dtype", ["float32", "float64"], "dtype of the model, the example inputs and the data")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random example inputs, noise and data splits")
+
+
+def add_choice(parser, flag: str, choices: list[str], help: str, default: str | None = "") -> None:
+    """An option taking one of ``choices``; by default the first one (``default=None``: not given)."""
+    parser.add_argument(flag, choices=choices, default=choices[0] if default == "" else default, help=help)
 
 
 def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
     """--relu, --negative-slope, --base, --density: how a model is converted (audit takes the same)."""
-    parser.add_argument(
+    add_choice(
+        parser,
         "--relu",
-        choices=["refuse", "leaky"],
-        default="refuse",
-        help="refuse: ReLU blocks the conversion (FC101); leaky: substitute LeakyReLU and report the output deviation",
+        ["refuse", "leaky"],
+        "refuse: ReLU blocks the conversion (FC101); leaky: substitute LeakyReLU and report the output deviation",
     )
     parser.add_argument(
         "--negative-slope",
@@ -165,19 +165,20 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SLOPE",
         help="slope of the substituted LeakyReLU (with --relu leaky)",
     )
-    parser.add_argument(
-        "--base",
-        choices=["standard", "diagonal"],
-        default="standard",
-        help="base density of each output: standard normal, or a learnable diagonal Gaussian "
-        "(fitted by --calibrate/--fit)",
-    )
-    parser.add_argument(
+    add_choice(
+        parser,
         "--density",
-        metavar="FAMILY",
+        ["gaussian", "mlp", "flow"],
+        "density family of the coordinates a layer drops: linear-Gaussian, MLP-conditioned Gaussian, "
+        "or a conditional spline flow (zuko)",
+    )
+    add_choice(
+        parser,
+        "--base",
+        ["diagonal", "standard", "mixture", "flow"],
+        "base density of each output: learnable diagonal Gaussian, standard normal, Gaussian mixture, "
+        "or a spline flow (default: the --density family's)",
         default=None,
-        help="density family of the coordinates a layer drops: gaussian, mlp or flow "
-        "(default: the library's, gaussian)",
     )
 
 
@@ -389,31 +390,37 @@ def load_model(args: argparse.Namespace):
 
 def conversion_options(args: argparse.Namespace) -> dict:
     """The keyword arguments of ``fc.convert`` given by the policy options."""
-    options: dict[str, Any] = {"base": getattr(args, "base", "standard")}
+    options: dict[str, Any] = {"density": getattr(args, "density", "gaussian")}
+    if getattr(args, "base", None) is not None:
+        options["base"] = args.base
     if getattr(args, "relu", "refuse") == "leaky":
         options.update(relu="leaky", negative_slope=args.negative_slope)
-    if getattr(args, "density", None):
-        options["density"] = args.density
     return options
 
 
-def _audit(args: argparse.Namespace):
-    from .conversion import audit_and_convert
+def _audit(args: argparse.Namespace, build: bool = True):
+    """(report, flow): ``fc.convert`` with the policy options (flow None when refused), or only
+    ``fc.audit`` (no layer built) when ``build`` is False."""
+    from .conversion import audit, audit_and_convert, convert
+    from .errors import ConversionError
     from .tracing import ExampleInputError
 
     model = load_model(args)
+    options = conversion_options(args)
     try:
-        return audit_and_convert(model, example_inputs(args), **conversion_options(args))
+        if not build:
+            options.pop("density")
+            if options.get("base") not in (None, "standard", "diagonal"):
+                options.pop("base")  # a family's base: the audit's verdict does not depend on it
+            if "relu" in options:  # the output deviation of a substitution is measured on a built flow
+                return audit_and_convert(model, example_inputs(args), **options)[0], None
+            return audit(model, example_inputs(args), **options), None
+        flow = convert(model, example_inputs(args), **options)
+        return flow.report, flow
     except ExampleInputError as exc:
         raise UsageError(str(exc)) from exc
-    except TypeError as exc:
-        if "density" in str(exc):
-            raise UsageError(f"--density is not supported by this version of flowconvert ({exc})") from exc
-        raise
-    except ValueError as exc:
-        if "density" in str(exc):
-            raise UsageError(str(exc)) from exc
-        raise
+    except ConversionError as exc:
+        return exc.report, None
 
 
 def _render(report, fmt: str) -> str:
@@ -459,11 +466,11 @@ def check_output_path(path: str) -> None:
 def _configure_audit(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_policy_arguments(parser)
-    parser.add_argument("--format", choices=["text", "markdown", "json"], default="text", help="report format")
+    add_choice(parser, "--format", ["text", "markdown", "json"], "report format")
 
 
 def _run_audit(args: argparse.Namespace) -> int:
-    report, _ = _audit(args)
+    report, _ = _audit(args, build=False)
     print(_render(report, args.format))
     return 0 if report.convertible else 1
 
@@ -483,11 +490,11 @@ def _configure_convert(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--fit", metavar="DATA", help="then train the densities by maximum likelihood on DATA")
     group.add_argument("--epochs", type=int, default=10, help="epochs of --fit")
     group.add_argument("--lr", type=float, default=1e-3, help="learning rate of --fit")
-    group.add_argument(
+    add_choice(
+        group,
         "--train",
-        choices=["densities", "all"],
-        default="densities",
-        help="what --fit trains: densities (network frozen, outputs unchanged) or all",
+        ["densities", "all"],
+        "what --fit trains: densities (network frozen, outputs unchanged) or all",
     )
     group.add_argument(
         "--val",
@@ -507,7 +514,7 @@ def _configure_convert(parser: argparse.ArgumentParser) -> None:
         metavar="K",
         help="DATA holds integer levels 0..K-1 (K=256 for 8-bit images): dequantize as (k + u) / K",
     )
-    parser.add_argument("--format", choices=["text", "markdown", "json"], default="text", help="report format")
+    add_choice(parser, "--format", ["text", "markdown", "json"], "report format")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar for --fit")
 
 

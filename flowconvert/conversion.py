@@ -39,8 +39,8 @@ from .flow import FlowModel
 from .lowering import lower
 from .registry import REGISTRY, Registry, resolve_substitutions
 from .report import Report
+from .reporting import density_parameters, trace_failure_report
 from .reporting import report as build_report
-from .reporting import trace_failure_report
 from .tracing import ExampleInputError, as_input_tuple, capture, record
 
 __all__ = ["audit", "convert", "audit_and_convert", "Options"]
@@ -51,8 +51,9 @@ class Options:
     """The options of :func:`audit` and :func:`convert` (keywords of both), validated.
 
     Attributes:
-        base: base density of each output: ``"standard"`` (standard normal) or ``"diagonal"``
-            (learnable diagonal Gaussian); any ``"base:<name>"`` structure rule of the registry.
+        base: base density of each output as built: ``"diagonal"`` (learnable diagonal Gaussian,
+            the default, as in :func:`convert`) or ``"standard"`` (standard normal); any
+            ``"base:<name>"`` structure rule of the registry.
         registry: the rules to convert with (default :data:`~flowconvert.registry.REGISTRY`).
         relu: ``None`` refuses ReLU (FC101) and the saturating ReLU family (FC106);
             ``"leaky"`` substitutes ``LeakyReLU(negative_slope)`` for ReLU and a leaky clamp
@@ -66,7 +67,7 @@ class Options:
             ``relu``), or ``{"relu6": None}`` to keep a family refused.
     """
 
-    base: str = "standard"
+    base: str = "diagonal"
     registry: Registry = field(default_factory=lambda: REGISTRY)
     relu: str | None = None
     negative_slope: float = 0.01
@@ -123,6 +124,9 @@ def convert(model: nn.Module, example_inputs: Any, *, density: Any = "gaussian",
     if flow is None:
         raise _conversion_error(report)
     use_densities(flow, density, base)  # the family's conditionals and bases replace the built ones
+    report.base = base if isinstance(base, str) else getattr(base, "__name__", type(base).__name__)
+    report.density = density if isinstance(density, str) else getattr(density, "__name__", type(density).__name__)
+    report.density_parameters = density_parameters([*flow.layers.values(), *flow.bases.values()])
     return flow
 
 

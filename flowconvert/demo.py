@@ -57,7 +57,7 @@ __all__ = [
     "softmax_auroc",
     "categorical_bits_per_dim",
     "sample_quality",
-    "frozen_flow",
+    "convert_and_fit",
     "DEFAULT_TEMPERATURE",
 ]
 
@@ -279,7 +279,7 @@ def sample_quality(
     }
 
 
-def frozen_flow(
+def convert_and_fit(
     net: nn.Module,
     data: Digits,
     deq: Dequantize,
@@ -291,9 +291,11 @@ def frozen_flow(
     batch_size: int = 128,
     max_steps: int | None = None,
     progress: bool = False,
+    train: str = "densities",
 ):
-    """Convert the frozen ``net`` with the family ``density``, calibrate (guard on validation) and fit
-    its densities with early stopping on validation. Returns ``(flow, history, seconds)``."""
+    """Convert ``net`` with the family ``density``, calibrate (guard on validation) and fit its
+    densities (``train="all"``: the network too) with early stopping on validation. Returns
+    ``(flow, history, seconds)``."""
     import flowconvert as fc
 
     t = time.perf_counter()
@@ -309,7 +311,7 @@ def frozen_flow(
         patience=patience,
         batch_size=batch_size,
         max_steps=max_steps,
-        train="densities",
+        train=train,
         progress=progress,
     )
     return flow, history, time.perf_counter() - t
@@ -364,7 +366,7 @@ def run_demo(
         results["accuracy"][f"{name} classifier"] = acc
         print(f"\n== {name} classifier: trained in {time.perf_counter() - t:.1f}s, test accuracy {acc:.3f} ==")
         for density in densities:
-            flow, h, secs = frozen_flow(
+            flow, h, secs = convert_and_fit(
                 net, data, deq, density, epochs=ep(40 if density != "flow" else 12), progress=progress
             )
             key = f"{name} classifier, frozen, density={density!r}"
@@ -377,17 +379,12 @@ def run_demo(
             )
 
     print("\n== flowified 64-64-64 MLP trained for likelihood (train='all') ==")
-    import flowconvert as fc
-
     torch.manual_seed(seed)
-    t = time.perf_counter()
-    gen = fc.convert(DigitsFlowMLP(), deq.center(data.train_x[:2]))
-    calibrate(gen, data.train_x, val_data=data.val_x, dequantize=deq)
-    h = fit(
-        gen,
-        data.train_x,
-        val_data=data.val_x,
-        dequantize=deq,
+    gen, h, secs = convert_and_fit(
+        DigitsFlowMLP(),
+        data,
+        deq,
+        "gaussian",
         epochs=ep(40),
         lr=5e-3,
         batch_size=64,
@@ -395,7 +392,6 @@ def run_demo(
         patience=8,
         progress=progress,
     )
-    secs = time.perf_counter() - t
     histories["MLP flow, trained fully"] = h
     rows.append(("flowified 64-64-64 MLP, trained fully", h.best_val_bpd, float("nan"), secs))
     flows["flowified 64-64-64 MLP, trained fully"] = gen

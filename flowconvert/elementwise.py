@@ -67,6 +67,11 @@ class _Elementwise(FlowLayer):
 
     exact = True
 
+    @classmethod
+    def from_module(cls, module: nn.Module | None = None) -> "_Elementwise":
+        """The layer of ``module`` (a parameter-free activation by default)."""
+        return cls()
+
     def log_derivative(self, x: Tensor) -> Tensor:
         """Elementwise :math:`\\log|f'(x)|`, same shape as ``x``."""
         raise NotImplementedError
@@ -224,10 +229,6 @@ class FlowTanh(_Elementwise):
     r"""``nn.Tanh`` (exact). :math:`\log\tanh'(x) = 2(\log 2 - x - \operatorname{softplus}(-2x))`;
     inverse ``atanh`` of the output clamped into :math:`(-1, 1)`."""
 
-    @classmethod
-    def from_module(cls, module: nn.Module | None = None) -> "FlowTanh":
-        return cls()
-
     def forward(self, x: Tensor) -> Tensor:
         return torch.tanh(x)
 
@@ -242,10 +243,6 @@ class FlowTanh(_Elementwise):
 class FlowSigmoid(_Elementwise):
     r"""``nn.Sigmoid`` (exact). :math:`\log\sigma'(x) = \log\sigma(x) + \log\sigma(-x)`;
     inverse ``logit`` of the output clamped into :math:`(0, 1)`."""
-
-    @classmethod
-    def from_module(cls, module: nn.Module | None = None) -> "FlowSigmoid":
-        return cls()
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.sigmoid(x)

@@ -29,7 +29,7 @@ tensor([-1.8379, -1.8379, -1.8379])
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor
@@ -38,7 +38,7 @@ from ._data import iter_inputs
 from .core import Flow
 from .dequantization import Dequantize, nats_to_bits_per_dim, warn_if_discrete
 
-__all__ = ["log_likelihood", "bits_per_dim", "mean_log_likelihood"]
+__all__ = ["log_likelihood", "bits_per_dim", "mean_log_likelihood", "sum_log_likelihood"]
 
 
 def _flow_log_prob(flow: Flow, x: Tensor, deterministic: bool) -> Tensor:
@@ -77,13 +77,21 @@ def log_likelihood(
 
 
 @torch.no_grad()
-def mean_log_likelihood(flow: Flow, data: Any, *, batch_size: int = 512, **kwargs) -> tuple[float, int]:
-    """Mean of :func:`log_likelihood` over a data set, and the per-sample dimension ``D``."""
+def sum_log_likelihood(flow: Flow, batches: Iterable[Tensor], **kwargs) -> tuple[float, int, int]:
+    """``(sum of log_likelihood, number of samples, per-sample dimension D)`` over ``batches``
+    (input tensors); ``kwargs`` are those of :func:`log_likelihood`. The one loop that
+    evaluation, calibration's held-out guard and training's validation share."""
     total, count, dims = 0.0, 0, 0
-    for x in iter_inputs(data, batch_size):
+    for x in batches:
         total += log_likelihood(flow, x, **kwargs).double().sum().item()
         count += x.shape[0]
         dims = x[0].numel()
+    return total, count, dims
+
+
+def mean_log_likelihood(flow: Flow, data: Any, *, batch_size: int = 512, **kwargs) -> tuple[float, int]:
+    """Mean of :func:`log_likelihood` over a data set, and the per-sample dimension ``D``."""
+    total, count, dims = sum_log_likelihood(flow, iter_inputs(data, batch_size), **kwargs)
     if count == 0:
         raise ValueError("empty data set")
     return total / count, dims

@@ -25,7 +25,7 @@ __all__ = ["configure", "run", "parity_verdict", "untrained_warning"]
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from .cli import FLOW_SUFFIXES, add_input_arguments, add_policy_arguments
+    from .cli import FLOW_SUFFIXES, add_choice, add_input_arguments, add_policy_arguments
 
     parser.add_argument(
         "target",
@@ -34,17 +34,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "package.module:attr or path/to/file.py:attr",
     )
     parser.add_argument("-o", "--output", required=True, metavar="FILE", help="the .onnx file to write")
-    parser.add_argument(
+    add_choice(
+        parser,
         "--graph",
-        choices=["likelihood", "inverse"],
-        default="likelihood",
-        help="likelihood: inputs -> outputs and log_prob; inverse: outputs -> inputs",
+        ["likelihood", "inverse"],
+        "likelihood: inputs -> outputs and log_prob; inverse: outputs -> inputs",
     )
-    parser.add_argument(
+    add_choice(
+        parser,
         "--noise",
-        choices=["zero", "input", "random"],
-        default="zero",
-        help="zero: deterministic; input: noise tensors are graph inputs; random: drawn in the graph",
+        ["zero", "input", "random"],
+        "zero: deterministic; input: noise tensors are graph inputs; random: drawn in the graph",
     )
     parser.add_argument("--batch", type=int, default=4, help="example batch size for a saved flow")
     add_input_arguments(parser, shape_required=False)
@@ -62,11 +62,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="write the Markdown export report (default FILE: next to the model, .md)",
     )
-    parser.add_argument(
+    add_choice(
+        parser,
         "--format",
-        choices=["text", "markdown", "json"],
-        default="text",
-        help="what to print: a summary, the Markdown export report, or JSON",
+        ["text", "markdown", "json"],
+        "what to print: a summary, the Markdown export report, or JSON",
     )
     parser.add_argument(
         "--no-verify",

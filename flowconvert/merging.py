@@ -220,16 +220,31 @@ def _check_dim(dim: int) -> int:
     return dim
 
 
-class FlowCat(FlowLayer):
-    """``torch.cat(xs, dim)`` along a non-batch dimension (bijection, L = 0); inverse splits by ``sizes``."""
+class _AlongDim(FlowLayer):
+    """Pieces of sizes ``sizes`` along the non-batch dimension ``dim``: a bijection, L = 0."""
 
     exact = True
-    num_outputs = 1
 
     def __init__(self, dim: int, sizes: Sequence[int]):
         super().__init__()
         self.dim = _check_dim(dim)
         self.sizes = tuple(int(s) for s in sizes)
+
+    def _check_batch(self, x: Tensor, what: str) -> None:
+        if self.dim < 0 and x.dim() + self.dim == 0:
+            raise LayerConfigurationError(f"{what} along the batch dimension", code="FC215")
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, sizes={self.sizes}, exact=True"
+
+
+class FlowCat(_AlongDim):
+    """``torch.cat(xs, dim)`` along a non-batch dimension (bijection, L = 0); inverse splits by ``sizes``."""
+
+    num_outputs = 1
+
+    def __init__(self, dim: int, sizes: Sequence[int]):
+        super().__init__(dim, sizes)
         self.num_inputs = len(self.sizes)
 
     def forward(self, *xs: Tensor) -> Tensor:
@@ -240,27 +255,20 @@ class FlowCat(FlowLayer):
 
     def call_and_ll(self, *xs: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
         xs = _unpack(xs)
-        if self.dim < 0 and xs[0].dim() + self.dim == 0:
-            raise LayerConfigurationError("torch.cat along the batch dimension", code="FC215")
+        self._check_batch(xs[0], "torch.cat")
         return self.forward(*xs), zero_ll(xs[0])
 
     def inverse(self, y: Tensor, sample: bool = False, noise: Tensor | None = None) -> tuple[Tensor, ...]:
         return tuple(torch.split(y, list(self.sizes), self.dim))
 
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, sizes={self.sizes}, exact=True"
 
-
-class FlowSplit(FlowLayer):
+class FlowSplit(_AlongDim):
     """``torch.split(x, sizes, dim)`` / ``torch.chunk`` along a non-batch dimension (bijection, L = 0)."""
 
-    exact = True
     num_inputs = 1
 
     def __init__(self, dim: int, sizes: Sequence[int]):
-        super().__init__()
-        self.dim = _check_dim(dim)
-        self.sizes = tuple(int(s) for s in sizes)
+        super().__init__(dim, sizes)
         self.num_outputs = len(self.sizes)
 
     @classmethod
@@ -277,12 +285,8 @@ class FlowSplit(FlowLayer):
         return tuple(torch.split(x, list(self.sizes), self.dim))
 
     def call_and_ll(self, x: Tensor, noise: Tensor | None = None) -> tuple[tuple[Tensor, ...], Tensor]:
-        if self.dim < 0 and x.dim() + self.dim == 0:
-            raise LayerConfigurationError("torch.split along the batch dimension", code="FC215")
+        self._check_batch(x, "torch.split")
         return self.forward(x), zero_ll(x)
 
     def inverse(self, *ys: Tensor, sample: bool = False, noise: Tensor | None = None) -> Tensor:
         return torch.cat(_unpack(ys), self.dim)
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, sizes={self.sizes}, exact=True"

@@ -161,7 +161,8 @@ class Report:
     input_shapes: list[tuple[int, ...]] = field(default_factory=list)
     output_shapes: list[tuple[int, ...]] = field(default_factory=list)
     density_parameters: int = 0
-    base: str = "standard"
+    base: str = "diagonal"
+    density: str = "gaussian"
     #: with substitutions (``relu="leaky"``): largest |flow output - original output| on the example inputs
     max_output_deviation: float | None = None
     #: whether the flow's densities had been fitted to data when this report was made (never at conversion)
@@ -227,7 +228,7 @@ class Report:
                 ("input shapes", shapes(self.input_shapes)),
                 ("latent shapes", shapes(self.output_shapes)),
                 ("latent size", str(self.latent_size)),
-                (f"density parameters ({self.base} base)", str(self.density_parameters)),
+                (f"density parameters ({self.density} family, {self.base} base)", str(self.density_parameters)),
             ]
             + self._calibration_items()
             + self._substitution_items()
@@ -365,6 +366,7 @@ class Report:
             latent_size=self.latent_size,
             density_parameters=self.density_parameters,
             base=self.base,
+            density=self.density,
             substitutions=[
                 dict(
                     node=n.name,

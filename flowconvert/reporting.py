@@ -15,15 +15,15 @@ import networkx as nx
 from torch import fx, nn
 
 from .analysis import origin
-from .densities import ConditionalDiagonalNormal, DiagonalNormal, GaussianNoise, StandardNormal
+from .densities import BaseDensity, ConditionalDensity, GaussianNoise, HalfNormal
 from .registry import describe_target
 from .report import CONVERTED, FOLLOW_ON_CODES, PASSTHROUGH, REJECTED, NodeReport, Problem, Report
 from .tracing import DATA, OUTPUT, TracingError, record
 
 __all__ = ["report", "trace_failure_report", "density_parameters", "collapse_follow_ons"]
 
-# Until every layer declares its density parts, modules of these families are counted too.
-_DENSITY_TYPES = (ConditionalDiagonalNormal, GaussianNoise, DiagonalNormal, StandardNormal)
+# Densities outside declared parts (bases, nested layers' parts) are counted by their type.
+_DENSITY_TYPES = (ConditionalDensity, BaseDensity, GaussianNoise, HalfNormal)
 
 
 def density_parameters(modules: Iterable[nn.Module]) -> int:

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -51,12 +50,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from ._data import first
+from ._data import as_dataset, first
 from .core import FlowLayer, network_training
-from .dequantization import Dequantize, warn_if_discrete
+from .dequantization import Dequantize, nats_to_bits_per_dim, warn_if_discrete
+from .evaluation import sum_log_likelihood
 
 __all__ = ["fit", "History", "network_parameter_set"]
 
@@ -113,24 +113,12 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _as_dataset(data: Any) -> Dataset | None:
-    if isinstance(data, Tensor):
-        return TensorDataset(data)
-    if isinstance(data, (tuple, list)) and data and isinstance(data[0], Tensor):
-        return TensorDataset(data[0])
-    if isinstance(data, Dataset):
-        return data
-    return None
-
-
 def _loader(data: Any, batch_size: int, shuffle: bool, world: int, rank: int, seed: int) -> DataLoader:
     if isinstance(data, DataLoader):
         if world == 1 or isinstance(data.sampler, DistributedSampler):
             return data
         data, batch_size = data.dataset, data.batch_size or batch_size
-    dataset = _as_dataset(data)
-    if dataset is None:
-        raise TypeError(f"unsupported data of type {type(data).__name__}: pass a tensor, a Dataset or a DataLoader")
+    dataset = as_dataset(data)
     if world > 1:
         sampler = DistributedSampler(
             dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
@@ -148,21 +136,13 @@ def _reduce(values: list[float], world: int) -> list[float]:
     return t.tolist()
 
 
-def _nll_bits(ll: Tensor, dims: int, log_det: float) -> Tensor:
-    return -(ll + log_det) / (dims * math.log(2.0))
-
-
 @torch.no_grad()
 def _evaluate(flow, loader, dequantize, deterministic, world) -> float:
-    total, count = 0.0, 0
-    for batch in loader:
-        x = first(batch)
-        xi = dequantize(x) if dequantize is not None else x
-        log_det = dequantize.log_det(x[0].numel()) if dequantize is not None else 0.0
-        total += _nll_bits(flow.log_prob(xi, deterministic=deterministic), x[0].numel(), log_det).double().sum().item()
-        count += x.shape[0]
+    """Mean bits/dim on the validation loader (summed over the processes of a distributed run)."""
+    batches = (first(batch) for batch in loader)
+    total, count, dims = sum_log_likelihood(flow, batches, dequantize=dequantize, deterministic=deterministic)
     total, count = _reduce([total, float(count)], world)
-    return total / max(count, 1.0)
+    return nats_to_bits_per_dim(-total / max(count, 1.0), max(dims, 1))
 
 
 def fit(
@@ -240,7 +220,7 @@ def fit(
                 x = first(batch)
                 xi = dequantize(x) if dequantize is not None else x
                 log_det = dequantize.log_det(x[0].numel()) if dequantize is not None else 0.0
-                loss_per = _nll_bits(model(xi), x[0].numel(), log_det)
+                loss_per = nats_to_bits_per_dim(-(model(xi) + log_det), x[0].numel())
                 loss = loss_per.mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -151,46 +151,38 @@ def check_graph(path) -> onnx.ModelProto:
 
 
 # -- parity ------------------------------------------------------------------------------
+Arrays = Sequence[np.ndarray]
+
+
+def _float64_pairs(names: Sequence[str], got: Arrays, want: Arrays) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    for name, a, b in zip(names, got, want):
+        yield name, np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+
+
 def compare_exact(
-    names: Sequence[str],
-    got: Sequence[np.ndarray],
-    expected: Sequence[np.ndarray],
-    *,
-    batch: int,
-    atol: float,
-    rtol: float,
+    names: Sequence[str], got: Arrays, want: Arrays, *, batch: int, atol: float, rtol: float
 ) -> list[ParityCheck]:
-    """Elementwise comparison: passes where ``|got - expected| <= atol + rtol * |expected|``."""
-    checks = []
-    for name, a, b in zip(names, got, expected):
-        a = np.asarray(a, dtype=np.float64)
-        b = np.asarray(b, dtype=np.float64)
-        checks.append(_check(name, batch, "exact", a, b, atol + rtol * np.abs(b), draws=1))
-    return checks
+    """Elementwise comparison: passes where ``|got - want| <= atol + rtol * |want|``; a list of
+    :class:`ParityCheck`, one per name."""
+    return [
+        _check(name, batch, "exact", a, b, atol + rtol * np.abs(b), draws=1)
+        for name, a, b in _float64_pairs(names, got, want)
+    ]
 
 
 def compare_statistical(
-    names: Sequence[str],
-    got: Sequence[np.ndarray],
-    expected: Sequence[np.ndarray],
-    *,
-    draws: int,
-    atol: float,
-    rtol: float,
-    z: float = 6.0,
+    names: Sequence[str], got: Arrays, want: Arrays, *, draws: int, atol: float, rtol: float, z: float = 6.0
 ) -> list[ParityCheck]:
     """Compare the means, and the means of squares, over draws: arrays are ``(draws * batch, ...)``, draw-major.
 
     At every element the difference of the two means must be within ``z`` standard errors
-    of that difference (``sqrt(var_got / n + var_expected / n)``, from the sample variances)
+    of that difference (``sqrt(var_got / n + var_want / n)``, from the sample variances)
     plus ``atol + rtol * |mean|`` for what is deterministic. ``z = 6`` keeps false alarms
     negligible even over many thousands of elements. The second moments catch noise of
     the wrong scale, which the means alone would not.
     """
     checks = []
-    for name, a, b in zip(names, got, expected):
-        a = np.asarray(a, dtype=np.float64)
-        b = np.asarray(b, dtype=np.float64)
+    for name, a, b in _float64_pairs(names, got, want):
         a = a.reshape(draws, -1, *a.shape[1:])
         b = b.reshape(draws, -1, *b.shape[1:])
         # centre on the reference mean so the second moment is about the spread

@@ -473,3 +473,19 @@ def test_demo_classifier_training_shows_a_progress_bar(capsys):
     assert "training DigitsMLP" in capsys.readouterr().err
     train_classifier(DigitsMLP(), data, Dequantize(17), epochs=1, progress=False)
     assert "training DigitsMLP" not in capsys.readouterr().err
+
+
+def test_density_family_and_base_options_reach_the_flow(target, tmp_path, capsys):
+    from flowconvert.families import GaussianMixture, MLPConditionalNormal
+
+    out = tmp_path / "mlp.safetensors"
+    args = ["convert", f"{target}:Good", "--input-shape", "1,8", "--density", "mlp", "--base", "mixture", "-o", str(out)]
+    assert cli.main(args) == 0
+    assert "mlp family, mixture base" in capsys.readouterr().out
+    flow = fc.load(out)
+    assert any(isinstance(m, MLPConditionalNormal) for m in flow.modules())
+    assert all(isinstance(b, GaussianMixture) for b in flow.bases.values())
+    # audit decides without building a layer; a family's base does not change its verdict
+    assert cli.main(["audit", f"{target}:Good", "--input-shape", "1,8", "--base", "flow"]) == 0
+    with pytest.raises(SystemExit):
+        cli.main(["convert", f"{target}:Good", "--input-shape", "1,8", "--density", "nope", "-o", str(out)])
