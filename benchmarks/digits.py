@@ -148,7 +148,7 @@ def main() -> None:
         nets[name] = net
         print(f"{name} classifier: test accuracy {acc:.3f}", flush=True)
         for density in ("gaussian", "mlp", "flow"):
-            epochs = max(1, int((60 if density != "flow" else 25) * q))
+            epochs = max(1, int(60 * q))
             flow, h, secs = convert_and_fit(net, data, deq, density, epochs=epochs)
             key = f"{name}, frozen, density={density!r}"
             test = fc.bits_per_dim(flow, data.test_x, dequantize=deq)

@@ -287,7 +287,7 @@ def convert_and_fit(
     *,
     epochs: int,
     lr: float = 3e-3,
-    patience: int = 6,
+    patience: int = 10,
     batch_size: int = 128,
     max_steps: int | None = None,
     progress: bool = False,
@@ -367,7 +367,7 @@ def run_demo(
         print(f"\n== {name} classifier: trained in {time.perf_counter() - t:.1f}s, test accuracy {acc:.3f} ==")
         for density in densities:
             flow, h, secs = convert_and_fit(
-                net, data, deq, density, epochs=ep(40 if density != "flow" else 12), progress=progress
+                net, data, deq, density, epochs=ep(40 if density != "flow" else 20), progress=progress
             )
             key = f"{name} classifier, frozen, density={density!r}"
             rows.append((key, h.best_val_bpd, float("nan"), secs))

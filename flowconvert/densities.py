@@ -83,6 +83,13 @@ class ConditionalDensity(Configurable, nn.Module):
         shape = (*y.shape[:-1], self.features)
         return self.sample(y, torch.zeros(shape, dtype=y.dtype, device=y.device))
 
+    def natural_scales(self) -> dict[str, Tensor]:
+        """The unit of a step of each named parameter: :func:`flowconvert.fit` multiplies Adam's
+        update of parameter ``name`` by ``scales[name]`` (broadcast to its shape), so a step moves
+        the density by about the same amount in every coordinate whatever the data's scale (a
+        mean moves in units of its standard deviation). Parameters not named take Adam's steps."""
+        return {}
+
     # -- closed-form calibration (optional) ---------------------------------------------
     def linear_regressors(self) -> Tensor | str | None:
         r"""Which linear-Gaussian model :func:`flowconvert.calibrate` fits in closed form, or None.
@@ -127,6 +134,13 @@ class BaseDensity(Configurable, nn.Module):
         """Fit to outputs ``z`` ``(N, *event_shape)`` in closed form (used by :func:`flowconvert.calibrate`);
         return False when there is nothing to fit this way (the default)."""
         return False
+
+    def natural_scales(self) -> dict[str, Tensor]:
+        """The unit of a step of each named parameter: :func:`flowconvert.fit` multiplies Adam's
+        update of parameter ``name`` by ``scales[name]`` (broadcast to its shape), so a step moves
+        the density by about the same amount in every coordinate whatever the data's scale (a
+        mean moves in units of its standard deviation). Parameters not named take Adam's steps."""
+        return {}
 
 
 def _moments(z: Tensor, min_var: float) -> tuple[Tensor, Tensor]:
@@ -178,6 +192,9 @@ class DiagonalNormal(BaseDensity):
         eps = torch.randn(n, *self.event_shape, dtype=self.loc.dtype, device=self.loc.device)
         return self.loc + temperature * eps * self.log_scale.exp()
 
+    def natural_scales(self) -> dict[str, Tensor]:
+        return {"loc": self.log_scale.detach().exp()}
+
     @torch.no_grad()
     def fit_closed_form(self, z: Tensor, min_var: float = 1e-6) -> bool:
         """Moment matching: ``loc = mean z``, ``scale^2 = max(Var z, min_var)``."""
@@ -223,6 +240,20 @@ def _init_linear_gaussian(q: nn.Module, features: int, context_features: int) ->
     q.weight = nn.Parameter(torch.zeros(q.features, q.context_features))
     q.bias = nn.Parameter(torch.zeros(q.features))
     q.log_scale = nn.Parameter(torch.zeros(q.features))
+    # standard deviation of each context coordinate, set by calibration: the unit of a step of A
+    q.register_buffer("context_scale", torch.ones(q.context_features))
+
+
+def _linear_scales(q: nn.Module) -> dict[str, Tensor]:
+    """``A`` in units of (residual scale / context scale), ``c`` in units of the residual scale."""
+    sigma = q.log_scale.detach().exp()
+    return {"weight": sigma[:, None] / q.context_scale.clamp_min(1e-12)[None, :], "bias": sigma}
+
+
+def _set_context_scale(q: nn.Module, context_var: Tensor | None) -> None:
+    if context_var is not None and context_var.numel() == q.context_scale.numel():
+        with torch.no_grad():
+            q.context_scale.copy_(context_var.reshape(-1).clamp_min(1e-24).sqrt().to(q.context_scale.dtype))
 
 
 class ConditionalDiagonalNormal(ConditionalNormal):
@@ -253,6 +284,10 @@ class ConditionalDiagonalNormal(ConditionalNormal):
 
     def write_linear(self, A, c, var, context_mean=None, context_var=None) -> None:
         _write(self, A, c, var)
+        _set_context_scale(self, context_var)
+
+    def natural_scales(self) -> dict[str, Tensor]:
+        return _linear_scales(self)
 
 
 def _read(q: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
@@ -361,6 +396,13 @@ class ConditionalFullNormal(ConditionalDensity):
         self.bias.copy_(c.to(self.bias.dtype))
         self.log_scale.copy_((-P.diagonal().log()).to(self.log_scale.dtype))
         self.tril.copy_(torch.tril(P, -1).to(self.tril.dtype))
+        _set_context_scale(self, context_var)
+
+    def natural_scales(self) -> dict[str, Tensor]:
+        """As the diagonal family's; ``P``'s column ``k`` in units of ``1 / sigma_k``."""
+        scales = _linear_scales(self)
+        scales["tril"] = torch.exp(-self.log_scale.detach())[None, :].expand(self.features, -1)
+        return scales
 
 
 class ElementwiseConditionalNormal(ConditionalNormal):

@@ -131,6 +131,10 @@ class _WithLinear(ConditionalDensity):
     def reset_to_linear(self) -> None:
         raise NotImplementedError
 
+    def natural_scales(self) -> dict[str, Tensor]:
+        """The linear part's (the rest works on standardized inputs and whitened residuals)."""
+        return {f"linear.{k}": v for k, v in self.linear.natural_scales().items()}
+
 
 def _zero_last_linear(module: nn.Module) -> None:
     last = [m for m in module.modules() if isinstance(m, nn.Linear)][-1]
@@ -141,11 +145,15 @@ def _zero_last_linear(module: nn.Module) -> None:
 
 
 class MLPConditionalNormal(_WithLinear):
-    r"""Heteroscedastic Gaussian :math:`q(d\mid y) = \mathcal N(Ay + c + \mu_\theta(y), \operatorname{diag} e^{2(\lambda + \rho_\theta(y))})`.
+    r"""Heteroscedastic Gaussian around a full-covariance linear Gaussian (precision factor :math:`P`):
+
+    .. math:: r = P(d - Ay - c) \sim \mathcal N\big(\mu_\theta(\tilde y), \operatorname{diag} e^{2\rho_\theta(\tilde y)}\big),
+              \quad \log q(d\mid y) = \log\mathcal N(r) + \log|\det P|.
 
     :math:`(\mu_\theta, \rho_\theta)` is an MLP (``hidden`` units per layer, ``depth`` hidden
-    layers, SiLU) of the standardized context; its output layer starts at zero, so the density
-    starts as its linear part ``self.linear`` (:math:`\rho` is soft-clamped to :math:`\pm 5`).
+    layers, SiLU) of the standardized context :math:`\tilde y`, in whitened units; its output
+    layer starts at zero, so the density starts as its linear part ``self.linear``
+    (:math:`\rho` is soft-clamped to :math:`\pm 5`).
 
     >>> q = MLPConditionalNormal(2, 3)
     >>> q.sample(torch.randn(4, 3)).shape
@@ -173,7 +181,7 @@ class MLPConditionalNormal(_WithLinear):
         """``(mean, rho)``: the mean :math:`Ay + c + \\mu_\theta(y)` and the log-scales :math:`\rho_\theta(y)`
         of the whitened residual (both of shape ``(..., features)``)."""
         h = self.net(self.standardize(y))
-        mu = self.linear.mean(y) + h[..., : self.features]
+        mu = self.linear.mean(y) + self.linear.color(h[..., : self.features])
         rho = 5.0 * torch.tanh(h[..., self.features :] / 5.0)
         return mu, rho
 
@@ -301,6 +309,9 @@ class GaussianMixture(BaseDensity):
     def log_prob(self, z: Tensor) -> Tensor:
         return torch.logsumexp(self.component_log_prob(z), 1)
 
+    def natural_scales(self) -> dict[str, Tensor]:
+        return {"loc": self.log_scale.detach().exp()}
+
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
         k = torch.multinomial(torch.softmax(self.logits.detach(), 0), n, replacement=True)
         eps = torch.randn(n, self.loc.shape[1], dtype=self.loc.dtype, device=self.loc.device)
@@ -377,6 +388,9 @@ class FlowBase(BaseDensity):
             return ll - 0.5 * (u * u).sum(1)
         v, ladj = self.flow.transform(None).call_and_ladj(u)
         return ll - 0.5 * (v * v).sum(1) + ladj
+
+    def natural_scales(self) -> dict[str, Tensor]:
+        return {"loc": self.log_scale.detach().exp()}
 
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
         D = math.prod(self.event_shape)

@@ -55,6 +55,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from ._data import as_dataset, first
 from .core import FlowLayer, network_training
+from .densities import BaseDensity, ConditionalDensity
 from .dequantization import Dequantize, nats_to_bits_per_dim, warn_if_discrete
 from .evaluation import sum_log_likelihood
 
@@ -136,6 +137,32 @@ def _reduce(values: list[float], world: int) -> list[float]:
     return t.tolist()
 
 
+def natural_scales(flow: nn.Module, params: list[nn.Parameter]) -> list[tuple[nn.Parameter, Tensor]]:
+    """``(parameter, unit of its step)`` for the trained density parameters that declare one
+    (:meth:`~flowconvert.densities.ConditionalDensity.natural_scales`), read once before training."""
+    trained = {id(p) for p in params}
+    found = []
+    for module in flow.modules():
+        if isinstance(module, (ConditionalDensity, BaseDensity)):
+            for name, scale in module.natural_scales().items():
+                p = module.get_parameter(name)
+                if id(p) in trained:
+                    found.append((p, scale.to(p.dtype).expand_as(p).clone()))
+    return found
+
+
+def natural_step(optimizer: torch.optim.Optimizer, scaled: list[tuple[nn.Parameter, Tensor]]) -> None:
+    r"""``optimizer.step()``, then each update of a scaled parameter multiplied by its unit:
+    :math:`\theta \leftarrow \theta_0 + s \odot (\theta_1 - \theta_0)`. For Adam, whose steps have
+    about the size of the learning rate whatever the gradient's scale, this is a per-coordinate
+    learning rate ``lr * s``: a conditional mean moves in units of its own standard deviation."""
+    before = [p.detach().clone() for p, _ in scaled]
+    optimizer.step()
+    with torch.no_grad():
+        for (p, s), p0 in zip(scaled, before):
+            p.copy_(p0 + s * (p - p0))
+
+
 @torch.no_grad()
 def _evaluate(flow, loader, dequantize, deterministic, world) -> float:
     """Mean bits/dim on the validation loader (summed over the processes of a distributed run)."""
@@ -207,6 +234,7 @@ def fit(
         if world > 1:
             model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False, find_unused_parameters=True)
         optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        scaled = natural_scales(flow, params)
         best_state, bad_epochs = None, 0
         if val_loader is not None:  # the starting point competes too: training never makes it worse
             history.best_val_bpd, history.best_epoch = _evaluate(flow, val_loader, dequantize, deterministic, world), 0
@@ -228,7 +256,7 @@ def fit(
                 if clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, clip)
                 if torch.isfinite(loss) and grads_ok:
-                    optimizer.step()
+                    natural_step(optimizer, scaled)
                 else:
                     history.skipped_steps += 1
                 history.steps += 1

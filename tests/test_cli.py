@@ -479,7 +479,18 @@ def test_density_family_and_base_options_reach_the_flow(target, tmp_path, capsys
     from flowconvert.families import GaussianMixture, MLPConditionalNormal
 
     out = tmp_path / "mlp.safetensors"
-    args = ["convert", f"{target}:Good", "--input-shape", "1,8", "--density", "mlp", "--base", "mixture", "-o", str(out)]
+    args = [
+        "convert",
+        f"{target}:Good",
+        "--input-shape",
+        "1,8",
+        "--density",
+        "mlp",
+        "--base",
+        "mixture",
+        "-o",
+        str(out),
+    ]
     assert cli.main(args) == 0
     assert "mlp family, mixture base" in capsys.readouterr().out
     flow = fc.load(out)

@@ -216,7 +216,7 @@ def test_dtype_and_device_follow_the_module():
 
 def test_diagonal_base_adds_parameters():
     torch.manual_seed(0)
-    standard = fc.audit(ReducingMLP(), torch.randn(1, 12))
+    standard = fc.audit(ReducingMLP(), torch.randn(1, 12), base="standard")
     diagonal = fc.audit(ReducingMLP(), torch.randn(1, 12), base="diagonal")
     assert diagonal.density_parameters == standard.density_parameters + 2 * 4
     flow = fc.convert(ReducingMLP(), torch.randn(1, 12), base="diagonal")
