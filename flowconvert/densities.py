@@ -135,12 +135,7 @@ class BaseDensity(Configurable, nn.Module):
         return False when there is nothing to fit this way (the default)."""
         return False
 
-    def natural_scales(self) -> dict[str, Tensor]:
-        """The unit of a step of each named parameter: :func:`flowconvert.fit` multiplies Adam's
-        update of parameter ``name`` by ``scales[name]`` (broadcast to its shape), so a step moves
-        the density by about the same amount in every coordinate whatever the data's scale (a
-        mean moves in units of its standard deviation). Parameters not named take Adam's steps."""
-        return {}
+    natural_scales = ConditionalDensity.natural_scales  # the same contract (see there)
 
 
 def _moments(z: Tensor, min_var: float) -> tuple[Tensor, Tensor]:

@@ -601,15 +601,10 @@ class FlowWindowPool(FlowLayer):
                 raise LayerConfigurationError("average pooling has no dilation", code="FC214")
             if divisor_override is not None and int(divisor_override) == 0:
                 raise LayerConfigurationError("avg pooling with divisor_override=0", code="FC214")
-            self.config = dict(
-                kernel=kernel,
-                stride=stride,
-                padding=padding,
-                dilation=dilation,
-                ceil_mode=bool(ceil_mode),
-                count_include_pad=bool(count_include_pad),
-                divisor_override=None if divisor_override is None else int(divisor_override),
-            )
+            divisor = None if divisor_override is None else int(divisor_override)
+            self.config = {"kernel": kernel, "stride": stride, "padding": padding, "dilation": dilation}
+            self.config.update(ceil_mode=bool(ceil_mode), count_include_pad=bool(count_include_pad))
+            self.config["divisor_override"] = divisor
             per_dim = [
                 _dim_windows(s, k, st, p, d, bool(ceil_mode))
                 for s, k, st, p, d in zip(spatial, kernel, stride, padding, dilation)
@@ -715,29 +710,16 @@ class FlowWindowPool(FlowLayer):
             if module.return_indices:
                 raise LayerConfigurationError(f"{type(module).__name__} with return_indices=True", code="FC214")
             return cls(in_shape, "max", adaptive=module.output_size)
-        if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d)):
-            if module.return_indices:
+        if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)):
+            if getattr(module, "return_indices", False):
                 raise LayerConfigurationError(f"{type(module).__name__} with return_indices=True", code="FC214")
-            return cls(
-                in_shape,
-                "max",
-                kernel=module.kernel_size,
-                stride=module.stride,
-                padding=module.padding,
-                dilation=module.dilation,
-                ceil_mode=module.ceil_mode,
-            )
-        if isinstance(module, (nn.AvgPool1d, nn.AvgPool2d)):
-            return cls(
-                in_shape,
-                "avg",
-                kernel=module.kernel_size,
-                stride=module.stride,
-                padding=module.padding,
-                ceil_mode=module.ceil_mode,
-                count_include_pad=module.count_include_pad,
-                divisor_override=getattr(module, "divisor_override", None),
-            )
+            if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d)):
+                mode, extra = "max", {"dilation": module.dilation}
+            else:
+                divisor = getattr(module, "divisor_override", None)
+                mode, extra = "avg", {"count_include_pad": module.count_include_pad, "divisor_override": divisor}
+            window = {"kernel": module.kernel_size, "stride": module.stride, "padding": module.padding}
+            return cls(in_shape, mode, **window, ceil_mode=module.ceil_mode, **extra)
         raise TypeError(f"FlowWindowPool cannot be built from {type(module).__name__}")
 
     # -- the original function --------------------------------------------------------------------
