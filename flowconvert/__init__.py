@@ -35,6 +35,8 @@ _PUBLIC = {
         "SingularWeightError",
         "TracingError",
         "FileFormatError",
+        "InputError",
+        "FlowConversionWarning",
     ),
     "linear": ("FlowLinear",),
     "conv": ("FlowConv",),

@@ -78,7 +78,9 @@ from ._data import iter_inputs
 from .core import FlowLayer
 from .densities import LOG_2PI, BaseDensity, ConditionalDensity, GaussianNoise, HalfNormal
 from .dequantization import Dequantize, warn_if_discrete
+from .errors import InputError
 from .evaluation import sum_log_likelihood
+from .validation import check_count, check_data, tensor_data
 
 __all__ = ["calibrate", "CalibrationReport", "PartReport", "flow_layers", "declared_parts"]
 
@@ -599,7 +601,7 @@ def _split(data: Any, holdout: float, val_data: Any, batch_size: int, seed: int)
         x = data if isinstance(data, Tensor) else data[0]
         g = torch.Generator().manual_seed(seed)
         perm = torch.randperm(x.shape[0], generator=g)
-        n_hold = int(round(holdout * x.shape[0]))
+        n_hold = max(min(int(round(holdout * x.shape[0])), x.shape[0] - 1), 0)  # keep one sample to fit on
         fit, hold = x[perm[n_hold:]], x[perm[:n_hold]]
         return [(b, 0) for b in fit.split(batch_size)] + [(b, 1) for b in hold.split(batch_size)]
     every = max(int(round(1 / holdout)), 2) if holdout > 0 else 0
@@ -669,10 +671,33 @@ def calibrate(
         a :class:`CalibrationReport` (print it for a summary; ``report.not_calibrated`` lists
         the parts it could not fit, e.g. density modules a layer does not declare).
     """
+    check_count("batch_size", batch_size, 1)
+    if isinstance(holdout, bool) or not (isinstance(holdout, (int, float)) and 0 <= holdout < 1):
+        raise InputError(f"holdout must be a fraction in [0, 1), got {holdout!r}", code="FC604")
+    for name, given in (("data", data), ("val_data", val_data)):
+        if tensor_data(given) is not None:  # whole tensors are checked at once (rows numbered as given)
+            check_data(flow, tensor_data(given), name, dequantize=dequantize)
+    batches = _split(data, holdout, val_data, batch_size, seed)
+    for x, part in batches:
+        check_data(flow, x, "val_data" if part and val_data is not None else "data", dequantize=dequantize)
+    if not any(x.shape[0] for x, part in batches if part == 0):
+        raise InputError("calibrate needs at least one sample of data to fit on; got none", code="FC604")
+    if val_data is not None and not any(x.shape[0] for x, part in batches if part == 1):
+        raise InputError(
+            "val_data is empty; pass held-out samples or val_data=None (then holdout= is used)", code="FC604"
+        )
     warn_if_discrete(data, dequantize, "calibrate")
     flow_was_training = flow.training
     flow.eval()
-    batches = _split(data, holdout, val_data, batch_size, seed)
+    try:  # the training mode comes back on every exit, interrupts included
+        report = _calibrate(flow, batches, dequantize, deterministic, noise_factors, ridge, min_var, seed)
+    finally:
+        flow.train(flow_was_training)
+    flow.density_state = "calibrated"  # read by flowconvert export (an untrained flow gets a warning)
+    return report
+
+
+def _calibrate(flow, batches, dequantize, deterministic, noise_factors, ridge, min_var, seed) -> CalibrationReport:
     by_layer: dict[int, tuple[FlowLayer, dict[str, _Calibrator]]] = {}
     calibrators: list[_Calibrator] = []
     for path, layer, part, module in declared_parts(flow):
@@ -744,6 +769,4 @@ def calibrate(
             for p in report.parts:
                 p.updated, p.heldout_after = 0, p.heldout_before
         report.heldout_after = after
-    flow.train(flow_was_training)
-    flow.density_state = "calibrated"  # read by flowconvert export (an untrained flow gets a warning)
     return report

@@ -25,6 +25,7 @@ FC101 True
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,12 +35,12 @@ from torch import fx, nn
 from .analysis import legalize
 from .assembly import assemble
 from .deviation import measure_deviations
-from .errors import ConversionError, TracingError
+from .errors import ConversionError, FlowConversionWarning, TracingError
 from .flow import FlowModel
 from .lowering import lower
 from .registry import REGISTRY, Registry, resolve_substitutions
 from .report import Report
-from .reporting import density_parameters, trace_failure_report
+from .reporting import density_parameters, note_approximate_inverses, trace_failure_report
 from .reporting import report as build_report
 from .tracing import ExampleInputError, as_input_tuple, capture, record
 
@@ -162,6 +163,9 @@ def _run(model: nn.Module, example_inputs: Any, options: Options, *, build: bool
         for entry in report.substitutions:
             entry.deviation, entry.accumulated_deviation = deviations[entry.name]
     flow.report = report
+    note_approximate_inverses(report, flow)
+    _check_modes(cap, modules)
+    _check_inverse(flow, inputs)
     return report, flow
 
 
@@ -171,6 +175,57 @@ def _max_deviation(gm: fx.GraphModule, flow: FlowModel, inputs: tuple[torch.Tens
     with torch.no_grad():
         expected, got = _flat(gm(*inputs)), _flat(flow(*inputs))
     return max(((a.double() - b.double()).abs().max().item() for a, b in zip(expected, got) if a.numel()), default=0.0)
+
+
+#: Modules whose function depends on the training mode (the flow follows eval mode).
+_MODE_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase)
+
+
+def _check_modes(cap, modules: dict[str, nn.Module]) -> None:
+    """Warn when the model was in training mode and has modules that act differently in eval mode."""
+    changed = sorted(n for n in cap.training if isinstance(modules.get(n), _MODE_DEPENDENT))
+    if changed:
+        shown = ", ".join(changed[:5]) + (", ..." if len(changed) > 5 else "")
+        warnings.warn(
+            f"{cap.model_name} is in training mode; the flow follows its eval-mode function ({shown} act "
+            "differently in training mode). Call model.eval() before converting to silence this.",
+            FlowConversionWarning,
+            stacklevel=5,
+        )
+
+
+def _check_inverse(flow: FlowModel, inputs: tuple[torch.Tensor, ...], tolerance: float = 1e-3) -> None:
+    """Warn when the inverse misses on the example inputs (ill-conditioned compositions).
+
+    A bijection (no layer models anything) must give back its inputs; otherwise the stated
+    direction ``flow(flow.inverse(y)) == y`` is checked.
+    """
+    if not (flow.exact and flow.exact_inverse):
+        return  # bound layers promise no round trip; range-limited activations are marked already
+    bijective = not any(layer.density_parts() for layer in flow.layers.values())
+    try:
+        with torch.no_grad():
+            y = _flat(flow(*inputs))
+            back = flow.inverse(*y, sample=False)
+            back = back if isinstance(back, tuple) else (back,)
+            pairs = zip(inputs, back) if bijective else zip(y, _flat(flow(*back)))
+            pairs = list(pairs)
+    except Exception:  # noqa: BLE001 - a diagnostic must not break a conversion
+        return
+    worst = 0.0
+    for a, b in pairs:
+        if a.numel():
+            scale = a.double().abs().max().item() + torch.finfo(a.dtype).tiny
+            worst = max(worst, (a.double() - b.double()).abs().max().item() / scale)
+    if not worst <= tolerance:  # also catches NaN
+        warnings.warn(
+            f"the inverse of this flow is numerically unreliable: "
+            f"{'flow.inverse(flow(x)) differs from x' if bijective else 'flow(flow.inverse(y)) differs from y'} by "
+            f"{worst:.2g} (relative) on the example inputs; the composed maps are ill-conditioned for "
+            f"{inputs[0].dtype} (convert the model in float64, or check for nearly singular layers)",
+            FlowConversionWarning,
+            stacklevel=5,
+        )
 
 
 def _flat(out: Any) -> list[torch.Tensor]:

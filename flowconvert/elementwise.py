@@ -23,6 +23,13 @@ information is gone: the inverses clamp their argument into the open range (the 
 float below 1, etc.) and return a large finite value instead of ``inf``. Round trips are
 exact only where the forward pass is not saturated.
 
+Inverses of flows. A layer that drops coordinates after one of these activations (a
+reducing linear map, a strided convolution, pooling) fills them in its inverse by
+conditional means or Gaussian draws, which can leave the activation's range: the
+activation's inverse clamps them, and ``flow(flow.inverse(y))`` then differs from ``y``.
+Such flows have ``flow.exact_inverse == False`` (the report notes the activation); their
+log-density is unaffected. Each layer's ``output_range`` states its interval.
+
 Ranges. Tanh, Sigmoid, ELU and Softplus map onto an interval, not the whole line, so with a
 density on their output the induced density of :math:`x` integrates to the output density's
 mass on that interval (for a standard normal directly after a sigmoid: :math:`\Phi(1) -
@@ -66,6 +73,9 @@ class _Elementwise(FlowLayer):
     """Shared plumbing: ``L = sum log|f'(x)|``; subclasses define ``forward``, ``log_derivative``, ``inverse``."""
 
     exact = True
+    #: ``(low, high)``: the open interval the outputs lie in, or None for the whole line. An
+    #: inverse given values outside it clamps them (see :attr:`FlowModel.exact_inverse`).
+    output_range: tuple[float, float] | None = None
 
     @classmethod
     def from_module(cls, module: nn.Module | None = None) -> "_Elementwise":
@@ -194,6 +204,7 @@ class FlowELU(_Elementwise):
             raise LayerConfigurationError(f"ELU alpha={alpha:g}, scale={scale:g}: both must be > 0", code="FC212")
         self.alpha, self.scale, self.selu = alpha, scale, bool(selu)
         self.log_alpha, self.log_scale = math.log(alpha), math.log(scale)
+        self.output_range = (-scale * alpha, math.inf)
 
     @classmethod
     def from_module(cls, module: nn.Module) -> "FlowELU":
@@ -229,6 +240,8 @@ class FlowTanh(_Elementwise):
     r"""``nn.Tanh`` (exact). :math:`\log\tanh'(x) = 2(\log 2 - x - \operatorname{softplus}(-2x))`;
     inverse ``atanh`` of the output clamped into :math:`(-1, 1)`."""
 
+    output_range = (-1.0, 1.0)
+
     def forward(self, x: Tensor) -> Tensor:
         return torch.tanh(x)
 
@@ -243,6 +256,8 @@ class FlowTanh(_Elementwise):
 class FlowSigmoid(_Elementwise):
     r"""``nn.Sigmoid`` (exact). :math:`\log\sigma'(x) = \log\sigma(x) + \log\sigma(-x)`;
     inverse ``logit`` of the output clamped into :math:`(0, 1)`."""
+
+    output_range = (0.0, 1.0)
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.sigmoid(x)
@@ -292,6 +307,7 @@ class FlowSoftplus(_Elementwise):
                 code="FC212",
             )
         self.beta, self.threshold = beta, t
+        self.output_range = (0.0, math.inf)
 
     @classmethod
     def from_module(cls, module: nn.Softplus) -> "FlowSoftplus":

@@ -36,6 +36,7 @@ __all__ = [
     "ExportError",
     "FileFormatError",
     "InputError",
+    "FlowConversionWarning",
 ]
 
 
@@ -169,8 +170,18 @@ register_diagnostic(
     "onnxruntime and PyTorch disagree on the exported graph",
     "Running the exported graph in onnxruntime on the example inputs (same noise) gave "
     "outputs that differ from the PyTorch flow by more than the tolerance.",
-    "Check the named output first; export in float64, or raise atol/rtol if the "
-    "difference is rounding in a large model.",
+    "Check the named output first. A difference of about 1e-6 times the output's size is "
+    "float32 rounding: raise atol/rtol, or export a float64 flow (flow.double() with float64 "
+    "example inputs; the ops onnxruntime lacks double kernels for run in float32 and are "
+    "listed in ExportResult.float32_ops). A larger difference is a wrongly exported "
+    "operation: report it with the model.",
+)
+register_diagnostic(
+    "FC405",
+    "the output file cannot be written",
+    "The path of the exported model (or of its report) is not a writable file: a parent is "
+    "not a directory, the directory is read-only, or the path is a directory.",
+    "Pass a path in a writable directory, e.g. out/model.onnx.",
 )
 
 
@@ -229,6 +240,10 @@ class ConversionError(FlowConversionError):
 
 class ExportError(FlowConversionError):
     """ONNX export or its verification failed (``FC4xx``)."""
+
+
+class FlowConversionWarning(UserWarning):
+    """Something about a conversion the user should know: the result works, but not as they may assume."""
 
 
 class FileFormatError(FlowConversionError, ValueError):

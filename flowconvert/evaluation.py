@@ -37,6 +37,8 @@ from torch import Tensor
 from ._data import iter_inputs
 from .core import Flow
 from .dequantization import Dequantize, nats_to_bits_per_dim, warn_if_discrete
+from .errors import InputError
+from .validation import check_count, check_data, tensor_data
 
 __all__ = ["log_likelihood", "bits_per_dim", "mean_log_likelihood", "sum_log_likelihood"]
 
@@ -60,8 +62,8 @@ def log_likelihood(
     ``deterministic=True`` sets every forward noise to zero (a point evaluation, not a bound,
     when the flow has bound layers).
     """
-    if num_samples < 1:
-        raise ValueError("num_samples must be >= 1")
+    check_count("num_samples", num_samples, 1)
+    check_data(flow, x, "data", dequantize=dequantize)
     stochastic = dequantize is not None or not deterministic
     draws = num_samples if stochastic else 1
     terms = []
@@ -79,10 +81,12 @@ def log_likelihood(
 @torch.no_grad()
 def sum_log_likelihood(flow: Flow, batches: Iterable[Tensor], **kwargs) -> tuple[float, int, int]:
     """``(sum of log_likelihood, number of samples, per-sample dimension D)`` over ``batches``
-    (input tensors); ``kwargs`` are those of :func:`log_likelihood`. The one loop that
-    evaluation, calibration's held-out guard and training's validation share."""
+    (input tensors; empty ones are skipped); ``kwargs`` are those of :func:`log_likelihood`. The
+    one loop that evaluation, calibration's held-out guard and training's validation share."""
     total, count, dims = 0.0, 0, 0
     for x in batches:
+        if not x.shape[0]:
+            continue
         total += log_likelihood(flow, x, **kwargs).double().sum().item()
         count += x.shape[0]
         dims = x[0].numel()
@@ -91,9 +95,12 @@ def sum_log_likelihood(flow: Flow, batches: Iterable[Tensor], **kwargs) -> tuple
 
 def mean_log_likelihood(flow: Flow, data: Any, *, batch_size: int = 512, **kwargs) -> tuple[float, int]:
     """Mean of :func:`log_likelihood` over a data set, and the per-sample dimension ``D``."""
+    check_count("batch_size", batch_size, 1)
+    if tensor_data(data) is not None:  # a whole tensor is checked at once (rows numbered as given)
+        check_data(flow, tensor_data(data), "data", dequantize=kwargs.get("dequantize"))
     total, count, dims = sum_log_likelihood(flow, iter_inputs(data, batch_size), **kwargs)
     if count == 0:
-        raise ValueError("empty data set")
+        raise InputError("the data set is empty: a mean over no samples is undefined", code="FC604")
     return total / count, dims
 
 

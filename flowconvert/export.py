@@ -43,7 +43,10 @@ import contextlib
 import copy
 import io
 import logging
+import os
 import re
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from .core import Flow, FlowLayer
-from .errors import ExportError
+from .errors import ExportError, InputError
 from .flow import FlowModel
 
 if TYPE_CHECKING:
@@ -67,6 +70,8 @@ __all__ = ["export_onnx", "ExportResult", "GRAPHS", "NOISE_MODES"]
 GRAPHS = ("likelihood", "inverse")
 NOISE_MODES = ("zero", "input", "random")
 LOG_PROB = "log_prob"
+#: The oldest opset the torch.export-based exporter writes.
+MIN_OPSET = 18
 
 
 @dataclass
@@ -97,6 +102,9 @@ class ExportResult:
     parameter_count: int = 0
     max_abs_diff: dict[str, float] = field(default_factory=dict)
     parity: list[ParityCheck] = field(default_factory=list)
+    #: ``{op type: node count}`` computed in float32 inside a float64 graph (onnxruntime has
+    #: no double kernel for them; see :func:`~flowconvert.verification.fit_runtime`).
+    float32_ops: dict[str, int] = field(default_factory=dict)
     report_path: Path | None = None
     model_name: str = ""
     exact: bool = True
@@ -194,16 +202,31 @@ def export_onnx(
     Raises:
         ExportError: tracing or translation failed (``FC401``), the graph holds linear
             algebra (``FC402``), the checker rejected it (``FC403``), or onnxruntime
-            disagrees with PyTorch (``FC404``; the message names the output and the difference).
+            disagrees with PyTorch (``FC404``; the message names the output and the difference),
+            or ``path`` cannot be written (``FC405``). A failed export writes nothing.
+        InputError: an ``opset`` below 18, or an empty example batch (``FC604``); example
+            inputs that do not fit the flow (``FC601``/``FC602``).
+
+    A float64 flow exports as a float64 graph; the few operators onnxruntime has no double
+    kernel for (``Conv``, ``Softplus``, ...) are computed in float32 inside it and listed in
+    :attr:`ExportResult.float32_ops`.
     """
     if graph not in GRAPHS:
         raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
     if noise not in NOISE_MODES:
         raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET):
+        raise InputError(
+            f"opset must be an integer >= {MIN_OPSET} (the torch.export-based exporter writes opset "
+            f"{MIN_OPSET} and later), got {opset!r}",
+            code="FC604",
+        )
     path = Path(path)
     inputs = tuple(t.detach() for t in _as_tuple(example_inputs))
     if not inputs or not all(isinstance(t, Tensor) and t.dim() >= 1 for t in inputs):
         raise ValueError("example_inputs must be a tensor or a tuple of tensors with a batch dimension")
+    if inputs[0].shape[0] == 0:
+        raise InputError("example_inputs have an empty batch; export needs at least one example", code="FC604")
     model_name = type(flow).__name__
     if isinstance(flow, FlowLayer):
         flow = FlowModel.from_layer(flow, inputs[0].shape[1:])
@@ -221,55 +244,71 @@ def export_onnx(
         shapes = dict(flow.inverse_noise_shapes())
     noise_names = _noise_input_names(shapes, taken=set(data_names) | set(out_names))
 
-    # -- capture -------------------------------------------------------------------------
-    frozen = _frozen_copy(flow)
-    module = _FlowGraph(frozen, graph, noise, len(data), shapes)
-    trace_args = _trace_args(data, shapes if noise == "input" else {})
-    graph_in = list(data_names) + (list(noise_names) if noise == "input" else [])
-    _capture(module, trace_args, path, graph_in, out_names, opset)
+    # Everything is written into a fresh directory next to ``path`` and moved into place
+    # only when every check passed: a failed export leaves no file behind.
+    with _staging(path) as work:
+        # -- capture ---------------------------------------------------------------------
+        frozen = _frozen_copy(flow)
+        module = _FlowGraph(frozen, graph, noise, len(data), shapes)
+        trace_args = _trace_args(data, shapes if noise == "input" else {})
+        graph_in = list(data_names) + (list(noise_names) if noise == "input" else [])
+        _capture(module, trace_args, work, graph_in, out_names, opset)
+        from .verification import fit_runtime
 
-    # -- static checks -------------------------------------------------------------------
-    from .verification import check_graph
+        float32_ops = fit_runtime(work)  # loadable in onnxruntime, also with verify=False
 
-    proto = check_graph(path)
-    result = _describe(proto, path, graph, noise, flow, graph_in, out_names)
-    result.model_name = model_name
-    result.noise_inputs = dict(zip(noise_names, shapes)) if noise == "input" else {}
+        # -- static checks ---------------------------------------------------------------
+        from .verification import check_graph
 
-    # -- parity --------------------------------------------------------------------------
-    if verify:
-        reference = _FlowGraph(flow, graph, "input" if noise != "zero" else "zero", len(data), shapes)
-        with _eval_mode(flow):
-            result.parity = _parity(
-                path,
-                reference,
-                data,
-                graph_in,
-                out_names,
-                shapes,
-                noise,
-                atol=atol,
-                rtol=rtol,
-                second_batch=second_batch,
-                draws=draws,
-                seed=seed,
+        proto = check_graph(work)
+        result = _describe(proto, path, graph, noise, flow, graph_in, out_names)
+        result.model_name = model_name
+        result.noise_inputs = dict(zip(noise_names, shapes)) if noise == "input" else {}
+        result.float32_ops = float32_ops
+        if opset is not None and result.opset != opset:
+            raise ExportError(f"opset {opset} was requested but the exporter wrote opset {result.opset}", code="FC401")
+
+        # -- parity ----------------------------------------------------------------------
+        if verify:
+            reference = _FlowGraph(flow, graph, "input" if noise != "zero" else "zero", len(data), shapes)
+            with _eval_mode(flow):
+                result.parity = _parity(
+                    work,
+                    reference,
+                    data,
+                    graph_in,
+                    out_names,
+                    shapes,
+                    noise,
+                    atol=atol,
+                    rtol=rtol,
+                    second_batch=second_batch,
+                    draws=draws,
+                    seed=seed,
+                )
+            for c in result.parity:
+                if c.statistic in ("values", "mean"):
+                    result.max_abs_diff[c.output] = max(result.max_abs_diff.get(c.output, 0.0), c.max_abs_diff)
+        failed = [c for c in result.parity if not c.passed]
+        if failed:
+            error = ExportError(
+                f"onnxruntime disagrees with PyTorch on {path.name} ({graph}, noise={noise}): "
+                + "; ".join(c.describe() for c in failed)
+                + (f" (computed in float32 for lack of double kernels: {float32_ops})" if float32_ops else "")
+                + "; nothing was written",
+                code="FC404",
             )
-        for c in result.parity:
-            if c.statistic in ("values", "mean"):
-                result.max_abs_diff[c.output] = max(result.max_abs_diff.get(c.output, 0.0), c.max_abs_diff)
+            error.result = result
+            raise error
     if report:
         result.report_path = path.with_suffix(".md") if report is True else Path(report)
-        result.report_path.parent.mkdir(parents=True, exist_ok=True)
-        result.report_path.write_text(result.report())
-    failed = [c for c in result.parity if not c.passed]
-    if failed:
-        error = ExportError(
-            f"onnxruntime disagrees with PyTorch on {path.name} ({graph}, noise={noise}): "
-            + "; ".join(c.describe() for c in failed),
-            code="FC404",
-        )
-        error.result = result
-        raise error
+        try:
+            result.report_path.parent.mkdir(parents=True, exist_ok=True)
+            result.report_path.write_text(result.report())
+        except OSError as exc:
+            raise ExportError(
+                f"cannot write the report {result.report_path}: {exc.strerror or exc}", code="FC405"
+            ) from exc
     return result
 
 
@@ -346,11 +385,28 @@ def _trace_args(data: tuple[Tensor, ...], noise_shapes: Mapping[str, tuple]) -> 
     return (*data, *noise)
 
 
+@contextlib.contextmanager
+def _staging(path: Path):
+    """A scratch directory next to ``path``; on success its files replace ``path`` (and its data files)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise IsADirectoryError(21, "Is a directory")
+        scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as exc:
+        raise ExportError(f"cannot write {path}: {exc.strerror or exc}", code="FC405") from exc
+    try:
+        yield scratch / path.name
+        for f in scratch.iterdir():
+            os.replace(f, path.parent / f.name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def _capture(module: nn.Module, args, path: Path, input_names, output_names, opset) -> None:
     batch = torch.export.Dim("batch", min=1)
     dynamic_shapes = (tuple({0: batch} for _ in args),)
     nbytes = sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with torch.no_grad(), _quiet():
             program = torch.onnx.export(

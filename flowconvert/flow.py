@@ -49,8 +49,12 @@ from torch import Tensor, fx, nn
 
 from .config import Configurable
 from .core import FlowLayer
+from .validation import check_batch, check_count, check_noise, flow_dtype
 
 __all__ = ["FlowModel", "FlowPlan", "Step"]
+
+#: Density-part kinds whose inverse fills in dropped coordinates (see :attr:`FlowModel.exact_inverse`).
+_FILLING = ("conditional", "gaps")
 
 Shape = tuple[int, ...]
 
@@ -244,6 +248,46 @@ class FlowModel(Configurable, nn.Module):
         return all(layer.exact for layer in self.layers.values())
 
     @property
+    def exact_inverse(self) -> bool:
+        """True when ``flow(flow.inverse(y)) == y`` for every output ``y`` the flow can produce.
+
+        False when a range-limited elementwise layer (Tanh, Sigmoid, ELU, Softplus: its
+        ``output_range``) has a layer after it that drops coordinates (a ``"conditional"`` or
+        ``"gaps"`` density part): the inverse fills the dropped coordinates by conditional
+        means, draws or max-minus-gap values, which can leave the activation's
+        range; the activation's inverse then clamps them, so the reconstruction maps back to a
+        different output. The log-density is unaffected (still exact when :attr:`exact`).
+        """
+        return not self.approximate_inverse_layers()
+
+    def approximate_inverse_layers(self) -> list[str]:
+        """The range-limited layers whose inverse can receive values outside their range (see :attr:`exact_inverse`)."""
+        consumers: dict[str, list[Step]] = {}
+        for step in self.plan.steps:
+            for v in step.inputs:
+                consumers.setdefault(v, []).append(step)
+
+        def drops_later(step: Step) -> bool:
+            seen, todo = set(), [step]
+            while todo:
+                s = todo.pop()
+                for value in s.names or (s.name,):
+                    for nxt in consumers.get(value, ()):
+                        if nxt.name in seen:
+                            continue
+                        seen.add(nxt.name)
+                        if any(p.kind in _FILLING for p in self.layers[nxt.layer].density_parts()):
+                            return True
+                        todo.append(nxt)
+            return False
+
+        return [
+            s.layer
+            for s in self.plan.steps
+            if getattr(self.layers[s.layer], "output_range", None) is not None and drops_later(s)
+        ]
+
+    @property
     def input_shapes(self) -> list[Shape]:
         """Per-sample shapes of the inputs."""
         return [shape for _, shape in self.plan.inputs]
@@ -294,9 +338,32 @@ class FlowModel(Configurable, nn.Module):
         batch = like.shape[0]
         return {f"noise_{k}": torch.randn((batch, *s), dtype=like.dtype, device=like.device) for k, s in shapes.items()}
 
+    # -- boundary checks --------------------------------------------------------------------------
+    def _check_inputs(self, inputs: tuple, noise: Mapping[str, Tensor] | None = None) -> int:
+        """Shapes and dtypes of the inputs (and of explicit noise) against the recorded ones; the batch size.
+
+        Skipped while torch.export traces the flow (a comparison would fix the symbolic batch size).
+        """
+        if torch.compiler.is_compiling():
+            return -1
+        dtype = flow_dtype(self)
+        batch = check_batch(inputs, self.input_shapes, dtype, what="input")
+        check_noise(noise, self._noise_shapes, batch, dtype)
+        return batch
+
+    def _on_empty(self, graph: fx.GraphModule, values: tuple, shapes: Mapping[str, Shape], **kwargs: Any) -> Any:
+        """Run ``graph`` on one zero sample and keep none of it: empty results of the right shapes."""
+        one = tuple(v.new_zeros((1, *v.shape[1:])) for v in values)
+        noise = {f"noise_{k}": one[0].new_zeros((1, *s)) for k, s in shapes.items()}
+        with torch.no_grad():
+            out = graph(*one, **kwargs, **noise)
+        return fx.node.map_aggregate(out, lambda t: t[:0] if isinstance(t, Tensor) else t)
+
     # -- the public API --------------------------------------------------------------------------
     def forward(self, *inputs: Tensor) -> Any:
         """The original network's outputs (no likelihood)."""
+        if self._check_inputs(inputs) == 0:
+            return self._on_empty(self.function_graph, inputs, {})
         return self.function_graph(*inputs)
 
     def forward_with_log_prob(
@@ -308,6 +375,8 @@ class FlowModel(Configurable, nn.Module):
         when ``deterministic=False``, use none (zero noise) when ``deterministic=True``.
         A dict ``{name: (batch, *shape) tensor}`` is used verbatim.
         """
+        if self._check_inputs(inputs, noise) == 0:
+            return self._on_empty(self.likelihood_graph, inputs, self._noise_shapes)
         kwargs = self._noise_kwargs(self._noise_shapes, noise, not deterministic, inputs[0])
         return self.likelihood_graph(*inputs, **kwargs)
 
@@ -324,8 +393,7 @@ class FlowModel(Configurable, nn.Module):
         ``num_samples=K > 1`` the importance-weighted bound :math:`\\log\\frac1K\\sum_k e^{L_k}`
         with fresh noise for every k. ``deterministic=True`` evaluates at zero noise.
         """
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        check_count("num_samples", num_samples, 1)
         if num_samples == 1 or noise is not None:
             return self.forward_with_log_prob(*inputs, deterministic=deterministic, noise=noise)[1]
         lps = torch.stack(
@@ -358,8 +426,13 @@ class FlowModel(Configurable, nn.Module):
         """
         if len(outputs) == 1 and isinstance(outputs[0], (tuple, list)):
             outputs = tuple(outputs[0])
-        if len(outputs) != len(self.plan.output_names):
-            raise ValueError(f"expected {len(self.plan.output_names)} outputs, got {len(outputs)}")
+        batch = -1
+        if not torch.compiler.is_compiling():  # see _check_inputs
+            dtype = flow_dtype(self)
+            batch = check_batch(outputs, self.output_shapes, dtype, what="output")
+            check_noise(noise, self._inverse_noise_shapes, batch, dtype)
+        if batch == 0:
+            return self._on_empty(self.inverse_graph, outputs, self._inverse_noise_shapes, sample=False)
         kwargs = self._noise_kwargs(self._inverse_noise_shapes, noise, sample, outputs[0])
         if sample and temperature != 1.0:
             kwargs = {k: v * temperature for k, v in kwargs.items()}
@@ -372,6 +445,7 @@ class FlowModel(Configurable, nn.Module):
         ``temperature`` :math:`T` scales every standard-normal draw, of the bases and of the
         conditionals of dropped coordinates (``T < 1``: samples closer to the modes).
         """
+        check_count("n", n, 0)
         z = [self.bases[self._base_key(name)].sample(n, temperature=temperature) for name in self.plan.output_names]
         return self.inverse(*z, sample=True, noise=noise, temperature=temperature)
 

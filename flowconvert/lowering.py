@@ -64,6 +64,7 @@ def context(node: fx.Node, module: nn.Module | None, options: dict) -> NodeConte
         record(node).sample_shape,
         in_shapes=tuple(record(n).sample_shape or () for n in occurrences),
         options=dict(options),
+        training=record(node).training,
     )
 
 

@@ -128,6 +128,8 @@ class NodeContext:
     options: dict = field(default_factory=dict)
     #: set by a rule whose layer approximates the original operation (see :meth:`substitute`)
     substitution: Substitution | None = None
+    #: the user's module of a ``call_module`` node was in training mode (the traced copy is in eval mode)
+    training: bool = False
 
     def arg(self, index: int, name: str, default: Any = None) -> Any:
         """Argument by position (counting the data input) or by keyword."""
@@ -837,6 +839,12 @@ def _prelu(ctx: NodeContext) -> FlowLayer:
 )
 def _batch_norm(ctx: NodeContext) -> FlowLayer:
     if ctx.module is not None:
+        if ctx.training:
+            raise Rejection(
+                "FC211",
+                f"{describe_target(ctx.node, ctx.module)} is in training mode: it normalizes with each batch's "
+                "statistics, while a flow can only use the running statistics (call model.eval() first)",
+            )
         return FlowBatchNorm.from_module(ctx.module)
     mean, var = ctx.tensor(1, "running_mean"), ctx.tensor(2, "running_var")
     if ctx.arg(5, "training", False) or mean is None or var is None:

@@ -20,7 +20,7 @@ from .registry import describe_target
 from .report import CONVERTED, FOLLOW_ON_CODES, PASSTHROUGH, REJECTED, NodeReport, Problem, Report
 from .tracing import DATA, OUTPUT, TracingError, record
 
-__all__ = ["report", "trace_failure_report", "density_parameters", "collapse_follow_ons"]
+__all__ = ["report", "trace_failure_report", "density_parameters", "collapse_follow_ons", "note_approximate_inverses"]
 
 # Densities outside declared parts (bases, nested layers' parts) are counted by their type.
 _DENSITY_TYPES = (ConditionalDensity, BaseDensity, GaussianNoise, HalfNormal)
@@ -174,6 +174,26 @@ def report(
         density_parameters=density_parameters([*layers, *record(output).bases.values()]) + checked,
         base=base,
     )
+
+
+def note_approximate_inverses(report: Report, flow) -> None:
+    """Note on each range-limited activation whose inverse can receive values outside its range.
+
+    ``flow.approximate_inverse_layers()`` names them (a later layer drops coordinates); the
+    note says so on the activation's row, so the report states the condition of
+    ``flow.exact_inverse``.
+    """
+    marked = set(flow.approximate_inverse_layers())
+    entries = {e.name: e for e in report.nodes}
+    for step in flow.plan.steps:
+        entry = entries.get(step.name)
+        if step.layer in marked and entry is not None:
+            low, high = flow.layers[step.layer].output_range
+            note = (
+                f"outputs lie in ({low:g}, {high:g}) but a later layer drops coordinates: the inverse can "
+                "reconstruct values outside that range and clamps them (flow.exact_inverse is False)"
+            )
+            entry.note = f"{entry.note}; {note}" if entry.note else note
 
 
 def _returned(output: fx.Node) -> list[fx.Node]:

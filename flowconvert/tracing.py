@@ -94,7 +94,8 @@ class NodeRecord:
     """Everything the passes know about one fx node (``node.meta["flowconvert"]``).
 
     Written by capture: ``kind``, ``shape`` (full, batch first), ``dtype``, ``arity`` (length of
-    a data tuple), ``value`` (non-data nodes), ``location``, ``batch_ok``, ``shape_check``.
+    a data tuple), ``value`` (non-data nodes), ``location``, ``batch_ok``, ``shape_check``,
+    ``training`` (a ``call_module`` node whose module was in training mode in the user's model).
     Written by legalize: ``inserted`` (a node the pass made: a fan-out and its copies),
     ``piece`` (``(tuple node name, index)`` for a getitem reading one piece of a data tuple),
     ``problems``. Written by lower: ``layer`` (convert) or ``verdict`` (audit),
@@ -116,6 +117,7 @@ class NodeRecord:
     verdict: Verdict | None = None
     substitution: Substitution | None = None
     bases: dict[str, Any] = field(default_factory=dict)
+    training: bool = False
 
     @property
     def is_data(self) -> bool:
@@ -319,6 +321,8 @@ class Capture:
     inputs: tuple[Tensor, ...]
     batch: int
     model_name: str
+    #: qualified names of the user's modules that were in training mode (the copy is traced in eval mode)
+    training: frozenset = frozenset()
 
     @property
     def graph(self) -> fx.Graph:
@@ -337,9 +341,17 @@ def as_input_tuple(example_inputs: Any) -> tuple[Tensor, ...]:
             f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}",
             code="FC309",
         )
-    for t in inputs:
+    for i, t in enumerate(inputs):
         if t.dim() == 0:
             raise ExampleInputError("example inputs need a leading batch dimension, got a scalar", code="FC309")
+        if not t.is_floating_point():
+            which = "the example input" if len(inputs) == 1 else f"example input {i}"
+            raise ExampleInputError(
+                f"{which} has dtype {t.dtype}: a flow is a density over real-valued inputs, so the model "
+                "must take floating-point inputs (integer ids or labels have no change of variables; convert "
+                "the part of the model after an embedding, or pass float data and Dequantize discrete levels)",
+                code="FC309",
+            )
     return inputs
 
 
@@ -357,6 +369,10 @@ def _concrete_args(model: nn.Module, n_inputs: int) -> dict[str, Any] | None:
 def capture(model: nn.Module, example_inputs: Any, *, leaf_types: Iterable[type] = ()) -> Capture:
     """Trace a deep copy of ``model`` (in eval mode) and annotate its nodes (see module docs).
 
+    The flow follows the model's eval-mode function. Modules that were in training mode are
+    listed in :attr:`Capture.training`, and their ``call_module`` nodes carry
+    ``NodeRecord.training = True`` (BatchNorm in training mode is then refused, FC211).
+
     Raises :class:`~flowconvert.errors.TracingError` when the model cannot be traced and
     :class:`ExampleInputError` when it fails on ``example_inputs``.
     """
@@ -367,6 +383,7 @@ def capture(model: nn.Module, example_inputs: Any, *, leaf_types: Iterable[type]
         work = copy.deepcopy(model)
     except Exception as exc:
         raise TracingError(f"could not copy the model to trace it ({type(exc).__name__}: {exc})", code="FC303") from exc
+    training = frozenset(name for name, m in model.named_modules() if m.training)
     work.eval()
     tracer = FlowTracer(leaf_types)
     try:
@@ -378,11 +395,13 @@ def capture(model: nn.Module, example_inputs: Any, *, leaf_types: Iterable[type]
         # inputs and the output are made by the tracer itself, not by a line of forward
         where = None if node.op in ("placeholder", "output") else node_location(node)
         node.meta[META_KEY] = NodeRecord(location=where)
+        if node.op == "call_module" and node.target in training:
+            node.meta[META_KEY].training = True
     batch = int(inputs[0].shape[0])
     with torch.no_grad():
         _propagate(gm, work, inputs)
         _check_batch(gm, inputs)
-    return Capture(gm, inputs, batch, type(model).__name__)
+    return Capture(gm, inputs, batch, type(model).__name__, training)
 
 
 def _is_tensorlike(value: Any) -> bool:

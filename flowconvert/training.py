@@ -45,7 +45,7 @@ import copy
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -57,7 +57,9 @@ from ._data import as_dataset, first
 from .core import FlowLayer, network_training
 from .densities import BaseDensity, ConditionalDensity
 from .dequantization import Dequantize, nats_to_bits_per_dim, warn_if_discrete
+from .errors import InputError
 from .evaluation import sum_log_likelihood
+from .validation import check_count, check_data, check_positive, tensor_data
 
 __all__ = ["fit", "History", "network_parameter_set"]
 
@@ -163,13 +165,22 @@ def natural_step(optimizer: torch.optim.Optimizer, scaled: list[tuple[nn.Paramet
             p.copy_(p0 + s * (p - p0))
 
 
+def _checked_inputs(flow, loader, what: str, dequantize) -> Iterator[Tensor]:
+    for batch in loader:
+        x = first(batch)
+        check_data(flow, x, what, dequantize=dequantize)
+        yield x
+
+
 @torch.no_grad()
 def _evaluate(flow, loader, dequantize, deterministic, world) -> float:
     """Mean bits/dim on the validation loader (summed over the processes of a distributed run)."""
-    batches = (first(batch) for batch in loader)
+    batches = _checked_inputs(flow, loader, "a batch of val_data", dequantize)
     total, count, dims = sum_log_likelihood(flow, batches, dequantize=dequantize, deterministic=deterministic)
     total, count = _reduce([total, float(count)], world)
-    return nats_to_bits_per_dim(-total / max(count, 1.0), max(dims, 1))
+    if count == 0:
+        raise InputError("val_data is empty: at least one sample is needed", code="FC604")
+    return nats_to_bits_per_dim(-total / count, max(dims, 1))
 
 
 def fit(
@@ -205,10 +216,100 @@ def fit(
         clip: maximum gradient norm (None: no clipping).
         deterministic: train the deterministic-mode likelihood instead of the bound.
         progress: show a tqdm bar with the running bits/dim (rank 0 only).
+        seed: seeds the shuffling and the noise draws; the global random state is left as it was.
+
+    Data are checked first (shapes and dtype against the flow, no NaN/Inf, not empty;
+    :class:`~flowconvert.errors.InputError`). ``epochs=0`` (or ``max_steps=0``) leaves the
+    flow exactly as it was. If training fails (an error in a batch), every parameter and
+    buffer is restored to its value before the call; on any exit, interrupts included, the
+    flow gets its training mode back and no gradients are left on its parameters.
     """
     if train not in ("densities", "all"):
-        raise ValueError(f'train must be "densities" or "all", got {train!r}')
+        raise InputError(f'train must be "densities" or "all", got {train!r}', code="FC604")
+    check_count("epochs", epochs, 0)
+    check_count("batch_size", batch_size, 1)
+    check_count("patience", patience, 0)
+    if max_steps is not None:
+        check_count("max_steps", max_steps, 0)
+    check_positive("lr", lr)
+    for name, given in (("data", data), ("val_data", val_data)):
+        if tensor_data(given) is not None:
+            check_data(flow, tensor_data(given), name, dequantize=dequantize, empty_ok=False)
     warn_if_discrete(data, dequantize, "fit")
+    if epochs == 0 or max_steps == 0:
+        return History()
+    was_training = flow.training
+    had_grad = {id(p) for p in flow.parameters() if p.grad is not None}
+    before = _all_tensors(flow)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            history = _fit(
+                flow,
+                data,
+                epochs=epochs,
+                lr=lr,
+                train=train,
+                val_data=val_data,
+                batch_size=batch_size,
+                dequantize=dequantize,
+                patience=patience,
+                clip=clip,
+                weight_decay=weight_decay,
+                max_steps=max_steps,
+                deterministic=deterministic,
+                progress=progress,
+                seed=seed,
+            )
+        if history.steps == history.skipped_steps:
+            _restore_tensors(flow, before)  # no step was taken: not even rounding may change
+        else:
+            flow.density_state = "fitted"  # read by flowconvert export (an untrained flow gets a warning)
+        return history
+    except Exception:
+        _restore_tensors(flow, before)  # nothing half-done
+        raise
+    finally:
+        for p in flow.parameters():
+            if id(p) not in had_grad:
+                p.grad = None
+        flow.train(was_training)
+
+
+def _all_tensors(flow: nn.Module) -> dict[str, Tensor]:
+    """Copies of every parameter and buffer (non-persistent caches too), by name."""
+    tensors = {f"p:{k}": v.detach().clone() for k, v in flow.named_parameters()}
+    tensors.update({f"b:{k}": v.detach().clone() for k, v in flow.named_buffers()})
+    return tensors
+
+
+@torch.no_grad()
+def _restore_tensors(flow: nn.Module, saved: dict[str, Tensor]) -> None:
+    current = {f"p:{k}": v for k, v in flow.named_parameters()}
+    current.update({f"b:{k}": v for k, v in flow.named_buffers()})
+    for key, value in saved.items():
+        t = current.get(key)
+        if t is not None and t.shape == value.shape and not torch.equal(t, value):
+            t.copy_(value)  # in place: version counters move, so layer caches follow
+
+
+def _fit(
+    flow: nn.Module,
+    data: Any,
+    *,
+    epochs: int,
+    lr: float,
+    train: str,
+    val_data: Any,
+    batch_size: int,
+    dequantize: Dequantize | None,
+    patience: int,
+    clip: float | None,
+    weight_decay: float,
+    max_steps: int | None,
+    deterministic: bool,
+    progress: bool,
+    seed: int,
+) -> History:
     rank, world = _distributed()
     torch.manual_seed(seed + rank)  # different dequantization/noise draws per rank
     loader = _loader(data, batch_size, True, world, rank, seed)
@@ -246,6 +347,7 @@ def fit(
             total, count = 0.0, 0
             for batch in loader:
                 x = first(batch)
+                check_data(flow, x, "a batch of data", dequantize=dequantize)
                 xi = dequantize(x) if dequantize is not None else x
                 log_det = dequantize.log_det(x[0].numel()) if dequantize is not None else 0.0
                 loss_per = nats_to_bits_per_dim(-(model(xi) + log_det), x[0].numel())
@@ -267,6 +369,8 @@ def fit(
                 if max_steps is not None and history.steps >= max_steps:
                     break
             total, count = _reduce([total, float(count)], world)
+            if count == 0:
+                raise InputError("data is empty: fit needs at least one training sample", code="FC604")
             history.epochs.append(epoch + 1)
             history.train_bpd.append(total / max(count, 1.0))
             if val_loader is not None:
@@ -295,7 +399,6 @@ def fit(
             raise RuntimeError('train="densities" changed a network parameter; this is a bug')
     flow.train(was_training)
     history.seconds = time.perf_counter() - start
-    flow.density_state = "fitted"  # read by flowconvert export (an untrained flow gets a warning)
     return history
 
 

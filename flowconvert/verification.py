@@ -22,6 +22,7 @@ Three concerns, each a plain function so they can be reused on any ONNX file:
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
@@ -228,6 +229,14 @@ def render_report(result) -> str:
         f"* opset {result.opset}, {sum(result.op_counts.values())} nodes, {result.initializer_count} initializers, "
         f"{result.parameter_count} stored numbers",
         f"* linear-algebra ops in the graph: {', '.join(result.linear_algebra_ops) or 'none'}",
+        *(
+            [
+                "* computed in float32 (onnxruntime has no double kernel): "
+                + ", ".join(f"{op} x{n}" for op, n in result.float32_ops.items())
+            ]
+            if getattr(result, "float32_ops", None)
+            else []
+        ),
         f"* exported with {result.versions}",
         "",
         "## Inputs",
@@ -274,3 +283,151 @@ _NOISE_TEXT = {
 
 def _shape_text(shape) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+# -- loadable in onnxruntime: float32 islands for ops without a double kernel -------------------
+_NOT_IMPLEMENTED = re.compile(r"implementation for (\w+)\(\d+\) node")
+
+
+def fit_runtime(path, max_rounds: int = 16) -> dict[str, int]:
+    """Make ``path`` loadable in onnxruntime; returns ``{op type: nodes computed in float32}``.
+
+    onnxruntime's CPU provider has no float64 kernel for several operators. Elementwise ones
+    (``LeakyRelu``, ``PRelu``, ``Elu``, ``Selu``, ``Softplus``, ``Atanh``) are rewritten
+    exactly with double-capable operators (``Where``, ``Exp``, ``Log``, ...); every other
+    node of such a type (``Conv``, ``AveragePool``, ...) gets its double inputs cast to
+    float32 and its outputs cast back, so it runs in single precision (reported; the parity
+    check measures the cost). Raises
+    :class:`ExportError` (``FC401``) when the file cannot be loaded for any other reason.
+    """
+    import onnxruntime as ort
+
+    cast: dict[str, int] = {}
+    for _ in range(max_rounds):
+        try:
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            return cast
+        except Exception as exc:  # onnxruntime raises its own exception types
+            match = _NOT_IMPLEMENTED.search(str(exc))
+            if match is None or match.group(1) in cast:
+                first = str(exc).strip().splitlines()
+                raise ExportError(
+                    f"onnxruntime cannot load the exported graph: {first[0] if first else exc}", code="FC401"
+                ) from exc
+            op = match.group(1)
+            model = onnx.load(str(path))
+            if op in _DOUBLE_REWRITES:
+                if not _rewrite_in_double(model, op):
+                    raise ExportError(f"onnxruntime has no kernel for {op}", code="FC401") from exc
+                onnx.save(model, str(path))
+                continue
+            count = _cast_to_float32(model, op)
+            if not count:
+                raise ExportError(
+                    f"onnxruntime has no kernel for {op} and the node cannot be recast", code="FC401"
+                ) from exc
+            cast[op] = count
+            onnx.save(model, str(path))
+    raise ExportError("onnxruntime still cannot load the exported graph after recasting", code="FC401")
+
+
+def _cast_to_float32(model: onnx.ModelProto, op_type: str) -> int:
+    """Wrap every ``op_type`` node with double tensors in Cast(float32) ... Cast(float64)."""
+    from onnx import TensorProto, helper
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {
+        v.name: v.type.tensor_type.elem_type
+        for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)
+    }
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    double = TensorProto.DOUBLE
+    nodes, count = [], 0
+    for node in model.graph.node:
+        if node.op_type != op_type or not any(types.get(n) == double for n in (*node.input, *node.output)):
+            nodes.append(node)
+            continue
+        count += 1
+        for i, name in enumerate(node.input):
+            if name and types.get(name) == double:
+                new = f"{name}__f32_{count}_{i}"
+                nodes.append(helper.make_node("Cast", [name], [new], to=TensorProto.FLOAT, name=f"{new}_cast"))
+                node.input[i] = new
+        after = []
+        for i, name in enumerate(node.output):
+            if name and types.get(name, double) == double:
+                new = f"{name}__f32"
+                node.output[i] = new
+                after.append(helper.make_node("Cast", [new], [name], to=double, name=f"{name}_cast64"))
+        for attr in node.attribute:  # a dtype attribute (e.g. of RandomNormalLike) follows the node
+            if attr.name == "dtype" and attr.i == double:
+                attr.i = TensorProto.FLOAT
+        nodes.append(node)
+        nodes.extend(after)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return count
+
+
+def _rewrite_in_double(model: onnx.ModelProto, op_type: str) -> int:
+    """Replace every ``op_type`` node by the same function built from ops that have double kernels."""
+    from onnx import helper, numpy_helper
+
+    consts: dict[float, str] = {}
+
+    def const(value: float) -> str:
+        if value not in consts:
+            name = f"__fc_double_{len(consts)}_{op_type}"
+            model.graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.float64), name))
+            consts[value] = name
+        return consts[value]
+
+    nodes, count = [], 0
+    for node in model.graph.node:
+        if node.op_type != op_type:
+            nodes.append(node)
+            continue
+        count += 1
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        x, out, stem = node.input[0], node.output[0], f"__fc_{op_type}_{count}"
+
+        def make(op: str, ins: list[str], name: str, stem: str = stem) -> str:
+            """Append one node ``op(ins)`` with a fresh output name; return that name."""
+            nodes.append(helper.make_node(op, ins, [f"{stem}_{name}"]))
+            return f"{stem}_{name}"
+
+        if op_type in ("LeakyRelu", "PRelu"):
+            slope = const(float(attrs.get("alpha", 0.01))) if op_type == "LeakyRelu" else node.input[1]
+            neg = make("Less", [x, const(0.0)], "neg")
+            scaled = make("Mul", [x, slope], "scaled")
+            nodes.append(helper.make_node("Where", [neg, scaled, x], [out]))
+        elif op_type in ("Elu", "Selu"):
+            alpha = float(attrs.get("alpha", 1.0 if op_type == "Elu" else 1.67326319217681884765625))
+            neg = make("Less", [x, const(0.0)], "neg")
+            em1 = make("Sub", [make("Exp", [x], "exp"), const(1.0)], "em1")
+            low = make("Mul", [em1, const(alpha)], "low")
+            if op_type == "Elu":
+                nodes.append(helper.make_node("Where", [neg, low, x], [out]))
+            else:
+                gamma = float(attrs.get("gamma", 1.05070102214813232421875))
+                nodes.append(helper.make_node("Mul", [make("Where", [neg, low, x], "branch"), const(gamma)], [out]))
+        elif op_type == "Softplus":  # max(x, 0) + log(1 + exp(-|x|)), finite for every x
+            tail = make(
+                "Log",
+                [make("Add", [const(1.0), make("Exp", [make("Neg", [make("Abs", [x], "abs")], "nabs")], "e")], "1pe")],
+                "log",
+            )
+            nodes.append(helper.make_node("Add", [make("Max", [x, const(0.0)], "relu"), tail], [out]))
+        elif op_type == "Atanh":  # 0.5 * log((1 + x) / (1 - x))
+            ratio = make("Div", [make("Add", [const(1.0), x], "p"), make("Sub", [const(1.0), x], "m")], "ratio")
+            nodes.append(helper.make_node("Mul", [make("Log", [ratio], "log"), const(0.5)], [out]))
+        else:  # pragma: no cover - _DOUBLE_REWRITES lists the cases above
+            nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return count
+
+
+_DOUBLE_REWRITES = ("LeakyRelu", "PRelu", "Elu", "Selu", "Softplus", "Atanh")

@@ -147,6 +147,17 @@ class _Weights:
 
 
 # -- small custom modules ----------------------------------------------------------------------------
+def _affine_slope(pieces: list[_Piece]) -> float | None:
+    """The slope of a chain made only of scalar affine maps (``Fn("affine", ...)``), else None."""
+    slope = 1.0
+    for p in pieces:
+        if not (isinstance(p.module, Fn) and p.module.name == "affine"):
+            return None
+        op, c = p.module.args
+        slope *= {"mul": c, "add": 1.0, "div": 1.0 / c, "rsub": -1.0, "neg": -1.0}[op]
+    return slope
+
+
 class Fn(nn.Module):
     """A functional call (``torch.tanh``, ``F.leaky_relu`` with arguments, ...) inside ``forward``."""
 
@@ -562,6 +573,11 @@ class _Builder:
             for p in parts
         )
         subtract, functional = self.c.integer(0, 3) == 0 and mixes, self.c.boolean()
+        # a branch of scalar affine maps with slope -1 (x + (c - x)) or +1 (x - (x + c)) makes the
+        # sum a constant: degenerate; flip the sign then (no extra draw, other models stay the same)
+        slope = _affine_slope(parts)
+        if slope is not None and math.isclose(slope, 1.0 if subtract else -1.0):
+            subtract = not subtract
         hazard_inside = inner.bounded  # the sum is a funnel after the branch
         text = f"residual[{'sub' if subtract else 'add'}]({inner.text})"
         return _Piece(

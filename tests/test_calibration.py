@@ -164,3 +164,23 @@ def test_calibration_of_converted_cnns_improves_heldout_log_prob():
         assert report.heldout_after >= report.heldout_before, str(report)
         assert after > before + 5.0, (padding, before, after)  # an untrained density is far off
         assert any(p.kind == "conditional" and p.updated for p in report.parts), str(report)
+
+
+def test_calibrating_a_conv_with_noise_and_dropped_pixels_does_not_recurse():
+    """Regression (found by the fuzzer): FlowConv.observe computes its output with call_and_ll
+    when it adds noise (overlapping windows) and drops pixels; calibration's recording patch of
+    call_and_ll then observed again, without end (RecursionError). Now the parts are fitted."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.LeakyReLU(0.5), nn.Conv1d(1, 2, 2, stride=2, dilation=2)).double().eval()
+    x = torch.randn(64, 1, 6, dtype=torch.float64)
+    flow = fc.convert(net, x[:3])
+    conv = next(m for m in flow.modules() if isinstance(m, fc.FlowConv))
+    kinds = {p.kind for p in conv.density_parts()}
+    assert {"noise", "conditional"} <= kinds  # the case: noise in, pixels dropped
+    report = fc.calibrate(flow, x)
+    assert any(p.name.endswith("dropped_pixels") and p.updated for p in report.parts)
+    assert report.heldout_after >= report.heldout_before
+    with torch.no_grad():
+        assert torch.equal(flow(x), net(x))
