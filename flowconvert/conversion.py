@@ -202,7 +202,7 @@ def _check_inverse(flow: FlowModel, inputs: tuple[torch.Tensor, ...], tolerance:
     """
     if not (flow.exact and flow.exact_inverse):
         return  # bound layers promise no round trip; range-limited activations are marked already
-    bijective = not any(layer.density_parts() for layer in flow.layers.values())
+    bijective = not flow.noise_shapes() and not flow.inverse_noise_shapes()  # nothing dropped, nothing added
     try:
         with torch.no_grad():
             y = _flat(flow(*inputs))

@@ -53,8 +53,6 @@ from .validation import check_batch, check_count, check_noise, flow_dtype
 
 __all__ = ["FlowModel", "FlowPlan", "Step"]
 
-#: Density-part kinds whose inverse fills in dropped coordinates (see :attr:`FlowModel.exact_inverse`).
-_FILLING = ("conditional", "gaps")
 
 Shape = tuple[int, ...]
 
@@ -252,9 +250,9 @@ class FlowModel(Configurable, nn.Module):
         """True when ``flow(flow.inverse(y)) == y`` for every output ``y`` the flow can produce.
 
         False when a range-limited elementwise layer (Tanh, Sigmoid, ELU, Softplus: its
-        ``output_range``) has a layer after it that drops coordinates (a ``"conditional"`` or
-        ``"gaps"`` density part): the inverse fills the dropped coordinates by conditional
-        means, draws or max-minus-gap values, which can leave the activation's
+        ``output_range``) has a layer after it that drops coordinates (one whose inverse draws
+        noise: :meth:`inverse_noise_shapes`): the inverse fills the dropped coordinates by
+        conditional means, draws or max-minus-gap values, which can leave the activation's
         range; the activation's inverse then clamps them, so the reconstruction maps back to a
         different output. The log-density is unaffected (still exact when :attr:`exact`).
         """
@@ -276,7 +274,7 @@ class FlowModel(Configurable, nn.Module):
                         if nxt.name in seen:
                             continue
                         seen.add(nxt.name)
-                        if any(p.kind in _FILLING for p in self.layers[nxt.layer].density_parts()):
+                        if nxt.layer in self._inverse_noise_shapes:
                             return True
                         todo.append(nxt)
             return False

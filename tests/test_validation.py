@@ -370,3 +370,21 @@ def test_ill_conditioned_composition_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fc.convert(net.double(), torch.randn(3, 4, dtype=torch.float64))  # fine in float64
+
+
+class _SigmoidThenGlobalMax(nn.Module):
+    def forward(self, x):
+        return torch.sigmoid(x).amax(dim=(2, 3))
+
+
+def test_a_layer_dropping_coordinates_without_a_density_part_counts_too():
+    """Global max pooling drops every non-maximal value without declaring a density part; an
+    activation before it still has an approximate inverse, and the exact pooling flow is not
+    reported as ill-conditioned."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 4, 4)
+    flow = fc.convert(_SigmoidThenGlobalMax(), x)
+    assert flow.exact and not flow.exact_inverse and len(flow.approximate_inverse_layers()) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fc.convert(nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten()), x)
