@@ -310,9 +310,10 @@ class _IndexMoments:
         return None
 
 
-class _GatherMoments:
+class _GatherMoments(_IndexMoments):
     """Per-coordinate sums for ``d_j ~ N(a_j . y[idx[j]] + c_j, var_j)``, ``idx`` of shape ``(features, r)``
-    (block-diagonal regressions, e.g. each group of a grouped convolution on its own outputs)."""
+    (block-diagonal regressions, e.g. each group of a grouped convolution on its own outputs); the
+    held-out likelihood is :class:`_IndexMoments`'."""
 
     def __init__(self, index: Tensor, features: int):
         self.index = index.long()
@@ -354,15 +355,6 @@ class _GatherMoments:
         quad = torch.einsum("fr,frs,fs->f", a, self.syy[part], a)
         cross = 2 * (a * self.sdy[part]).sum(-1) + 2 * c * sd
         return (self.sdd[part] - cross + quad + 2 * c * (a * sy).sum(-1) + c * c * n).clamp_min(0)
-
-    def heldout_ll(self, a: Tensor, c: Tensor, var: Tensor) -> Tensor | None:
-        n = self.n[1]
-        if n == 0:
-            return None
-        return -0.5 * self._sq_err(a, c, 1) / var - n * (0.5 * var.log() + 0.5 * LOG_2PI)
-
-    def context_stats(self) -> None:
-        return None
 
 
 # -- one calibrator per part ----------------------------------------------------------------

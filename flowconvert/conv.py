@@ -154,15 +154,12 @@ class ConvGeometry:
 
 
 def conv_geometry(
-    weight_shape: Sequence[int],
-    input_shape: Sequence[int],
-    stride=1,
-    padding=0,
-    dilation=1,
-    groups: int = 1,
-    padding_mode: str = "zeros",
+    weight_shape, input_shape, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"
 ) -> ConvGeometry:
     """Check a convolution's configuration against ``input_shape`` and describe it (FC203 when unsupported).
+
+    ``weight_shape`` ``(C_out, C_in / groups, *kernel)`` and the per-sample ``input_shape``
+    ``(C_in, *spatial)`` are sequences of ints; the other arguments are as in ``nn.Conv2d``.
 
     Used by the flow layer's constructor and by ``audit`` (which decides without building).
 
