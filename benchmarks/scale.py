@@ -6,7 +6,9 @@ example) one fresh process builds the model, then measures
 * ``audit`` and ``convert`` wall time (and the process's CPU time, which a loaded machine
   inflates less), and conversion seconds per 2M parameters (target: about 1 s);
 * the model's and the finished flow's size (bytes of the distinct tensors each holds) and
-  their ratio (target: a small multiple);
+  their ratio (target: a small multiple), and ``retained``: every tensor the process still
+  references once the model is deleted (equal to the flow's size when nothing else, e.g. a
+  copy of the model, is kept alive);
 * peak memory during conversion: the process's peak resident set minus its resident set
   before ``convert`` (``resource.getrusage``; torch allocates outside ``tracemalloc``'s view),
   next to the flow's size (target: a small multiple of it);
@@ -24,6 +26,7 @@ flowconvert does not substitute it (reported in the ``note`` column).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import subprocess
@@ -47,6 +50,21 @@ def tensor_bytes(module) -> int:
     for t in [*module.parameters(), *module.buffers()]:
         storage = t.untyped_storage()
         seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of the distinct storages of every tensor the process still references."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    seen: dict[int, int] = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+            storage = obj.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
 
 
@@ -84,12 +102,12 @@ def measure(name: str, threads: int, export: bool) -> dict:
                 if isinstance(child, torch.nn.ReLU6):
                     setattr(parent, child_name, torch.nn.ReLU())
         note = "ReLU6 -> ReLU by hand"
-    report, audit_s, audit_cpu = timed(lambda: fc.audit(model, x, relu="leaky"))
+    report, audit_s, audit_cpu = timed(functools.partial(fc.audit, model, x, relu="leaky"))
     if not report.convertible:
         return {"name": name, "note": f"refused: {report.counts}"}
     params = sum(p.numel() for p in model.parameters())
     before = rss()
-    flow, convert_s, convert_cpu = timed(lambda: fc.convert(model, x, relu="leaky"))
+    flow, convert_s, convert_cpu = timed(functools.partial(fc.convert, model, x, relu="leaky"))
     row = {
         "name": name,
         "params_M": params / 1e6,
@@ -102,6 +120,8 @@ def measure(name: str, threads: int, export: bool) -> dict:
         "convert_peak_MB": (peak_rss() - before) / MB,
         "note": note,
     }
+    del model, report
+    row["retained_MB"] = live_tensor_bytes() / MB  # with the model gone: what the flow keeps alive
     if export:
         with tempfile.TemporaryDirectory() as tmp:
             # a first tiny export loads the exporter's libraries: their memory is not the flow's
@@ -135,7 +155,7 @@ def main(argv=None) -> None:
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     head = (
         f"{'model':<14}{'params':>8}{'audit':>8}{'convert':>9}{'s/2M':>7}{'cpu s/2M':>9}"
-        f"{'model MB':>10}{'flow MB':>9}{'flow/model':>11}{'peak MB':>9}{'peak/flow':>10}"
+        f"{'model MB':>10}{'flow MB':>9}{'flow/model':>11}{'retained':>9}{'peak MB':>9}{'peak/flow':>10}"
     )
     if args.export:
         head += f"{'export':>8}{'exp peak/flow':>14}"
@@ -149,7 +169,8 @@ def main(argv=None) -> None:
         line = (
             f"{r['name']:<14}{r['params_M']:>7.1f}M{r['audit_s']:>7.2f}s{r['convert_s']:>8.2f}s"
             f"{r['convert_s'] * per:>7.2f}{r['convert_cpu_s'] * per:>9.2f}{r['model_MB']:>10.0f}{r['flow_MB']:>9.0f}"
-            f"{r['flow_MB'] / r['model_MB']:>11.2f}{r['convert_peak_MB']:>9.0f}{r['convert_peak_MB'] / r['flow_MB']:>10.2f}"
+            f"{r['flow_MB'] / r['model_MB']:>11.2f}{r['retained_MB']:>9.0f}{r['convert_peak_MB']:>9.0f}"
+            f"{r['convert_peak_MB'] / r['flow_MB']:>10.2f}"
         )
         if args.export:
             line += f"{r['export_s']:>7.1f}s{r['export_peak_MB'] / r['flow_MB']:>14.2f}"
