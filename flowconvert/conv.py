@@ -254,6 +254,8 @@ class FlowConv(FlowLayer):
         tile_logdet: :math:`C_\\text{in}\\sum_p \\tfrac{N_p}{2}\\log N_p`, the Tile stage's log-determinant.
     """
 
+    _record_own = ("weight", "bias")  # the record names the layer's copies, not the caller's tensors
+
     def __init__(
         self,
         weight: Tensor,

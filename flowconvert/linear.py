@@ -269,6 +269,8 @@ class FlowLinear(FlowLayer):
     PyTorch's version counter: call :meth:`refresh` after it.
     """
 
+    _record_own = ("weight", "bias")  # the record names the layer's copies, not the caller's tensors
+
     def __init__(
         self,
         weight: Tensor,
