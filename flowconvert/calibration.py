@@ -313,6 +313,53 @@ class _IndexMoments:
         return None
 
 
+class _GatherMoments(_IndexMoments):
+    """Per-coordinate sums for ``d_j ~ N(a_j . y[idx[j]] + c_j, var_j)``, ``idx`` of shape ``(features, r)``
+    (block-diagonal regressions, e.g. each group of a grouped convolution on its own outputs); the
+    held-out likelihood is :class:`_IndexMoments`'."""
+
+    def __init__(self, index: Tensor, features: int):
+        self.index = index.long()
+        r = self.index.shape[1]
+        self.n = [0, 0]
+        self.sy = [torch.zeros(features, r, dtype=torch.float64) for _ in range(2)]
+        self.syy = [torch.zeros(features, r, r, dtype=torch.float64) for _ in range(2)]
+        self.sdy = [torch.zeros(features, r, dtype=torch.float64) for _ in range(2)]
+        self.sd = [torch.zeros(features, dtype=torch.float64) for _ in range(2)]
+        self.sdd = [torch.zeros(features, dtype=torch.float64) for _ in range(2)]
+
+    def add(self, d: Tensor, y: Tensor, part: int) -> None:
+        d = d.reshape(-1, d.shape[-1]).double()
+        yj = y.reshape(d.shape[0], -1).double()[:, self.index]  # (N, features, r)
+        self.sy[part] += yj.sum(0)
+        self.syy[part] += torch.einsum("nfr,nfs->frs", yj, yj)
+        self.sdy[part] += torch.einsum("nf,nfr->fr", d, yj)
+        self.sd[part] += d.sum(0)
+        self.sdd[part] += (d * d).sum(0)
+        self.n[part] += d.shape[0]
+
+    def solve(self, ridge: float, min_var: float) -> tuple[Tensor, Tensor, Tensor] | None:
+        n = self.n[0]
+        if n == 0:
+            return None
+        sy, syy, sd = self.sy[0], self.syy[0], self.sd[0]
+        cov_yy = syy - sy[:, :, None] * sy[:, None, :] / n
+        cov_dy = self.sdy[0] - sy * sd[:, None] / n
+        diag = syy.diagonal(dim1=-2, dim2=-1)
+        reg = torch.diag_embed(ridge * (diag / n + 1e-12) * n + 1e-300)
+        a = torch.linalg.lstsq(cov_yy + reg, cov_dy[..., None]).solution[..., 0]
+        c = (sd - (a * sy).sum(-1)) / n
+        resid = self._sq_err(a, c, 0) / n
+        var_d = (self.sdd[0] / n - (sd / n) ** 2).clamp_min(0)
+        return a, c, torch.maximum(resid, min_var * var_d).clamp_min(1e-30)
+
+    def _sq_err(self, a: Tensor, c: Tensor, part: int) -> Tensor:
+        n, sy, sd = self.n[part], self.sy[part], self.sd[part]
+        quad = torch.einsum("fr,frs,fs->f", a, self.syy[part], a)
+        cross = 2 * (a * self.sdy[part]).sum(-1) + 2 * c * sd
+        return (self.sdd[part] - cross + quad + 2 * c * (a * sy).sum(-1) + c * c * n).clamp_min(0)
+
+
 # -- one calibrator per part ----------------------------------------------------------------
 class _Calibrator:
     """Accumulates the rows one density part models (``part`` 0: fitting rows, 1: held out) and
@@ -345,6 +392,8 @@ class _Conditional(_Calibrator):
         self.full_cov = structure == "full-cov"
         if isinstance(structure, str):
             self.moments = _FullMoments(C, F, full_cov=self.full_cov)
+        elif structure.dim() == 2:
+            self.moments = _GatherMoments(structure, F)
         else:
             self.moments = _IndexMoments(structure, F)
         self.before = 0.0  # measured held-out sum of log q under the current parameters

@@ -57,14 +57,31 @@ class Configurable:
         def recording_init(self, *args: Any, **kw: Any) -> None:
             init(self, *args, **kw)
             if type(self).__init__ is recording_init:  # the outermost constructor of this instance
-                object.__setattr__(self, _CONFIG, (_detached(args), _detached(kw)))
+                args, kw = _own(self, list(args), dict(kw))
+                object.__setattr__(self, _CONFIG, (_detached(tuple(args)), _detached(kw)))
 
         recording_init._fc_records = True  # type: ignore[attr-defined]
         cls.__init__ = recording_init  # type: ignore[misc]
 
+    #: The leading constructor arguments that the instance copies into attributes of the same
+    #: names (e.g. ``("weight", "bias")``): the record names the instance's own tensors, equal at
+    #: construction, so that it keeps no reference to the caller's (no second copy stays alive).
+    _record_own: tuple[str, ...] = ()
+
     def init_config(self) -> tuple[tuple, dict[str, Any]] | None:
         """``(args, kwargs)`` of the constructor call that made this instance (None if unknown)."""
         return self.__dict__.get(_CONFIG)
+
+
+def _own(module: Configurable, args: list, kw: dict) -> tuple[list, dict]:
+    """``args``/``kw`` with the arguments named by ``module._record_own`` taken from the module (when given)."""
+    for i, name in enumerate(module._record_own):
+        if i < len(args):
+            if args[i] is not None:
+                args[i] = getattr(module, name)
+        elif kw.get(name) is not None:
+            kw[name] = getattr(module, name)
+    return args, kw
 
 
 def _detached(value: Any) -> Any:

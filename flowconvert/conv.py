@@ -49,6 +49,8 @@ True
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -58,9 +60,9 @@ from torch import Tensor, nn
 from .core import DensityPart, FlowLayer
 from .densities import LOG_2PI, ConditionalDiagonalNormal, GaussianNoise, sum_except_batch
 from .errors import LayerConfigurationError, SingularWeightError
-from .linear import DEFAULT_RTOL, FlowLinear
+from .linear import DEFAULT_RTOL, FlowLinear, GroupedConditionalNormal
 
-__all__ = ["FlowConv"]
+__all__ = ["FlowConv", "ConvGeometry", "conv_geometry"]
 
 
 def _pair(v, dim: int, name: str, fill: int = 1) -> tuple[int, int]:
@@ -83,6 +85,155 @@ def _sum_squares(t: Tensor) -> Tensor:
     return torch.linalg.vector_norm(t, dim=tuple(range(1, t.dim()))).square()
 
 
+@dataclass(frozen=True)
+class ConvGeometry:
+    """The shape-only facts of a convolution on a given input shape (no weight is read).
+
+    ``pads`` are (top, bottom, left, right); 1-D convolutions have height 1. ``n_pad``: padding
+    pixels some window reaches; ``n_dropped``: input pixels no window reaches; ``tiles``: some
+    pixel is in several windows. ``m`` / ``n``: rows and columns of each group's kernel matrix.
+    """
+
+    dim: int
+    in_channels: int
+    out_channels: int
+    groups: int
+    k: tuple[int, int]
+    s: tuple[int, int]
+    d: tuple[int, int]
+    pads: tuple[int, int, int, int]
+    padding_arg: str | tuple[int, ...]
+    hw: tuple[int, int]
+    padded: tuple[int, int]
+    out_hw: tuple[int, int]
+    n_pad: int
+    n_dropped: int
+    tiles: bool
+
+    @property
+    def m(self) -> int:
+        return self.out_channels // self.groups
+
+    @property
+    def n(self) -> int:
+        return self.in_channels // self.groups * self.k[0] * self.k[1]
+
+    @property
+    def n_locations(self) -> int:
+        return self.out_hw[0] * self.out_hw[1]
+
+    @property
+    def exact(self) -> bool:
+        """Exact likelihood: no padding pixel is used, no window overlaps another, the kernel does not augment."""
+        return self.n_pad == 0 and not self.tiles and self.m <= self.n
+
+    def density_parameters(self) -> int:
+        """Parameters of the layer's default densities (kernel funnel or noise, dropped pixels, pad/tile noise)."""
+        G, m, n, C = self.groups, self.m, self.n, self.in_channels
+        kernel = G * ((n - m) * m + 2 * (n - m)) if m < n else G * (m - n)
+        pixels = C * (self.out_channels // G) + 2 * C if self.n_dropped else 0
+        return kernel + pixels + C * (bool(self.n_pad) + self.tiles)
+
+    def coverage(self) -> Tensor:
+        """``(Hp, Wp)`` float64 window counts :math:`N_p` of the padded grid."""
+        (kh, kw), (Ho, Wo) = self.k, self.out_hw
+        ones = torch.ones(1, kh * kw, Ho * Wo, dtype=torch.float64)
+        return F.fold(ones, self.padded, **self.fold_args)[0, 0]
+
+    @property
+    def fold_args(self) -> dict:
+        return dict(kernel_size=self.k, dilation=self.d, padding=0, stride=self.s)
+
+    def inside(self) -> Tensor:
+        """``(Hp, Wp)`` mask of the input's own pixels in the padded grid."""
+        pt, _, pl, _ = self.pads
+        (H, W) = self.hw
+        mask = torch.zeros(self.padded, dtype=torch.bool)
+        mask[pt : pt + H, pl : pl + W] = True
+        return mask
+
+
+def conv_geometry(
+    weight_shape, input_shape, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"
+) -> ConvGeometry:
+    """Check a convolution's configuration against ``input_shape`` and describe it (FC203 when unsupported).
+
+    ``weight_shape`` ``(C_out, C_in / groups, *kernel)`` and the per-sample ``input_shape``
+    ``(C_in, *spatial)`` are sequences of ints; the other arguments are as in ``nn.Conv2d``.
+
+    Used by the flow layer's constructor and by ``audit`` (which decides without building).
+
+    >>> g = conv_geometry((4, 1, 3, 3), (4, 8, 8), padding=1, groups=4)
+    >>> g.out_hw, g.n_pad, g.tiles, g.exact, (g.m, g.n)
+    ((8, 8), 36, True, False, (1, 9))
+    """
+    weight_shape, input_shape = tuple(int(s) for s in weight_shape), tuple(int(s) for s in input_shape)
+    if len(weight_shape) not in (3, 4):
+        raise LayerConfigurationError(
+            f"FlowConv needs a Conv1d or Conv2d weight, got shape {weight_shape}", code="FC203"
+        )
+    dim = len(weight_shape) - 2
+    if padding_mode != "zeros":
+        raise LayerConfigurationError(
+            f"padding_mode={padding_mode!r} is not supported; only 'zeros' is flowified", code="FC203"
+        )
+    groups = int(groups)
+    C_out, c_in = weight_shape[:2]
+    if len(input_shape) != dim + 1:
+        raise LayerConfigurationError(
+            f"a {dim}-D convolution needs a per-sample input of {dim + 1} dimensions, got {input_shape}", code="FC203"
+        )
+    if groups < 1 or C_out % groups or input_shape[0] != c_in * groups:
+        raise LayerConfigurationError(
+            f"groups={groups} with a weight of shape {weight_shape} does not fit {input_shape[0]} input and "
+            f"{C_out} output channels",
+            code="FC203",
+        )
+    kh, kw = (1, weight_shape[2]) if dim == 1 else weight_shape[2:]
+    H, W = (1, input_shape[1]) if dim == 1 else input_shape[1:]
+    sh, sw = _pair(stride, dim, "stride")
+    dh, dw = _pair(dilation, dim, "dilation")
+
+    # explicit per-side padding (top, bottom, left, right)
+    if isinstance(padding, str):
+        if padding == "valid":
+            pads = (0, 0, 0, 0)
+        elif padding == "same":
+            if (sh, sw) != (1, 1):
+                raise LayerConfigurationError("padding='same' needs stride 1 (as in PyTorch)", code="FC203")
+            th, tw = dh * (kh - 1), dw * (kw - 1)
+            pads = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+        else:
+            raise LayerConfigurationError(f"unknown padding {padding!r}", code="FC203")
+        padding_arg = padding
+    else:
+        ph, pw = _pair(padding, dim, "padding", fill=0)
+        pads = (ph, ph, pw, pw)
+        padding_arg = tuple(int(p) for p in (padding if not isinstance(padding, int) else (padding,) * dim))
+    if min(pads) < 0:
+        raise LayerConfigurationError(f"negative padding {padding!r}", code="FC203")
+    pt, pb, pl, pr = pads
+    Hp, Wp = H + pt + pb, W + pl + pr
+    Ho = (Hp - dh * (kh - 1) - 1) // sh + 1
+    Wo = (Wp - dw * (kw - 1) - 1) // sw + 1
+    if Ho < 1 or Wo < 1:
+        raise LayerConfigurationError(
+            f"input of shape {input_shape} is smaller than the (dilated) kernel", code="FC203"
+        )
+    geometry = ConvGeometry(
+        dim, c_in * groups, C_out, groups, (kh, kw), (sh, sw), (dh, dw), pads, padding_arg,
+        (H, W), (Hp, Wp), (Ho, Wo), 0, 0, False,
+    )  # fmt: skip
+    cov, inside = geometry.coverage(), geometry.inside()
+    used = cov >= 1
+    return dataclasses.replace(
+        geometry,
+        n_pad=int((~inside & used).sum()),
+        n_dropped=int((inside & ~used).sum()),
+        tiles=bool((cov > 1).any()),
+    )
+
+
 class FlowConv(FlowLayer):
     """Flowified 1-D or 2-D convolution (zero padding, any stride, dilation, kernel size, ``groups=1``).
 
@@ -103,6 +254,8 @@ class FlowConv(FlowLayer):
         tile_logdet: :math:`C_\\text{in}\\sum_p \\tfrac{N_p}{2}\\log N_p`, the Tile stage's log-determinant.
     """
 
+    _record_own = ("weight", "bias")  # the record names the layer's copies, not the caller's tensors
+
     def __init__(
         self,
         weight: Tensor,
@@ -117,96 +270,44 @@ class FlowConv(FlowLayer):
         rtol: float = DEFAULT_RTOL,
     ):
         super().__init__()
-        if weight.dim() not in (3, 4):
-            raise LayerConfigurationError(
-                f"FlowConv needs a Conv1d or Conv2d weight, got shape {tuple(weight.shape)}", code="FC203"
-            )
-        dim = weight.dim() - 2
-        if groups != 1:
-            raise LayerConfigurationError(
-                f"grouped convolution (groups={groups}) is not supported yet; only groups=1 is flowified",
-                code="FC203",
-            )
-        if padding_mode != "zeros":
-            raise LayerConfigurationError(
-                f"padding_mode={padding_mode!r} is not supported; only 'zeros' is flowified", code="FC203"
-            )
-        input_shape = tuple(int(s) for s in input_shape)
-        if len(input_shape) != dim + 1 or input_shape[0] != weight.shape[1]:
-            raise LayerConfigurationError(
-                f"input_shape {input_shape} does not fit a {dim}-D convolution with {weight.shape[1]} input "
-                f"channels (expected (C, L) for Conv1d or (C, H, W) for Conv2d)",
-                code="FC203",
-            )
+        geo = conv_geometry(weight.shape, input_shape, stride, padding, dilation, groups, padding_mode)
         weight = weight.detach()
-        C_out, C_in = int(weight.shape[0]), int(weight.shape[1])
-        kh, kw = (1, int(weight.shape[2])) if dim == 1 else (int(weight.shape[2]), int(weight.shape[3]))
-        H, W = (1, input_shape[1]) if dim == 1 else input_shape[1:]
-        sh, sw = _pair(stride, dim, "stride")
-        dh, dw = _pair(dilation, dim, "dilation")
+        G, C_in, C_out = geo.groups, geo.in_channels, geo.out_channels
+        (kh, kw), (sh, sw), (dh, dw), (Ho, Wo) = geo.k, geo.s, geo.d, geo.out_hw
+        pt, pb, pl, pr = geo.pads
+        H, W = geo.hw
+        dim = geo.dim
 
-        # explicit per-side padding (top, bottom, left, right)
-        if isinstance(padding, str):
-            if padding == "valid":
-                pads = (0, 0, 0, 0)
-            elif padding == "same":
-                if (sh, sw) != (1, 1):
-                    raise LayerConfigurationError("padding='same' needs stride 1 (as in PyTorch)", code="FC203")
-                th, tw = dh * (kh - 1), dw * (kw - 1)
-                pads = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
-            else:
-                raise LayerConfigurationError(f"unknown padding {padding!r}", code="FC203")
-            self._padding_arg = padding
-        else:
-            ph, pw = _pair(padding, dim, "padding", fill=0)
-            pads = (ph, ph, pw, pw)
-            self._padding_arg = tuple(int(p) for p in (padding if not isinstance(padding, int) else (padding,) * dim))
-        if min(pads) < 0:
-            raise LayerConfigurationError(f"negative padding {padding!r}", code="FC203")
-        pt, pb, pl, pr = pads
-        Hp, Wp = H + pt + pb, W + pl + pr
-        Ho = (Hp - dh * (kh - 1) - 1) // sh + 1
-        Wo = (Wp - dw * (kw - 1) - 1) // sw + 1
-        if Ho < 1 or Wo < 1:
-            raise LayerConfigurationError(
-                f"input of shape {input_shape} is smaller than the (dilated) kernel", code="FC203"
-            )
-
-        self.dim = dim
-        self.input_shape = input_shape
+        self.dim, self.groups = dim, G
+        self.input_shape = tuple(int(s) for s in input_shape)
         self.in_channels, self.out_channels = C_in, C_out
+        self._padding_arg = geo.padding_arg
         self._orig_stride = (sw,) if dim == 1 else (sh, sw)
         self._orig_dilation = (dw,) if dim == 1 else (dh, dw)
         self._weight_shape = tuple(weight.shape)
-        self._hw, self._k, self._s, self._d = (H, W), (kh, kw), (sh, sw), (dh, dw)
-        self._pads = pads
-        self._padded = (Hp, Wp)
-        self._out_hw = (Ho, Wo)
+        self._hw, self._k, self._s, self._d = geo.hw, geo.k, geo.s, geo.d
+        self._pads = geo.pads
+        self._padded = geo.padded
+        self._out_hw = geo.out_hw
         self.n_locations = Ho * Wo
         self.output_shape = (C_out, Wo) if dim == 1 else (C_out, Ho, Wo)
 
         try:
-            self.kernel = FlowLinear(weight.reshape(C_out, -1), bias, rtol=rtol)
+            self.kernel = FlowLinear(weight.reshape(C_out, -1), bias, rtol=rtol, groups=G)
         except SingularWeightError as err:
-            raise SingularWeightError(
-                f"convolution kernel as a {C_out} x {C_in * kh * kw} matrix: {err.message}", code="FC201"
-            ) from None
+            shape = f"{C_out // G} x {geo.n}" + (f" (each of {G} groups)" if G > 1 else "")
+            raise SingularWeightError(f"convolution kernel as a {shape} matrix: {err.message}", code="FC201") from None
         dtype, device = weight.dtype, weight.device
         self._init_dropped_taps(device)
 
         # -- shape-only precomputation (float64, then cast) ----------------------------------
         f64 = torch.float64
-        fold_args = dict(kernel_size=(kh, kw), dilation=(dh, dw), padding=0, stride=(sh, sw))
-        ones = torch.ones(1, kh * kw, Ho * Wo, dtype=f64)
-        cov = F.fold(ones, (Hp, Wp), **fold_args)[0, 0]  # (Hp, Wp) coverage counts
-        inside = torch.zeros(Hp, Wp, dtype=torch.bool)
-        inside[pt : pt + H, pl : pl + W] = True
+        fold_args = geo.fold_args
+        cov, inside = geo.coverage(), geo.inside()
         used = cov >= 1
         pad_idx = torch.nonzero((~inside & used).reshape(-1)).reshape(-1)
         drop_mask = inside & ~used
-        self.n_pad = int(pad_idx.numel())
-        self.n_dropped = int(drop_mask.sum())
-        self.tiles = bool((cov > 1).any())
+        self.n_pad, self.n_dropped, self.tiles = geo.n_pad, geo.n_dropped, geo.tiles
         covu = cov[used]
         self.tile_logdet = C_in * float((0.5 * covu * covu.log()).sum())
         self._tile_extra = int((covu - 1).sum())  # sum over used pixels of (N_p - 1)
@@ -216,9 +317,7 @@ class FlowConv(FlowLayer):
         inv_cov = torch.where(used, 1.0 / cov.clamp_min(1), torch.zeros((), dtype=f64))
         self.register_buffer("_inv_cov", inv_cov.to(dtype=dtype, device=device), persistent=False)
         cov_patch = F.unfold(cov[None, None], **fold_args)[0]  # (k, Lo)
-        self.register_buffer(
-            "_sqrt_cov", cov_patch.sqrt().repeat(C_in, 1).to(dtype=dtype, device=device), persistent=False
-        )
+        self.register_buffer("_sqrt_cov_patch", cov_patch.sqrt().to(dtype=dtype, device=device), persistent=False)
         self.register_buffer("_sqrt_cov_img", cov.sqrt().to(dtype=dtype, device=device), persistent=False)
         # dropped pixels: flat index in the unpadded grid, and the output location they condition on
         di, dj = torch.nonzero(drop_mask, as_tuple=True)
@@ -229,10 +328,11 @@ class FlowConv(FlowLayer):
 
         self.pad_noise = GaussianNoise(C_in).to(dtype=dtype, device=device) if self.n_pad else None
         self.tile_noise = GaussianNoise(C_in).to(dtype=dtype, device=device) if self.tiles else None
-        self.dropped_pixels = (
-            ConditionalDiagonalNormal(C_in, C_out).to(dtype=dtype, device=device) if self.n_dropped else None
+        pixels = (
+            ConditionalDiagonalNormal(C_in, C_out) if G == 1 else GroupedConditionalNormal(G, C_in // G, C_out // G)
         )
-        self.exact = self.n_pad == 0 and not self.tiles and self.kernel.kind != "augment"
+        self.dropped_pixels = pixels.to(dtype=dtype, device=device) if self.n_dropped else None
+        self.exact = geo.exact
 
         Ck, Lo = C_in * kh * kw, Ho * Wo
         self._noise_sizes = (
@@ -261,6 +361,8 @@ class FlowConv(FlowLayer):
                 self._drop_taps.append((t // kw, t % kw, name))
                 order.append(where)
         self.register_buffer("_drop_rows", torch.arange(S.numel()).to(device), persistent=False)
+        # column of each dropped entry in its group's kernel matrix (the fused residual kernel M)
+        self.register_buffer("_drop_cols", (S % self.kernel.group_in).to(device), persistent=False)
         perm = torch.cat(order)
         self.register_buffer("_drop_perm", perm.to(device), persistent=False)
         self.register_buffer("_drop_unperm", torch.argsort(perm).to(device), persistent=False)
@@ -294,7 +396,9 @@ class FlowConv(FlowLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         conv = F.conv1d if self.dim == 1 else F.conv2d
-        return conv(x, self.weight, self.kernel.bias, self._orig_stride, self._padding_arg, self._orig_dilation)
+        return conv(
+            x, self.weight, self.kernel.bias, self._orig_stride, self._padding_arg, self._orig_dilation, self.groups
+        )
 
     # -- noise ---------------------------------------------------------------------------
     def noise_shape(self, input_shape: Sequence[int]) -> tuple[int, ...] | None:
@@ -311,9 +415,10 @@ class FlowConv(FlowLayer):
 
     def prepare_for_export(self) -> None:
         """Compute the kernel's caches now (see :meth:`FlowLinear.prepare_for_export`)."""
-        prepare = getattr(self.kernel, "prepare_for_export", None)
-        if prepare is not None:
-            prepare()
+        self.kernel.prepare_for_export()
+
+    def release_export(self) -> None:
+        self.kernel.release_export()
 
     # -- helpers ------------------------------------------------------------------------
     def _as4d(self, x: Tensor) -> Tensor:
@@ -344,7 +449,7 @@ class FlowConv(FlowLayer):
 
     def _unfold(self, xp: Tensor) -> Tensor:
         """Patches ``(B, C*k, L_o)`` in the kernel matrix's column order (a strided copy)."""
-        return self._windows(xp).reshape(xp.shape[0], self._sqrt_cov.shape[0], self.n_locations)
+        return self._windows(xp).reshape(xp.shape[0], self.kernel.in_features, self.n_locations)
 
     def _fold(self, cols: Tensor) -> Tensor:
         """Adjoint of :meth:`_unfold`: sum the patch entries ``(B, C*k, L_o)`` into the padded grid."""
@@ -375,8 +480,7 @@ class FlowConv(FlowLayer):
         sq = _sum_squares(e) - sum_except_batch(sums * mean)
         tau = self.tile_noise.log_scale.exp()
         img = xp - (self._sqrt_cov_img * tau[:, None, None]) * mean
-        kk = self._k[0] * self._k[1]
-        scale = self._sqrt_cov * tau.repeat_interleave(kk)[:, None]  # (C*k, L_o)
+        scale = (tau[:, None, None] * self._sqrt_cov_patch).reshape(e.shape[1:])  # (C*k, L_o)
         shape6 = (B, C, *self._k, *self._out_hw)
         if inplace:
             patches = e * scale
@@ -486,17 +590,22 @@ class FlowConv(FlowLayer):
         convolution (a matmul over channels); any other family gets rows ``(B, L_o, k)`` in the
         kernel's order."""
         q = self.kernel.dropped
-        if type(q) is not ConditionalDiagonalNormal:
-            if permuted:
-                d = d.index_select(1, self._drop_unperm)
-            return q.log_prob(d.mT, y.mT)
-        A, c, log_s = q.weight, q.bias, q.log_scale
         if permuted:
-            perm = self._drop_perm
-            A, c, log_s = A[perm], c[perm], log_s[perm]
-        r = (d - torch.matmul(A, y) - c[:, None]) * torch.exp(-log_s)[:, None]
-        const = self.n_locations * (log_s.sum() + 0.5 * LOG_2PI * q.features)
+            d = d.index_select(1, self._drop_unperm)
+        if not self.kernel.fused():
+            return q.log_prob(d.mT, y.mT)
+        r = (d - self._grouped_matmul(q.weight, y) - q.bias[:, None]) * torch.exp(-q.log_scale)[:, None]
+        const = self.n_locations * (q.log_scale.sum() + 0.5 * LOG_2PI * q.features)
         return -const - 0.5 * _sum_squares(r)
+
+    def _grouped_matmul(self, M: Tensor, cols: Tensor) -> Tensor:
+        """``blockdiag(M_g) @ cols`` for ``cols`` ``(B, G * a, L)`` and ``M`` ``(G * b, a)`` (``M @ cols`` when ``G = 1``)."""
+        G = self.groups
+        if G == 1:
+            return torch.matmul(M, cols)
+        B, L = cols.shape[0], cols.shape[-1]
+        out = torch.matmul(M.view(G, -1, M.shape[-1]), cols.view(B, G, -1, L))
+        return out.reshape(B, -1, L)
 
     def _fused_residual_ll(self, x4: Tensor) -> Tensor:
         r"""``log q(x_S | y)`` of the linear-Gaussian family as one convolution of the input.
@@ -511,13 +620,16 @@ class FlowConv(FlowLayer):
         inv_sigma = torch.exp(-q.log_scale)
         W = kernel.weight
         k = q.features
-        M = (
-            torch.matmul(q.weight, W)
-            .neg()
-            .index_put((self._drop_rows, kernel.dropped_index), W.new_ones(()), accumulate=True)
-        )
+        G = self.groups
+        if G == 1:
+            AW, Ab = torch.matmul(q.weight, W), torch.mv(q.weight, kernel.bias)
+        else:  # per group: A_g (k_g x m) times W_g (m x n) and b_g
+            A = q.weight.view(G, -1, kernel.group_out)
+            AW = torch.matmul(A, W.view(G, kernel.group_out, -1)).reshape(k, -1)
+            Ab = torch.matmul(A, kernel.bias.view(G, -1, 1)).reshape(k)
+        M = AW.neg().index_put((self._drop_rows, self._drop_cols), W.new_ones(()), accumulate=True)
         M = M * inv_sigma[:, None]
-        e = -(torch.mv(q.weight, kernel.bias) + q.bias) * inv_sigma
+        e = -(Ab + q.bias) * inv_sigma
         pt, pb, pl, pr = self._pads
         if pt == pb and pl == pr:
             xin, padding = x4, (pt, pl)
@@ -526,11 +638,12 @@ class FlowConv(FlowLayer):
         cl = torch.channels_last
         res = F.conv2d(
             xin.contiguous(memory_format=cl),
-            M.view(k, self.in_channels, *self._k).contiguous(memory_format=cl),
+            M.view(k, self.in_channels // G, *self._k).contiguous(memory_format=cl),
             e,
             self._s,
             padding,
             self._d,
+            G,
         )
         const = self.n_locations * (q.log_scale.sum() + 0.5 * LOG_2PI * k)
         return -const - 0.5 * _sum_squares(res)
@@ -566,7 +679,7 @@ class FlowConv(FlowLayer):
                 ll = ll + 0.5 * sq
             else:
                 patches = self._unfold(xp)
-            y = torch.matmul(kernel.weight, patches) + kernel.bias[:, None]
+            y = self._grouped_matmul(kernel.weight, patches) + kernel.bias[:, None]
             if kind == "funnel":
                 ll = ll + self._kernel_dropped_ll(patches.index_select(1, kernel.dropped_index), y, permuted=False)
             elif kind == "augment" and eps_aug is not None:

@@ -169,9 +169,13 @@ class FlowLayer(Configurable, nn.Module):
     def prepare_for_export(self) -> None:
         """Precompute every weight-only tensor and keep it fixed, before tracing for export.
 
-        Called by :func:`flowconvert.export_onnx` on a frozen copy of the model, so that the
-        traced graph holds only data-dependent operations. Layers with caches override it.
+        Called by :func:`flowconvert.export_onnx` on the flow itself (eval mode, parameters
+        frozen), so that the traced graph holds only data-dependent operations; undone by
+        :meth:`release_export` after tracing. Layers with caches override both.
         """
+
+    def release_export(self) -> None:
+        """Undo :meth:`prepare_for_export`: the layer follows its parameters again (after an export)."""
 
     def extra_repr(self) -> str:
         return f"exact={self.exact}"

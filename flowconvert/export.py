@@ -1,6 +1,6 @@
 r"""Export a converted model to ONNX: the likelihood pass or the inverse, verified in onnxruntime.
 
-:func:`export_onnx` traces a frozen copy of the flow with ``torch.export`` (through
+:func:`export_onnx` traces the flow (prepared in place, then restored) with ``torch.export`` (through
 ``torch.onnx.export(..., dynamo=True)``) into one of two graphs:
 
 * ``graph="likelihood"``: model inputs -> model outputs, then ``log_prob`` of shape ``(batch,)``;
@@ -40,7 +40,6 @@ layer is first made a one-layer flow with a standard-normal base density on its 
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import logging
 import os
@@ -247,12 +246,11 @@ def export_onnx(
     # Everything is written into a fresh directory next to ``path`` and moved into place
     # only when every check passed: a failed export leaves no file behind.
     with _staging(path) as work:
-        # -- capture ---------------------------------------------------------------------
-        frozen = _frozen_copy(flow)
-        module = _FlowGraph(frozen, graph, noise, len(data), shapes)
+        # -- capture (the flow itself, prepared in place and restored: no copy of its weights) -
         trace_args = _trace_args(data, shapes if noise == "input" else {})
         graph_in = list(data_names) + (list(noise_names) if noise == "input" else [])
-        _capture(module, trace_args, work, graph_in, out_names, opset)
+        with _prepared(flow):
+            _capture(_FlowGraph(flow, graph, noise, len(data), shapes), trace_args, work, graph_in, out_names, opset)
         from .verification import fit_runtime
 
         float32_ops = fit_runtime(work)  # loadable in onnxruntime, also with verify=False
@@ -362,17 +360,51 @@ def _noise_input_names(shapes: Mapping[str, tuple], taken: set[str]) -> list[str
     return names
 
 
-def _frozen_copy(flow: nn.Module) -> nn.Module:
-    """A deep copy in eval mode, parameters frozen, weight-only caches computed once."""
-    frozen = copy.deepcopy(flow).eval()
-    for p in frozen.parameters():
-        p.requires_grad_(False)
-    with torch.no_grad():
-        for m in frozen.modules():
-            prepare = getattr(m, "prepare_for_export", None)
-            if callable(prepare):
-                prepare()
-    return frozen
+@contextlib.contextmanager
+def _prepared(flow: nn.Module):
+    """``flow`` in eval mode with its parameters frozen and every weight-only cache computed
+    (:meth:`~flowconvert.core.FlowLayer.prepare_for_export`); all of it restored on exit.
+
+    The flow is traced as it is, so an export holds no second copy of its weights. What a
+    preparation may change is put back: each module's buffers (the tensors, their values, which
+    ones exist), then its :meth:`~flowconvert.core.FlowLayer.release_export`. The parity check
+    that follows thus compares the graph with the flow as the user has it.
+    """
+    grads = [(p, p.requires_grad) for p in flow.parameters()]
+    saved = [
+        (
+            m,
+            dict(m._buffers),
+            set(m._non_persistent_buffers_set),
+            [(b, b.clone()) for b in m._buffers.values() if b is not None],
+        )
+        for m in flow.modules()
+    ]
+    with _eval_mode(flow):
+        try:
+            for p, _ in grads:
+                p.requires_grad_(False)
+            with torch.no_grad():
+                for m in flow.modules():
+                    prepare = getattr(m, "prepare_for_export", None)
+                    if callable(prepare):
+                        prepare()
+            yield flow
+        finally:
+            with torch.no_grad():
+                for m, buffers, non_persistent, values in saved:
+                    m._buffers.clear()
+                    m._buffers.update(buffers)
+                    m._non_persistent_buffers_set.clear()
+                    m._non_persistent_buffers_set.update(non_persistent)
+                    for tensor, value in values:
+                        tensor.copy_(value)
+                for m, *_ in saved:
+                    release = getattr(m, "release_export", None)
+                    if callable(release):
+                        release()
+            for p, requires_grad in grads:
+                p.requires_grad_(requires_grad)
 
 
 def _trace_args(data: tuple[Tensor, ...], noise_shapes: Mapping[str, tuple]) -> tuple[Tensor, ...]:

@@ -87,7 +87,8 @@ def _dense_linear(q: ConditionalDensity, features: int, context: int) -> tuple[T
     A, c, var = q.read_linear()
     if not isinstance(structure, str):
         dense = A.new_zeros(features, context)
-        dense[torch.arange(features), structure] = A
+        rows = torch.arange(features)
+        dense[rows[:, None] if structure.dim() == 2 else rows, structure] = A
         A = dense
     return A, c, var  # var: variances, or a covariance matrix ("full-cov")
 

@@ -44,10 +44,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .core import DensityPart, FlowLayer
-from .densities import LOG_2PI, ConditionalDiagonalNormal, GaussianNoise
+from .densities import LOG_2PI, ConditionalDiagonalNormal, ConditionalNormal, GaussianNoise
 from .errors import SingularWeightError
 
-__all__ = ["FlowLinear", "DEFAULT_RTOL", "choose_square_block", "block_inverse"]
+__all__ = ["FlowLinear", "GroupedConditionalNormal", "DEFAULT_RTOL", "choose_square_block", "block_inverse"]
 
 #: A kept block whose condition number exceeds ``1 / DEFAULT_RTOL`` is refused (FC201).
 DEFAULT_RTOL = 1e-6
@@ -114,13 +114,17 @@ def choose_square_block(
     partial-pivoting LU of ``W^T`` (``W`` for rows): ``O(m n r)``, no ``n x n`` matrix. When
     that block's condition exceeds ``1 / rtol``, a column-pivoted QR (rank revealing) is tried.
     """
-    W = weight.detach().to(torch.float64)
+    W = weight.detach()
+    if not W.dtype.is_floating_point or W.dtype not in (torch.float32, torch.float64):
+        W = W.to(torch.float64)
     m, n = W.shape[-2:]
     tall = W.mT if m < n else W  # choose rows of this (size x r) matrix
     size, r = tall.shape[-2], tall.shape[-1]
     if size == r:
         idx = torch.arange(r).expand(*W.shape[:-2], r)
         return idx, idx[..., :0], block_inverse(W)
+    # the pivots only choose the block (its condition is then measured in float64): a float32
+    # weight is factorized in float32, half the memory and time of a float64 copy
     _, piv = torch.linalg.lu_factor(tall)
     perm = _pivot_permutation(piv, size)
     kept, rest = perm[..., :r].sort(-1).values, perm[..., r:].sort(-1).values
@@ -141,7 +145,7 @@ def choose_square_block(
         flat_tall = tall.reshape(-1, size, r)
         kept_f, rest_f = kept.reshape(-1, r).clone(), rest.reshape(-1, size - r).clone()
         for i in torch.nonzero(bad).reshape(-1).tolist():
-            _, p = scipy.linalg.qr(flat_tall[i].mT.numpy(), mode="r", pivoting=True)
+            _, p = scipy.linalg.qr(flat_tall[i].mT.double().numpy(), mode="r", pivoting=True)
             p = torch.from_numpy(p).long()
             kept_f[i], rest_f[i] = p[:r].sort().values, p[r:].sort().values
         kept2, rest2 = kept_f.reshape(kept.shape), rest_f.reshape(rest.shape)
@@ -175,23 +179,84 @@ def _invalidate_after_load(module: "FlowLinear", incompatible_keys) -> None:
     module.invalidate_cache()
 
 
+def _apply(x: Tensor, M: Tensor) -> Tensor:
+    """``x @ M^T`` on the last dimension; a 3-D ``M`` ``(G, b, a)`` is block diagonal (``x``: ``(..., G * a)``)."""
+    if M.dim() == 2:
+        return F.linear(x, M)
+    G, b, a = M.shape
+    out = torch.einsum("...ga,gba->...gb", x.reshape(*x.shape[:-1], G, a), M)
+    return out.reshape(*x.shape[:-1], G * b)
+
+
+class GroupedConditionalNormal(ConditionalNormal):
+    r"""Block-diagonal linear Gaussian of ``groups`` independent groups (grouped convolution kernels).
+
+    Group :math:`g` has ``features`` dropped coordinates :math:`d_g` and ``context_features``
+    outputs :math:`y_g`: :math:`q(d\mid y) = \prod_g \mathcal N(d_g; A_g y_g + c_g,
+    \operatorname{diag}\sigma_g^2)`. As a :class:`~flowconvert.densities.ConditionalDensity` it models
+    ``groups * features`` coordinates given ``groups * context_features``, group-major. ``weight``
+    stacks the :math:`A_g` as ``(groups * features, context_features)``; calibration fits each
+    row on its group's outputs in closed form (:meth:`linear_regressors`). Starts standard normal.
+
+    >>> q = GroupedConditionalNormal(3, 2, 1)
+    >>> q.features, q.context_features, q.log_prob(torch.zeros(5, 6), torch.randn(5, 3)).shape
+    (6, 3, torch.Size([5]))
+    """
+
+    def __init__(self, groups: int, features: int, context_features: int):
+        super().__init__()
+        self.groups, self.group_features, self.group_context = int(groups), int(features), int(context_features)
+        self.features, self.context_features = self.groups * self.group_features, self.groups * self.group_context
+        self.weight = nn.Parameter(torch.zeros(self.features, self.group_context))
+        self.bias = nn.Parameter(torch.zeros(self.features))
+        self.log_scale = nn.Parameter(torch.zeros(self.features))
+
+    def blocks(self) -> Tensor:
+        """The :math:`A_g` as ``(groups, features, context_features)`` (a view)."""
+        return self.weight.view(self.groups, self.group_features, self.group_context)
+
+    def mean(self, y: Tensor) -> Tensor:
+        return _apply(y, self.blocks()) + self.bias
+
+    def linear_regressors(self) -> Tensor:
+        """``(features, context_features)`` indices: row ``(g, j)`` regresses on group ``g``'s outputs."""
+        g = torch.arange(self.groups).repeat_interleave(self.group_features)
+        return g[:, None] * self.group_context + torch.arange(self.group_context)
+
+    def read_linear(self) -> tuple[Tensor, Tensor, Tensor]:
+        var = (2 * self.log_scale.detach().double()).exp()
+        return self.weight.detach().double(), self.bias.detach().double(), var
+
+    @torch.no_grad()
+    def write_linear(self, A, c, var, context_mean=None, context_var=None) -> None:
+        self.weight.copy_(A.reshape(self.weight.shape).to(self.weight.dtype))
+        self.bias.copy_(c.reshape(-1).to(self.bias.dtype))
+        self.log_scale.copy_((0.5 * var.log()).reshape(-1).to(self.log_scale.dtype))
+
+
 class FlowLinear(FlowLayer):
-    """Flowified ``nn.Linear`` / ``F.linear`` acting on the last dimension.
+    """Flowified ``nn.Linear`` / ``F.linear`` acting on the last dimension (optionally block diagonal).
 
     Args:
-        weight: ``(out_features, in_features)`` weight, copied (the caller's tensor is untouched).
+        weight: ``(out_features, in_features)`` weight, copied (the caller's tensor is untouched);
+            with ``groups = G`` the ``G`` blocks stacked, ``(G * m, n)``: the map is block diagonal,
+            ``in_features = G * n`` (group-major), each block flowified on its own (the per-patch
+            map of a grouped convolution).
         bias: optional ``(out_features,)`` bias.
         rtol: a kept block whose condition number exceeds ``1 / rtol`` is refused (FC201);
             a singular weight (no finite ``log|det|``) is always refused.
         noise_log_scale: initial ``log tau`` of the augmentation noise (increasing maps).
+        groups: the number of diagonal blocks ``G`` (default 1, a dense map).
 
     Attributes:
         kind: ``"bijection"``, ``"funnel"`` (reducing) or ``"augment"`` (increasing).
         kept_index: the ``r = min(m, n)`` input coordinates ``S^c`` (funnel) or output
-            coordinates ``T^c`` (augment) of the square block; ``arange(n)`` for a bijection.
+            coordinates ``T^c`` (augment) of the square block; ``arange(n)`` for a bijection
+            (per group, ``G * r`` in all, as indices of the whole input or output).
         dropped_index: the dropped input coordinates ``S`` (funnel; empty otherwise).
         noise_index: the output coordinates ``T`` the noise is added to (augment; empty otherwise).
-        dropped: :class:`ConditionalDiagonalNormal` (or any ``ConditionalDensity``) of ``x_S`` given ``y``.
+        dropped: :class:`ConditionalDiagonalNormal` (:class:`GroupedConditionalNormal` for ``G > 1``;
+            or any ``ConditionalDensity``) of ``x_S`` given ``y``.
         noise: :class:`GaussianNoise` of the added coordinates (augment).
 
     **Caches.** ``log|det|`` of the block and its inverse depend on ``weight`` only. They are
@@ -204,6 +269,8 @@ class FlowLinear(FlowLayer):
     PyTorch's version counter: call :meth:`refresh` after it.
     """
 
+    _record_own = ("weight", "bias")  # the record names the layer's copies, not the caller's tensors
+
     def __init__(
         self,
         weight: Tensor,
@@ -211,22 +278,31 @@ class FlowLinear(FlowLayer):
         *,
         rtol: float = DEFAULT_RTOL,
         noise_log_scale: float = 0.0,
+        groups: int = 1,
     ):
         super().__init__()
         if weight.dim() != 2:
             raise ValueError(f"FlowLinear needs a 2-D weight, got shape {tuple(weight.shape)}")
         weight = weight.detach()
         dtype, device = weight.dtype, weight.device
-        m, n = weight.shape
-        self.in_features, self.out_features, self.rank = n, m, min(m, n)
+        G = int(groups)
+        rows, n = weight.shape
+        if G < 1 or rows % G:
+            raise ValueError(f"groups={groups} does not divide the {rows} rows of the weight")
+        m = rows // G
+        self.groups, self.group_in, self.group_out = G, n, m
+        self.in_features, self.out_features, self.rank = G * n, rows, min(m, n)
         self.kind = "bijection" if m == n else ("funnel" if m < n else "augment")
         self.exact = m <= n
         if m == 0 or n == 0:
             raise SingularWeightError(f"weight of shape {m}x{n} is empty", code="FC201")
-        kept, rest, (logdet, inv, cond) = choose_square_block(weight.cpu(), rtol)
+        kept, rest, (logdet, inv, cond) = choose_square_block(self._blocks(weight.cpu()), rtol)
+        if G > 1:  # per-group indices -> indices of the whole input (funnel) or output (augment)
+            offset = torch.arange(G)[:, None] * (m if self.kind == "augment" else n)
+            kept, rest = (kept + offset).reshape(-1), (rest + offset).reshape(-1)
         self.weight = nn.Parameter(weight.clone(), requires_grad=False)
         self.bias = nn.Parameter(
-            bias.detach().clone() if bias is not None else torch.zeros(m, dtype=dtype, device=device),
+            bias.detach().clone() if bias is not None else torch.zeros(rows, dtype=dtype, device=device),
             requires_grad=False,
         )
         empty = torch.zeros(0, dtype=torch.long, device=device)
@@ -236,16 +312,25 @@ class FlowLinear(FlowLayer):
         for name in ("_logdet", "_inverse"):
             self.register_buffer(name, torch.empty(0, dtype=dtype, device=device), persistent=False)
         self._set_cache(logdet, inv)
-        logdet = float(logdet)
-        if not math.isfinite(logdet) or float(cond) > 1.0 / rtol:
+        worst = int(torch.argmax(torch.where(torch.isfinite(logdet), cond, torch.inf).reshape(-1))) if G > 1 else 0
+        cond, logdet = float(cond.reshape(-1)[worst]), float(logdet.reshape(-1)[worst])
+        if not math.isfinite(logdet) or cond > 1.0 / rtol:
             block = {"funnel": f"kept {m} x {m} column block", "augment": f"kept {n} x {n} row block"}.get(
                 self.kind, "matrix"
             )
-            raise SingularWeightError(singular_message(f"{m}x{n}", float(cond), logdet, rtol, block), code="FC201")
-        self.condition = float(cond)
+            if G > 1:
+                block += f" of group {worst} of {G}"
+            raise SingularWeightError(singular_message(f"{m}x{n}", cond, logdet, rtol, block), code="FC201")
+        self.condition = cond
         k = abs(n - m)
-        self.dropped = ConditionalDiagonalNormal(k, m).to(dtype=dtype, device=device) if m < n else None
-        self.noise = GaussianNoise(k, init_log_scale=noise_log_scale).to(dtype=dtype, device=device) if m > n else None
+        if m < n:
+            q = ConditionalDiagonalNormal(k, m) if G == 1 else GroupedConditionalNormal(G, k, m)
+            self.dropped = q.to(dtype=dtype, device=device)
+        else:
+            self.dropped = None
+        self.noise = (
+            GaussianNoise(G * k, init_log_scale=noise_log_scale).to(dtype=dtype, device=device) if m > n else None
+        )
         self.register_load_state_dict_post_hook(_invalidate_after_load)
 
     @classmethod
@@ -256,11 +341,11 @@ class FlowLinear(FlowLayer):
     # -- shapes and noise --------------------------------------------------------------
     @property
     def dropped_features(self) -> int:
-        return max(self.in_features - self.out_features, 0)
+        return self.groups * max(self.group_in - self.group_out, 0)
 
     @property
     def added_features(self) -> int:
-        return max(self.out_features - self.in_features, 0)
+        return self.groups * max(self.group_out - self.group_in, 0)
 
     def noise_shape(self, input_shape: Sequence[int]) -> tuple[int, ...] | None:
         return (*input_shape[:-1], self.added_features) if self.kind == "augment" else None
@@ -280,23 +365,48 @@ class FlowLinear(FlowLayer):
         with torch.no_grad():
             rows = x.reshape(-1, self.in_features)
             if self.kind == "funnel":
-                return {"dropped": (rows[:, self.dropped_index], F.linear(rows, self.weight, self.bias))}
+                return {"dropped": (rows[:, self.dropped_index], self.forward(rows))}
             if self.kind == "augment":
-                return {"noise": (F.linear(rows, self.weight[self.noise_index]), None)}
+                if self.groups == 1:
+                    return {"noise": (F.linear(rows, self.weight[self.noise_index]), None)}
+                return {"noise": ((self.forward(rows) - self.bias)[:, self.noise_index], None)}
         return {}
 
     def network_parameters(self) -> list[nn.Parameter]:
         return [self.weight, self.bias]
 
     # -- weight-only quantities --------------------------------------------------------
+    def _blocks(self, weight: Tensor) -> Tensor:
+        """The weight as ``(G, m, n)`` blocks (``(m, n)`` when ``G = 1``)."""
+        return weight if self.groups == 1 else weight.view(self.groups, self.group_out, self.group_in)
+
+    def _local(self, index: Tensor, size: int) -> Tensor:
+        """Per-group positions ``(G, -1)`` of global indices into a group-major axis of ``G * size``."""
+        return index.view(self.groups, -1) % size
+
     def block(self, weight: Tensor | None = None) -> Tensor:
-        """The square block ``W_{S^c}`` (funnel), ``W_{T^c}`` (augment) or ``W`` (bijection)."""
-        W = self.weight if weight is None else weight
+        """The square block ``W_{S^c}`` (funnel), ``W_{T^c}`` (augment) or ``W`` (bijection); ``(G, r, r)`` for ``G > 1``."""
+        W = self._blocks(self.weight if weight is None else weight)
+        if self.groups == 1:
+            if self.kind == "funnel":
+                return W[:, self.kept_index]
+            if self.kind == "augment":
+                return W[self.kept_index]
+            return W
+        G, m, n, r = self.groups, self.group_out, self.group_in, self.rank
         if self.kind == "funnel":
-            return W[:, self.kept_index]
+            return W.gather(2, self._local(self.kept_index, n)[:, None, :].expand(G, m, r))
         if self.kind == "augment":
-            return W[self.kept_index]
+            return W.gather(1, self._local(self.kept_index, m)[:, :, None].expand(G, r, n))
         return W
+
+    def _dropped_columns(self) -> Tensor:
+        """``W_S``, the weight's columns of the dropped inputs (funnel; ``(G, m, k)`` for ``G > 1``)."""
+        if self.groups == 1:
+            return self.weight[:, self.dropped_index]
+        G, m, n = self.groups, self.group_out, self.group_in
+        local = self._local(self.dropped_index, n)
+        return self._blocks(self.weight).gather(2, local[:, None, :].expand(G, m, local.shape[1]))
 
     def refresh(self) -> None:
         """Recompute ``log|det|`` of the block and its inverse from the current weight (float64, one LU)."""
@@ -306,7 +416,7 @@ class FlowLinear(FlowLayer):
 
     def _set_cache(self, logdet: Tensor, inv: Tensor) -> None:
         w = self.weight
-        self._logdet = logdet.to(dtype=w.dtype, device=w.device)
+        self._logdet = logdet.sum().to(dtype=w.dtype, device=w.device)
         self._inverse = inv.to(dtype=w.dtype, device=w.device).contiguous()
         self._cache_key = self._key()
 
@@ -325,9 +435,10 @@ class FlowLinear(FlowLayer):
     _frozen = False
 
     def logdet(self) -> Tensor:
-        """``log|det|`` of the block: differentiable from the current weight while it requires grad, else cached."""
+        """``log|det|`` of the block (summed over groups): differentiable from the current weight while
+        it requires grad, else cached."""
         if self.weight.requires_grad:
-            return torch.linalg.slogdet(self.block())[1]
+            return torch.linalg.slogdet(self.block())[1].sum()
         self._fresh()
         return self._logdet
 
@@ -339,32 +450,45 @@ class FlowLinear(FlowLayer):
         return self._inverse
 
     def prepare_for_export(self) -> None:
-        """Compute the caches now and stop re-checking them (on a copy about to be traced).
+        """Compute the caches now and stop re-checking them (before tracing; see :meth:`release_export`).
 
         The fused Gaussian density's ``1 / sigma`` and constant are fixed as buffers too, so that
         the traced graph holds no weight-only arithmetic."""
         self.refresh()
         q = self.dropped
-        if q is not None and type(q) is ConditionalDiagonalNormal:
+        if q is not None and self.fused():
             with torch.no_grad():
                 self.register_buffer("_export_inv_sigma", torch.exp(-q.log_scale).clone(), persistent=False)
                 const = q.log_scale.sum() + 0.5 * LOG_2PI * q.features
                 self.register_buffer("_export_row_const", const.clone(), persistent=False)
         self._frozen = True
 
+    def release_export(self) -> None:
+        """Undo :meth:`prepare_for_export`: the fixed constants are dropped, the caches follow the weight again."""
+        for name in ("_export_inv_sigma", "_export_row_const"):
+            self._buffers.pop(name, None)
+        self.__dict__.pop("_frozen", None)
+        self.invalidate_cache()
+
     def sync_network(self) -> None:
         """After the weight was trained: recompute the caches."""
         self.refresh()
 
     def fused(self) -> bool:
-        """True when the dropped part (if any) is the linear-Gaussian :class:`ConditionalDiagonalNormal`,
-        whose density term is computed from its standardized residual (chosen by the part's type)."""
-        return self.dropped is None or type(self.dropped) is ConditionalDiagonalNormal
+        """True when the dropped part (if any) is the layer's own linear Gaussian (:class:`ConditionalDiagonalNormal`,
+        :class:`GroupedConditionalNormal` for ``G > 1``), whose density term is computed from its standardized
+        residual (chosen by the part's type)."""
+        return self.dropped is None or type(self.dropped) is self.linear_gaussian
+
+    @property
+    def linear_gaussian(self) -> type:
+        """The type of the layer's own linear-Gaussian density of the dropped coordinates."""
+        return ConditionalDiagonalNormal if self.groups == 1 else GroupedConditionalNormal
 
     def dropped_log_prob(self, d: Tensor, y: Tensor) -> Tensor:
         """``log q(d | y)`` per sample, rows in the last dimension (any ConditionalDensity; fused for the Gaussian)."""
         q = self.dropped
-        if type(q) is not ConditionalDiagonalNormal:
+        if type(q) is not self.linear_gaussian:
             return q.log_prob(d, y)
         rows = d.numel() // max(d.shape[0] * q.features, 1)
         if self._frozen and "_export_inv_sigma" in self._buffers:  # prepared for export: fixed constants
@@ -372,8 +496,11 @@ class FlowLinear(FlowLayer):
         else:
             inv_sigma, row_const = torch.exp(-q.log_scale), q.log_scale.sum() + 0.5 * LOG_2PI * q.features
         const = rows * row_const
-        resid = torch.addmm(d.reshape(-1, q.features), y.reshape(-1, q.context_features), q.weight.mT, alpha=-1)
-        r = (resid - q.bias) * inv_sigma
+        if self.groups == 1:
+            resid = torch.addmm(d.reshape(-1, q.features), y.reshape(-1, q.context_features), q.weight.mT, alpha=-1)
+            r = (resid - q.bias) * inv_sigma
+        else:
+            r = (d.reshape(-1, q.features) - q.mean(y.reshape(-1, q.context_features))) * inv_sigma
         r = r.reshape(d.shape[0], -1)
         return torch.sub(-const, torch.linalg.vecdot(r, r), alpha=0.5)
 
@@ -383,12 +510,14 @@ class FlowLinear(FlowLayer):
 
     # -- the contract --------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
+        if self.groups == 1:
+            return F.linear(x, self.weight, self.bias)
+        return _apply(x, self._blocks(self.weight)) + self.bias
 
     def call_and_ll(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
         batch = x.shape[0]
         rows = x.numel() // max(batch * self.in_features, 1)  # vectors the map acts on per sample
-        y = F.linear(x, self.weight, self.bias)  # the original layer, bit for bit
+        y = self.forward(x)  # the original layer, bit for bit
         logdet = self.logdet()
         const = logdet if rows == 1 else rows * logdet
         if self.kind == "funnel":
@@ -406,16 +535,20 @@ class FlowLinear(FlowLayer):
         inv = self.block_inverse()
         if self.kind == "augment":
             kept = self.kept_index
-            return F.linear(y.index_select(-1, kept) - self.bias[kept], inv)
+            return _apply(y.index_select(-1, kept) - self.bias[kept], inv)
         if self.kind == "bijection":
-            return F.linear(y - self.bias, inv)
+            return _apply(y - self.bias, inv)
         q = self.dropped
         d = q.sample(y, noise) if sample else q.mean(y)
-        rhs = y - self.bias - F.linear(d, self.weight[:, self.dropped_index])
-        x_kept = F.linear(rhs, inv)
+        rhs = y - self.bias - _apply(d, self._dropped_columns())
+        x_kept = _apply(rhs, inv)
         x = y.new_zeros(*y.shape[:-1], self.in_features)
         x = x.index_copy(-1, self.kept_index, x_kept)
         return x.index_copy(-1, self.dropped_index, d.reshape(*y.shape[:-1], -1))
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}, exact={self.exact}"
+        groups = f", groups={self.groups}" if self.groups > 1 else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}{groups}, kind={self.kind}, "
+            f"exact={self.exact}"
+        )

@@ -105,6 +105,8 @@ class Verdict:
 
     exact: bool = True
     density_parameters: int = 0
+    #: what the check left to ``convert`` (reported in the node's note), e.g. a large weight's rank
+    note: str | None = None
 
 
 @dataclass
@@ -542,21 +544,40 @@ def _linear_weights(ctx: NodeContext) -> tuple[Tensor, Tensor | None]:
     return weight.detach(), bias
 
 
-def _check_linear(ctx: NodeContext) -> Verdict:
-    """Rank test from the singular values alone (no bases: no n x n matrix), and the densities' size."""
-    weight, _ = _linear_weights(ctx)
-    m, n = weight.shape
-    s = torch.linalg.svdvals(weight.to(torch.float64))
-    if s.numel() == 0 or s.min() <= DEFAULT_RTOL * s.max():
-        smin, smax = (s.min().item(), s.max().item()) if s.numel() else (0.0, 0.0)
+#: ``audit`` tests a weight's rank only when its singular values cost at most this many multiply-adds
+#: (G m n min(m, n)); a larger weight is factorized by ``convert`` alone (FC201 there), noted in the report.
+AUDIT_RANK_BUDGET = 4e6
+
+
+def _rank_verdict(blocks: Tensor, what: str) -> str | None:
+    """FC201 for a singular block of ``blocks`` ``(G, m, n)`` when cheap; else the note that convert decides."""
+    G, m, n = blocks.shape
+    if G * m * n * min(m, n) > AUDIT_RANK_BUDGET:
+        return f"rank not tested by audit ({what} {m}x{n}{f' x {G} groups' if G > 1 else ''}): convert factorizes it"
+    s = torch.linalg.svdvals(blocks.detach().to(torch.float64))  # (G, min(m, n)), no bases
+    smin, smax = s.min(-1).values, s.max(-1).values
+    bad = smin <= DEFAULT_RTOL * smax
+    if bool(bad.any()):
+        g = int(torch.nonzero(bad)[0])
+        where = f" (group {g} of {G})" if G > 1 else ""
         raise Rejection(
             "FC201",
-            f"weight of shape {m}x{n} has smallest singular value {smin:.3g} <= {DEFAULT_RTOL:g} x largest "
-            f"({smax:.3g}); the map is not injective on its row space, log|det| would be -inf",
+            f"{what} of shape {m}x{n}{where} has smallest singular value {smin[g].item():.3g} <= {DEFAULT_RTOL:g} x "
+            f"largest ({smax[g].item():.3g}); the map is not injective on its row space, log|det| would be -inf",
         )
+    return None
+
+
+def _check_linear(ctx: NodeContext) -> Verdict:
+    """Shapes and the densities' size; the rank from the singular values where cheap (:data:`AUDIT_RANK_BUDGET`)."""
+    weight, _ = _linear_weights(ctx)
+    m, n = weight.shape
+    if m == 0 or n == 0:
+        raise Rejection("FC201", f"weight of shape {m}x{n} is empty")
+    note = _rank_verdict(weight[None], "weight")
     k = abs(n - m)
     # the funnel's q(d | y) = N(A y + c, diag sigma^2): A (k x m), c, log sigma; the augmentation's log tau
-    return Verdict(exact=m <= n, density_parameters=k * m + 2 * k if m < n else k)
+    return Verdict(exact=m <= n, density_parameters=k * m + 2 * k if m < n else k, note=note)
 
 
 @REGISTRY.rule(
@@ -573,31 +594,53 @@ def _linear(ctx: NodeContext) -> FlowLayer:
 
 
 # -- convolution (layers in flowconvert.conv and flowconvert.grouped) ------------------------
+def _conv_args(ctx: NodeContext) -> dict[str, Any]:
+    """The convolution's weight, bias and geometry, from the module or the ``F.conv*d`` call."""
+    if ctx.module is not None:
+        m = ctx.module
+        names = ("weight", "bias", "stride", "padding", "dilation", "groups", "padding_mode")
+        return {name: getattr(m, name) for name in names}
+    return dict(
+        weight=ctx.tensor(1, "weight"),
+        bias=ctx.tensor(2, "bias"),
+        stride=ctx.arg(3, "stride", 1),
+        padding=ctx.arg(4, "padding", 0),
+        dilation=ctx.arg(5, "dilation", 1),
+        groups=ctx.arg(6, "groups", 1),
+        padding_mode="zeros",
+    )
+
+
+def _check_conv(ctx: NodeContext) -> Verdict:
+    """The layer's configuration and shapes (as its constructor checks them), exactness and density size
+    from the geometry alone; the kernel's rank only where cheap (:data:`AUDIT_RANK_BUDGET`)."""
+    from .conv import conv_geometry
+
+    args = _conv_args(ctx)
+    weight = args.pop("weight")
+    args.pop("bias")
+    geo = conv_geometry(weight.shape, ctx.in_shape, **args)
+    blocks = weight.detach().reshape(geo.groups, geo.m, geo.n)
+    note = _rank_verdict(blocks, "convolution kernel")
+    return Verdict(exact=geo.exact, density_parameters=geo.density_parameters(), note=note)
+
+
 @REGISTRY.rule(
     [nn.Conv1d, nn.Conv2d, F.conv1d, F.conv2d],
     "exact / bound",
     ["FlowConv", "FlowGroupedConv"],
     "Pad -> Tile -> Kernel; padding or overlapping windows make it a bound; groups > 1 (depthwise) "
-    "as one block per group; zero padding only (FC203)",
+    "as one layer with a block-diagonal kernel; zero padding only (FC203)",
     codes=["FC201", "FC203"],
+    check=_check_conv,
 )
 def _conv(ctx: NodeContext) -> FlowLayer:
     from .conv import FlowConv
     from .grouped import FlowGroupedConv
 
-    groups = ctx.param("groups", 6, 1)
-    cls = FlowGroupedConv if groups > 1 else FlowConv
-    if ctx.module is not None:
-        return cls.from_module(ctx.module, ctx.in_shape)
-    return cls(
-        ctx.tensor(1, "weight"),
-        ctx.tensor(2, "bias"),
-        input_shape=ctx.in_shape,
-        stride=ctx.arg(3, "stride", 1),
-        padding=ctx.arg(4, "padding", 0),
-        dilation=ctx.arg(5, "dilation", 1),
-        groups=groups,
-    )
+    args = _conv_args(ctx)
+    cls = FlowGroupedConv if args["groups"] > 1 else FlowConv
+    return cls(args.pop("weight"), args.pop("bias"), input_shape=ctx.in_shape, **args)
 
 
 # -- activations ----------------------------------------------------------------------------

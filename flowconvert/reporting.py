@@ -70,6 +70,8 @@ def _node_report(node: fx.Node, modules: dict[str, nn.Module], fan: fx.Node | No
         exact = rec.layer.exact if rec.layer is not None else rec.verdict.exact
         entry.likelihood = "exact" if exact else "bound"
     notes = [str(rec.substitution)] if rec.substitution is not None else []
+    if rec.verdict is not None and rec.verdict.note:
+        notes.append(rec.verdict.note)
     if fan is not None:
         notes.append(f"used {record(fan).arity} times: duplicated (FlowDuplicate, bound)")
         entry.fanout = True

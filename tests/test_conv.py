@@ -328,9 +328,11 @@ def test_network_training_keeps_the_function_in_sync():
 
 
 # -- configuration errors ----------------------------------------------------------------------
-def test_groups_refused():
+def test_groups_that_do_not_fit_the_channels_are_refused():
+    # groups > 1 is one layer with a block-diagonal kernel (tests/test_grouped.py); a weight whose
+    # groups do not fit the input's channels is a configuration error
     with pytest.raises(LayerConfigurationError) as err:
-        FlowConv.from_module(nn.Conv2d(4, 4, 3, groups=2), (4, 8, 8))
+        FlowConv(torch.randn(4, 2, 3, 3), input_shape=(6, 8, 8), groups=2)
     assert err.value.code == "FC203" and "groups" in str(err.value)
 
 

@@ -351,3 +351,35 @@ def test_cli_export(tmp_path, capsys):
 def _cli_model() -> nn.Module:
     torch.manual_seed(0)
     return _mlp(5, 3)
+
+
+def test_export_prepares_the_flow_in_place_and_restores_it(tmp_path, monkeypatch):
+    """No copy of the flow: the flow's own layers are prepared (and traced), and afterwards their
+    buffers, caches, modes and requires_grad flags are as before (the flow computes the same)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.LeakyReLU(), nn.Flatten(), nn.Linear(64, 5))
+    x = _inputs((4, 4, 4), 3)
+    flow = fc.convert(model, x)
+    flow.train()
+    layers = [m for m in flow.modules() if isinstance(m, fc.FlowLinear)]
+    layers[0].weight.requires_grad_(True)
+    prepared = []
+    original = fc.FlowLinear.prepare_for_export
+    monkeypatch.setattr(fc.FlowLinear, "prepare_for_export", lambda self: (prepared.append(self), original(self))[1])
+    state = {k: v.clone() for k, v in flow.state_dict().items()}
+    buffers = {id(m): set(m._buffers) for m in flow.modules()}
+    with torch.no_grad():
+        before = flow.eval().log_prob(x, deterministic=True)
+    flow.train()
+    result = export_onnx(flow, tmp_path / "f.onnx", x)
+    assert result.verified
+    assert {id(m) for m in prepared} == {id(m) for m in layers}  # the flow's own layers, not copies
+    assert flow.training and all(m.training for m in flow.modules())
+    assert layers[0].weight.requires_grad and not layers[1].weight.requires_grad
+    assert {id(m): set(m._buffers) for m in flow.modules()} == buffers  # the export constants are gone
+    assert not any(m._frozen for m in layers)
+    after = flow.state_dict()
+    assert all(torch.equal(state[k], after[k]) for k in state)
+    layers[0].weight.requires_grad_(False)
+    with torch.no_grad():
+        torch.testing.assert_close(flow.eval().log_prob(x, deterministic=True), before, atol=0, rtol=0)
