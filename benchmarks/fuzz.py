@@ -47,11 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--show", type=int, default=10, help="print the first SHOW failures in full")
     parser.add_argument("--only", type=int, default=None, help="check only model INDEX, verbosely")
+    parser.add_argument("--start", type=int, default=0, help="index of the first model (default 0)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-    indices = [args.only] if args.only is not None else list(range(args.n))
+    indices = [args.only] if args.only is not None else list(range(args.start, args.start + args.n))
     counts: dict[str, collections.Counter] = {name: collections.Counter() for name in OBLIGATIONS}
     known_kinds: collections.Counter[str] = collections.Counter()
     failures: list[tuple[int, str, str, str]] = []

@@ -223,8 +223,9 @@ def test_report_says_when_densities_are_uncalibrated():
     assert "uncalibrated" in str(flow.report) and flow.report.to_dict()["calibrated"] is False
     fc.calibrate(flow, x)
     assert "uncalibrated" not in str(flow.report) and flow.report.to_dict()["calibrated"] is True
-    square = nn.Sequential(nn.Linear(3, 3), nn.Tanh())  # no density parameters: nothing to calibrate
-    assert "uncalibrated" not in str(fc.audit(square, torch.randn(2, 3)))
+    square = nn.Sequential(nn.Linear(3, 3), nn.Tanh())  # with a standard-normal base: nothing to calibrate
+    assert "uncalibrated" not in str(fc.audit(square, torch.randn(2, 3), base="standard"))
+    assert "uncalibrated" in str(fc.audit(square, torch.randn(2, 3)))  # the default base is learnable
 
 
 def test_reductions_without_a_flow_layer_get_the_pooling_hint():
