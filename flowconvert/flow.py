@@ -321,15 +321,7 @@ class FlowModel(Configurable, nn.Module):
     def _noise_kwargs(
         shapes: Mapping[str, Shape], noise: Mapping[str, Tensor] | None, draw: bool, like: Tensor
     ) -> dict[str, Tensor]:
-        if noise is not None:
-            unknown = set(noise) - set(shapes)
-            missing = set(shapes) - set(noise)
-            if unknown or missing:
-                raise ValueError(
-                    f"noise must have exactly the keys {sorted(shapes)}"
-                    + (f"; unknown {sorted(unknown)}" if unknown else "")
-                    + (f"; missing {sorted(missing)}" if missing else "")
-                )
+        if noise is not None:  # its keys and shapes were checked by validation.check_noise
             return {f"noise_{k}": noise[k] for k in shapes}
         if not draw:
             return {}
