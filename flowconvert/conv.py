@@ -557,7 +557,7 @@ class FlowConv(FlowLayer):
             if k.kind != "bijection":
                 out.update({f"kernel.{name}": rows for name, rows in k.observe(patches).items()})
             if self.dropped_pixels is not None:
-                y = self.forward(x4) if noise is None else self.call_and_ll(x4, noise)[0]  # the output q conditions on
+                y = self.forward(x) if noise is None else self.call_and_ll(x, noise)[0]  # the output q conditions on
                 xd, yd = self.dropped_pixel_pairs(x4, y)
                 out["dropped_pixels"] = (xd.reshape(-1, C), yd.reshape(-1, self.out_channels))
             pixels = x4.reshape(B, C, -1).mT.reshape(-1, C)

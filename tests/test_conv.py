@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import flowconvert as fc
 from flowconvert import FlowConv, LayerConfigurationError, SingularWeightError, network_training
 from flowconvert.densities import LOG_2PI
 from tests.obligations import autograd_logdet, check_iw_bound, grid_integral, log_density
@@ -381,3 +382,14 @@ def test_kernel_patches_are_what_the_kernel_multiplies():
     patches = layer.kernel_patches(x, noise)  # padding and duplication noise included
     W, b = layer.kernel.weight, layer.kernel.bias
     assert torch.allclose(F.linear(patches.mT, W, b).mT.reshape(y.shape), y, atol=1e-5)
+
+
+def test_calibrating_a_conv1d_with_dropped_pixels():
+    """Regression (fuzzer models 620, 890, 1270, 1360, 1410): observe() ran the 1-d convolution on
+    the 4-d view of its input, so calibrate crashed on every Conv1d that leaves pixels uncovered."""
+    torch.manual_seed(0)
+    x = torch.randn(60, 2, 5)
+    flow = fc.convert(nn.Conv1d(2, 3, 3, dilation=2), x[:2])
+    assert flow.layers[next(iter(flow.layers))].dropped_pixels is not None
+    report = fc.calibrate(flow, x)
+    assert report is not None and torch.isfinite(flow.log_prob(x)).all()
