@@ -37,8 +37,8 @@ from flowconvert.demo import (
     DigitsFlowMLP,
     DigitsMLP,
     DigitsTileCNN,
+    baseline_rows,
     carve_validation,
-    categorical_bits_per_dim,
     convert_and_fit,
     format_table,
     load_digits_split,
@@ -117,16 +117,7 @@ def main() -> None:
         f"{args.threads} thread(s); step budget {steps} x batch {args.batch}",
         flush=True,
     )
-    rows.append(("uniform over the 17 levels", math.log2(LEVELS), math.log2(LEVELS), 0.0))
-    t = time.perf_counter()
-    rows.append(
-        (
-            "per-pixel categorical",
-            categorical_bits_per_dim(data.train_x, data.val_x),
-            categorical_bits_per_dim(data.train_x, data.test_x),
-            time.perf_counter() - t,
-        )
-    )
+    rows += baseline_rows(data)
 
     t = time.perf_counter()
     nsf, nsf_val, nsf_steps = zuko_nsf(data, deq, steps, args.batch, args.seed)

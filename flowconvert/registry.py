@@ -985,9 +985,13 @@ def _identity(ctx: NodeContext) -> FlowLayer:
     codes=["FC114"],
 )
 def _dropout(ctx: NodeContext) -> FlowLayer:
-    p, training = ctx.arg(1, "p", 0.5), ctx.arg(2, "training", True)
+    return _identity_in_eval(ctx.arg(1, "p", 0.5), ctx.arg(2, "training", True), function_name(ctx.node.target))
+
+
+def _identity_in_eval(p: float, training: bool, what: str) -> FlowLayer:
+    """A random drop that drops nothing (``training=False`` or ``p=0``) is the identity; else FC114."""
     if training and p > 0:
-        raise Rejection("FC114", f"{function_name(ctx.node.target)} is called with training=True, p={p}")
+        raise Rejection("FC114", f"{what} is called with training=True, p={p}")
     return FlowIdentity()
 
 
@@ -1000,10 +1004,7 @@ def _dropout(ctx: NodeContext) -> FlowLayer:
 )
 def _stochastic_depth(ctx: NodeContext) -> FlowLayer:
     """``torchvision.ops.stochastic_depth(x, p, mode, training)``: the identity when it drops nothing."""
-    p, training = ctx.arg(1, "p", 0.0), ctx.arg(3, "training", True)
-    if training and p > 0:
-        raise Rejection("FC114", f"stochastic_depth `{ctx.node.name}` is called with training=True, p={p}")
-    return FlowIdentity()
+    return _identity_in_eval(ctx.arg(1, "p", 0.0), ctx.arg(3, "training", True), f"stochastic_depth `{ctx.node.name}`")
 
 
 # -- arithmetic: with a constant (affine bijection), or of two data values (a + b funnel) -------
