@@ -271,8 +271,8 @@ def test_the_audit_verdict_is_the_built_layer(name):
     layer = FlowConv.from_module(module, shape)
     assert geo.exact == layer.exact
     assert geo.density_parameters() == density_parameters([layer])
-    report = fc.audit(nn.Sequential(module), torch.randn(1, *shape))
-    assert report.convertible and report.density_parameters == density_parameters([layer])  # standard base
+    report = fc.audit(nn.Sequential(module), torch.randn(1, *shape), base="standard")  # no base parameters
+    assert report.convertible and report.density_parameters == density_parameters([layer])
 
 
 def test_calibration_fits_each_group_on_its_own_outputs():
