@@ -78,6 +78,22 @@ def _pair(v, dim: int, name: str, fill: int = 1) -> tuple[int, int]:
     return (fill, t[0]) if dim == 1 else (t[0], t[1])
 
 
+def _dense(x: Tensor) -> Tensor:
+    """``x`` itself when its strides are the row-major ones, else a row-major copy.
+
+    PyTorch's CPU convolutions can crash (segfault) on an input whose length-1 dimensions carry
+    odd strides, e.g. a transposed ``(B, C, 1)`` view that our identity layers pass through
+    (``is_contiguous()`` is True for such views, so ``.contiguous()`` would not copy).
+    """
+    expected, step = [], 1
+    for size in reversed(x.shape):
+        expected.append(step)
+        step *= max(size, 1)
+    if tuple(reversed(expected)) == x.stride():
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
+
+
 def _sum_squares(t: Tensor) -> Tensor:
     """Per-sample sum of squares of any-strided ``t`` (one pass when no gradient is recorded)."""
     if torch.is_grad_enabled() and t.requires_grad:
@@ -397,7 +413,13 @@ class FlowConv(FlowLayer):
     def forward(self, x: Tensor) -> Tensor:
         conv = F.conv1d if self.dim == 1 else F.conv2d
         return conv(
-            x, self.weight, self.kernel.bias, self._orig_stride, self._padding_arg, self._orig_dilation, self.groups
+            _dense(x),
+            self.weight,
+            self.kernel.bias,
+            self._orig_stride,
+            self._padding_arg,
+            self._orig_dilation,
+            self.groups,
         )
 
     # -- noise ---------------------------------------------------------------------------
@@ -651,6 +673,7 @@ class FlowConv(FlowLayer):
     # -- the contract --------------------------------------------------------------------
     def call_and_ll(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One code path with and without gradients; the deterministic mode never unfolds."""
+        x = _dense(x)
         x4 = self._as4d(x)
         if noise is not None and self.noise_shape(()) is None:
             noise = None

@@ -393,3 +393,18 @@ def test_calibrating_a_conv1d_with_dropped_pixels():
     assert flow.layers[next(iter(flow.layers))].dropped_pixels is not None
     report = fc.calibrate(flow, x)
     assert report is not None and torch.isfinite(flow.log_prob(x)).all()
+
+
+def test_a_conv1d_on_a_transposed_length_one_view():
+    """Regression (fuzzer model 600): PyTorch's CPU convolutions segfault on a length-1 input whose
+    last stride is not 1 (here a transposed view, passed through by an identity layer) with stride 3,
+    padding 2, dilation 2 (and the fused residual's channels-last conv2d too); the layer makes a dense
+    copy first, so both paths return."""
+    torch.manual_seed(0)
+    conv = nn.Conv1d(6, 3, 1, stride=3, padding=2, dilation=2)
+    layer = FlowConv.from_module(conv, (6, 1))
+    x = torch.randn(3, 1, 6).transpose(1, 2)  # (3, 6, 1) with strides (6, 1, 6)
+    assert x.stride(-1) != 1
+    y = layer(x)
+    torch.testing.assert_close(y, conv(x.clone(memory_format=torch.contiguous_format)), atol=0, rtol=0)
+    assert torch.equal(layer.call_and_ll(x)[0], y)
