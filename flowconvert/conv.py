@@ -94,6 +94,15 @@ def _dense(x: Tensor) -> Tensor:
     return x.clone(memory_format=torch.contiguous_format)
 
 
+def _conv1d_input(x: Tensor) -> Tensor:
+    """The input the 1-d convolution is called on: ``x`` itself (the user's call, bit for bit), except
+    for the float32 length-1 view with a last stride other than 1 that crashes PyTorch's CPU conv1d
+    (seen with stride 3, padding 2, dilation 2): a row-major copy of it."""
+    if x.dtype != torch.float64 and x.shape[-1] == 1 and x.stride(-1) != 1:
+        return _dense(x)
+    return x
+
+
 def _sum_squares(t: Tensor) -> Tensor:
     """Per-sample sum of squares of any-strided ``t`` (one pass when no gradient is recorded)."""
     if torch.is_grad_enabled() and t.requires_grad:
@@ -411,9 +420,12 @@ class FlowConv(FlowLayer):
         return self.kernel.bias
 
     def forward(self, x: Tensor) -> Tensor:
-        conv = F.conv1d if self.dim == 1 else F.conv2d
+        if self.dim == 1:
+            conv, x = F.conv1d, _conv1d_input(x)
+        else:
+            conv = F.conv2d
         return conv(
-            _dense(x),
+            x,
             self.weight,
             self.kernel.bias,
             self._orig_stride,
@@ -657,10 +669,12 @@ class FlowConv(FlowLayer):
             xin, padding = x4, (pt, pl)
         else:
             xin, padding = F.pad(x4, (pl, pr, pt, pb)), 0
-        cl = torch.channels_last
+        # channels-last, except on a map of width or height 1: PyTorch's CPU convolution segfaults on
+        # such channels-last inputs for some geometries (stride 3, padding 2, dilation 2: fuzzer model 1615)
+        fmt = torch.channels_last if min(xin.shape[-2:]) > 1 else torch.contiguous_format
         res = F.conv2d(
-            xin.contiguous(memory_format=cl),
-            M.view(k, self.in_channels // G, *self._k).contiguous(memory_format=cl),
+            xin.contiguous(memory_format=fmt) if fmt is torch.channels_last else _dense(xin),
+            M.view(k, self.in_channels // G, *self._k).contiguous(memory_format=fmt),
             e,
             self._s,
             padding,
@@ -673,7 +687,6 @@ class FlowConv(FlowLayer):
     # -- the contract --------------------------------------------------------------------
     def call_and_ll(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One code path with and without gradients; the deterministic mode never unfolds."""
-        x = _dense(x)
         x4 = self._as4d(x)
         if noise is not None and self.noise_shape(()) is None:
             noise = None

@@ -6,6 +6,7 @@ and path agreement atol 1e-8 in float64; integrals within 2e-3 of one.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -408,3 +409,18 @@ def test_a_conv1d_on_a_transposed_length_one_view():
     y = layer(x)
     torch.testing.assert_close(y, conv(x.clone(memory_format=torch.contiguous_format)), atol=0, rtol=0)
     assert torch.equal(layer.call_and_ll(x)[0], y)
+
+
+def test_the_fused_residual_on_a_map_of_width_one():
+    """Regression (fuzzer model 1615): the fused residual's channels-last conv2d segfaulted on a
+    (6, 2, 1) map with stride 3, padding (0, 2), dilation 2; on maps of width or height 1 it runs
+    row-major. The float32 log-likelihood agrees with float64 to 1e-4 (relative)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 1, 1, stride=3, padding=(0, 2), dilation=2)
+    layer = FlowConv.from_module(conv, (6, 2, 1))
+    assert layer.kernel.kind == "funnel" and layer.kernel.fused()
+    x = torch.randn(3, 6, 2, 1)
+    y, ll = layer.call_and_ll(x)
+    y64, ll64 = FlowConv.from_module(copy.deepcopy(conv).double(), (6, 2, 1)).call_and_ll(x.double())
+    torch.testing.assert_close(y, conv(x), atol=0, rtol=0)
+    torch.testing.assert_close(ll.double(), ll64, atol=0, rtol=1e-4)
