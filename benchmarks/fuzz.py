@@ -8,8 +8,7 @@ so any failure is reproduced by its index alone (``--only i``). Every model is c
 ``tests/model_obligations.check``; every ``--onnx-every``-th one also exports both graphs to
 ONNX (slow: seconds per export), and every ``--train-every``-th one is calibrated and trained
 (``fc.fit(train="all")``, a few steps) and checked again. Prints a progress bar, a table of outcomes per obligation
-(``ok`` / ``fail`` / ``skip`` = not applicable / ``known`` = a known open defect, named below
-the table) and the first ``--show`` failures with their architecture, and exits with status 1
+(``ok`` / ``fail`` / ``skip`` = not applicable) and the first ``--show`` failures with their architecture, and exits with status 1
 when any obligation failed.
 """
 
@@ -29,7 +28,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import torch
 from architectures import RandomChoices, build
-from model_obligations import KNOWN, OBLIGATIONS, check
+from model_obligations import OBLIGATIONS, check
 from tqdm import tqdm
 
 
@@ -54,7 +53,6 @@ def main(argv: list[str] | None = None) -> int:
 
     indices = [args.only] if args.only is not None else list(range(args.start, args.start + args.n))
     counts: dict[str, collections.Counter] = {name: collections.Counter() for name in OBLIGATIONS}
-    known_kinds: collections.Counter[str] = collections.Counter()
     failures: list[tuple[int, str, str, str]] = []
     failed_models = 0
     start = time.perf_counter()
@@ -70,8 +68,6 @@ def main(argv: list[str] | None = None) -> int:
             if out.status == "fail":
                 any_fail = True
                 failures.append((i, name, out.detail, arch.describe()))
-            if out.status == "known":
-                known_kinds[next((k for k, text in KNOWN.items() if text in out.detail), "other")] += 1
         failed_models += any_fail
         bar.set_postfix(failed=failed_models)
         if args.only is not None:
@@ -83,14 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - start
 
     print(f"\n{len(indices)} models (seed {args.seed}) in {elapsed:.0f} s; {failed_models} with a failed obligation")
-    print(f"{'obligation':20s}{'ok':>8s}{'fail':>8s}{'skip':>8s}{'known':>8s}")
+    print(f"{'obligation':20s}{'ok':>8s}{'fail':>8s}{'skip':>8s}")
     for name in OBLIGATIONS:
         c = counts[name]
-        print(f"{name:20s}{c['ok']:8d}{c['fail']:8d}{c['skip']:8d}{c['known']:8d}")
-    if known_kinds:
-        print("\nknown open defects (not counted as failures):")
-        for kind, n in known_kinds.items():
-            print(f"  {n:5d} x {kind}: {KNOWN.get(kind, 'unclassified')}")
+        print(f"{name:20s}{c['ok']:8d}{c['fail']:8d}{c['skip']:8d}")
     for i, name, detail, text in failures[: args.show]:
         print(
             f"\n[model {i}] {name}: {detail}\n  {text}\n  reproduce: python benchmarks/fuzz.py --only {i} --seed {args.seed}"

@@ -94,11 +94,14 @@ def _dense(x: Tensor) -> Tensor:
     return x.clone(memory_format=torch.contiguous_format)
 
 
-def _conv1d_input(x: Tensor) -> Tensor:
+def _conv1d_input(x: Tensor, stride: int, padding: int, dilation: int) -> Tensor:
     """The input the 1-d convolution is called on: ``x`` itself (the user's call, bit for bit), except
-    for the float32 length-1 view with a last stride other than 1 that crashes PyTorch's CPU conv1d
-    (seen with stride 3, padding 2, dilation 2): a row-major copy of it."""
-    if x.dtype != torch.float64 and x.shape[-1] == 1 and x.stride(-1) != 1:
+    where PyTorch's CPU conv1d segfaults: a float32 length-1 view whose last stride is not 1 (a
+    transposed ``(B, C, 1)``) with stride, padding and dilation all above their defaults (a sweep over
+    stride 1-5, padding 0-3, dilation 1-3 crashed on exactly those; float64 never). That input is
+    copied row-major."""
+    odd_view = x.dtype == torch.float32 and x.shape[-1] == 1 and x.stride(-1) != 1
+    if odd_view and stride > 1 and padding > 0 and dilation > 1:
         return _dense(x)
     return x
 
@@ -421,7 +424,7 @@ class FlowConv(FlowLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.dim == 1:
-            conv, x = F.conv1d, _conv1d_input(x)
+            conv, x = F.conv1d, _conv1d_input(x, self._orig_stride[0], max(self._pads), self._orig_dilation[0])
         else:
             conv = F.conv2d
         return conv(

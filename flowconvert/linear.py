@@ -247,6 +247,11 @@ class FlowLinear(FlowLayer):
             a singular weight (no finite ``log|det|``) is always refused.
         noise_log_scale: initial ``log tau`` of the augmentation noise (increasing maps).
         groups: the number of diagonal blocks ``G`` (default 1, a dense map).
+        fold_strided: how a non-contiguous input of 3 or more dimensions is multiplied. PyTorch's
+            ``F.linear`` folds it to 2-D and calls ``mm`` when the weight requires grad (an
+            ``nn.Parameter``, the default ``True``), and batches it otherwise; the layer's own
+            weight is frozen, so it follows the user's weight here to stay bit for bit
+            (the converter passes ``weight.requires_grad`` of the user's layer).
 
     Attributes:
         kind: ``"bijection"``, ``"funnel"`` (reducing) or ``"augment"`` (increasing).
@@ -279,6 +284,7 @@ class FlowLinear(FlowLayer):
         rtol: float = DEFAULT_RTOL,
         noise_log_scale: float = 0.0,
         groups: int = 1,
+        fold_strided: bool = True,
     ):
         super().__init__()
         if weight.dim() != 2:
@@ -291,6 +297,7 @@ class FlowLinear(FlowLayer):
             raise ValueError(f"groups={groups} does not divide the {rows} rows of the weight")
         m = rows // G
         self.groups, self.group_in, self.group_out = G, n, m
+        self.fold_strided = bool(fold_strided)
         self.in_features, self.out_features, self.rank = G * n, rows, min(m, n)
         self.kind = "bijection" if m == n else ("funnel" if m < n else "augment")
         self.exact = m <= n
@@ -511,6 +518,10 @@ class FlowLinear(FlowLayer):
     # -- the contract --------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         if self.groups == 1:
+            if self.fold_strided and x.dim() >= 3 and not x.is_contiguous() and not self.weight.requires_grad:
+                # what F.linear does with a weight that requires grad: fold to 2-D, mm, add the bias
+                y = torch.mm(x.reshape(-1, x.shape[-1]), self.weight.t()).view(*x.shape[:-1], self.out_features)
+                return y.add_(self.bias)
             return F.linear(x, self.weight, self.bias)
         return _apply(x, self._blocks(self.weight)) + self.bias
 

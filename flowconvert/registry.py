@@ -590,7 +590,8 @@ def _check_linear(ctx: NodeContext) -> Verdict:
     check=_check_linear,
 )
 def _linear(ctx: NodeContext) -> FlowLayer:
-    return FlowLinear(*_linear_weights(ctx))
+    weight = ctx.param("weight", 1)  # the user's: F.linear's matmul path depends on its requires_grad
+    return FlowLinear(*_linear_weights(ctx), fold_strided=weight.requires_grad)
 
 
 # -- convolution (layers in flowconvert.conv and flowconvert.grouped) ------------------------

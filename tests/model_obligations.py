@@ -32,8 +32,8 @@ unless stated):
 * ``onnx``: float32 export of the likelihood and inverse graphs with noise as inputs, run in
   onnxruntime, equals PyTorch on the same inputs and noise.
 
-Outcomes are ``ok``, ``fail``, ``skip`` (not applicable, with why) or ``known`` (a failure of a
-known, open defect: its description says which).
+Outcomes are ``ok``, ``fail`` or ``skip`` (not applicable, with why). No failure is excused as
+known: a fixed defect has its regression test, an open one is a failure.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from torch.autograd.functional import jacobian
 
 import flowconvert as fc
 
-__all__ = ["KNOWN", "OBLIGATIONS", "Outcome", "check", "check_onnx", "randomize_densities"]
+__all__ = ["OBLIGATIONS", "Outcome", "check", "check_onnx", "randomize_densities"]
 
 OBLIGATIONS = (
     "convert",
@@ -72,17 +72,9 @@ OBLIGATIONS = (
     "after_fit",
 )
 
-#: Known open defects the fuzzer reproduces (reported as ``known``, not ``fail``). Fixed ones are
-#: gone from here (a failure of them is a ``fail``): issue 11 defect 2 (grouped convolutions after
-#: fit(train='all'); regression in test_grouped), fit with unused density parameters (test_fuzz),
-#: and defect 8 (a bounded activation before a funnel), which flows now declare: such a flow has
-#: ``flow.exact_inverse == False`` and its round trip is not promised (a round trip that fails on
-#: a flow that does not declare it is a failure).
-KNOWN = {
-    "linear_strided": "nn.Linear on a non-contiguous input of 3 or more dims: FlowLinear's frozen weight takes "
-    "another matmul path than the user's weight that requires grad (last-bit differences)",
-}
-
+#: Defect 8 of issue 11 (a bounded activation before a funnel) is declared by the flow:
+#: ``flow.exact_inverse == False``, and its round trip is then not promised (a round trip that
+#: fails on a flow that does not declare it is a failure).
 #: The detail of a round trip (or generative log-det) that fails on a flow with a declared approximate inverse.
 APPROXIMATE_INVERSE = "flow.exact_inverse is False (declared: a bounded activation before a funnel)"
 
@@ -91,7 +83,7 @@ LOG_2PI = math.log(2 * math.pi)
 
 @dataclass
 class Outcome:
-    status: str  # ok | fail | skip | known
+    status: str  # ok | fail | skip
     detail: str = ""
 
     def __repr__(self) -> str:
@@ -213,26 +205,6 @@ def _compare_snapshot(model: nn.Module, before: dict) -> None:
     _require(set(now["state"]) == set(before["state"]), "state dict keys changed")
     for k, v in before["state"].items():
         _require(torch.equal(now["state"][k], v) and now["state"][k].dtype == v.dtype, f"state entry {k!r} changed")
-
-
-def _strided_linear_inputs(model: nn.Module, x: Tensor) -> bool:
-    """Does some nn.Linear of the model see a non-contiguous input of >= 3 dims? (KNOWN['linear_strided'])"""
-    seen = []
-    linear = lambda m: (
-        isinstance(m, nn.Linear) or getattr(m, "kind", None) == "Linear"
-    )  # also F.linear in architectures
-    hooks = [
-        m.register_forward_pre_hook(lambda m, args: seen.append(args[0].dim() >= 3 and not args[0].is_contiguous()))
-        for m in model.modules()
-        if linear(m)
-    ]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return any(seen)
 
 
 def randomize_densities(flow: nn.Module, seed: int = 0) -> None:
@@ -696,8 +668,6 @@ def check(arch, *, onnx: bool = False, train: bool = False, batch: int = 3, seed
         same32 = results.pop("_bitwise32", True)
         if same and same32:
             return Outcome("ok")
-        if _strided_linear_inputs(model, x):
-            return Outcome("known", KNOWN["linear_strided"])
         return Outcome("fail", f"flow(x) is not bit-for-bit model(x) (float64 equal: {same}, float32 equal: {same32})")
 
     attempt("bitwise", bitwise)
