@@ -424,3 +424,32 @@ def test_the_fused_residual_on_a_map_of_width_one():
     y64, ll64 = FlowConv.from_module(copy.deepcopy(conv).double(), (6, 2, 1)).call_and_ll(x.double())
     torch.testing.assert_close(y, conv(x), atol=0, rtol=0)
     torch.testing.assert_close(ll.double(), ll64, atol=0, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if CASES[n][2] == "funnel"])
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "gathered"])
+def test_both_residual_strategies_give_the_log_density(name, fuse, monkeypatch):
+    """The deterministic funnel's log q(x_S | y) by the fused convolution with M and by the gather with
+    A y agree with the unfolded (stochastic, zero-noise) reference to 1e-10 in float64, with and
+    without gradients; which one runs is a cost decision only."""
+    _, layer, shape = make(name)
+    x = torch.randn(4, *shape, dtype=torch.float64)
+    noise = layer.draw_noise(x)
+    reference = layer.call_and_ll(x, torch.zeros_like(noise))[1].detach() if noise is not None else None
+    monkeypatch.setattr(FlowConv, "_fuse", lambda self, batch: fuse)
+    with torch.no_grad():
+        ll = layer.call_and_ll(x)[1]
+    ll_grad = layer.call_and_ll(x)[1]
+    torch.testing.assert_close(ll_grad.detach(), ll, atol=1e-10, rtol=0)
+    monkeypatch.setattr(FlowConv, "_fuse", lambda self, batch: not fuse)
+    with torch.no_grad():
+        torch.testing.assert_close(layer.call_and_ll(x)[1], ll, atol=1e-10, rtol=0)
+    if reference is not None:  # the tiled or padded cases: zero noise is the deterministic point
+        torch.testing.assert_close(ll, reference, atol=1e-10, rtol=0)
+
+
+def test_the_residual_strategy_follows_the_cost():
+    """Deep layers (many channels, few locations) gather; a stem (few channels, a wide map) fuses."""
+    deep = FlowConv.from_module(nn.Conv2d(256, 256, 3, padding=1), (256, 4, 4))
+    stem = FlowConv.from_module(nn.Conv2d(3, 16, 7, stride=2, padding=3), (3, 64, 64))
+    assert not deep._fuse(8) and stem._fuse(8)
