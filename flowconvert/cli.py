@@ -165,6 +165,14 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SLOPE",
         help="slope of the substituted LeakyReLU (with --relu leaky)",
     )
+    parser.add_argument(
+        "--substitute",
+        action="append",
+        default=[],
+        metavar="FAMILY=NAME",
+        help="substitute an activation family, e.g. gelu=leaky or silu=leaky (repeatable; relu6=none keeps "
+        "a family --relu leaky covers refused); families and substitutes: docs/supported.md",
+    )
     add_choice(
         parser,
         "--density",
@@ -393,9 +401,31 @@ def conversion_options(args: argparse.Namespace) -> dict:
     options: dict[str, Any] = {"density": getattr(args, "density", "gaussian")}
     if getattr(args, "base", None) is not None:
         options["base"] = args.base
+    substitute = parse_substitutions(getattr(args, "substitute", []))
+    if getattr(args, "relu", "refuse") == "leaky" or substitute:
+        options["negative_slope"] = args.negative_slope
     if getattr(args, "relu", "refuse") == "leaky":
-        options.update(relu="leaky", negative_slope=args.negative_slope)
+        options["relu"] = "leaky"
+    if substitute:
+        options["substitute"] = substitute
     return options
+
+
+def parse_substitutions(items: list[str]) -> dict[str, str | None]:
+    """``["gelu=leaky", "relu6=none"]`` -> ``{"gelu": "leaky", "relu6": None}``, checked against the registry."""
+    from .registry import resolve_substitutions
+
+    out: dict[str, str | None] = {}
+    for item in items:
+        family, sep, name = item.partition("=")
+        if not sep or not family or not name:
+            raise UsageError(f"--substitute expects FAMILY=NAME (e.g. gelu=leaky), got {item!r}")
+        out[family.strip().lower()] = None if name.strip().lower() == "none" else name.strip()
+    try:
+        resolve_substitutions(None, out)
+    except ValueError as exc:
+        raise UsageError(f"--substitute: {exc}") from exc
+    return out
 
 
 def _audit(args: argparse.Namespace, build: bool = True):
@@ -412,7 +442,7 @@ def _audit(args: argparse.Namespace, build: bool = True):
             options.pop("density")
             if options.get("base") not in (None, "standard", "diagonal"):
                 options.pop("base")  # a family's base: the audit's verdict does not depend on it
-            if "relu" in options:  # the output deviation of a substitution is measured on a built flow
+            if "relu" in options or "substitute" in options:  # a substitution's deviation needs a built flow
                 return audit_and_convert(model, example_inputs(args), **options)[0], None
             return audit(model, example_inputs(args), **options), None
         flow = convert(model, example_inputs(args), **options)

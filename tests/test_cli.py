@@ -46,6 +46,14 @@ MODELS = textwrap.dedent(
         def forward(self, x):
             return self.fc2(self.act(self.fc1(x)))  # forward-line
 
+    class WithGELU(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(8, 6), nn.GELU(), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(x)))
+
     good_instance = Good()
     not_a_model = 42
     """
@@ -362,6 +370,21 @@ def test_relu_is_refused_with_a_hint_to_the_policy_and_substituted_on_request(ru
     assert refused.returncode == 1 and 'relu="leaky"' in refused.stdout and "--relu leaky" in refused.stdout
     assert leaky.returncode == 0 and "ReLU replaced by LeakyReLU" in leaky.stdout
     assert "max output deviation" in leaky.stdout
+
+
+def test_substitute_names_a_family_and_its_substitute(target, capsys):
+    """--substitute FAMILY=NAME is fc.convert's substitute={...}: GELU is refused unless named, then
+    substituted with its deviation reported; none keeps a family refused; bad spellings are exit 2."""
+    shape = ["--input-shape", "1,8"]
+    assert cli.main(["audit", f"{target}:WithGELU", *shape]) == 1
+    assert "FC102" in capsys.readouterr().out
+    assert cli.main(["audit", f"{target}:WithGELU", *shape, "--substitute", "gelu=leaky"]) == 0
+    assert "deviation" in capsys.readouterr().out
+    assert cli.main(["audit", f"{target}:WithReLU", *shape, "--relu", "leaky", "--substitute", "relu=none"]) == 1
+    assert "FC101" in capsys.readouterr().out
+    for bad, message in (("gelu", "FAMILY=NAME"), ("nope=leaky", "unknown activation family"), ("gelu=x", "one of")):
+        assert cli.main(["audit", f"{target}:WithGELU", *shape, "--substitute", bad]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_conversion_error_names_each_location_once(tmp_path):
