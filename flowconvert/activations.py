@@ -114,19 +114,16 @@ class FlowLeakyClamp(FlowLayer):
 
     def call_and_ll(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
         u = x * self.scale + self.shift if self._affine() else x
-        y, outside, a = u, None, self.negative_slope
-        if self.low is not None:
-            below = u < self.low
-            y = torch.where(below, self.low + a * (u - self.low), y)
-            outside = below
-        if self.high is not None:
-            above = u > self.high
-            y = torch.where(above, self.high + a * (u - self.high), y)
-            outside = above if outside is None else outside | above
         ll = x.new_full((x.shape[0],), x[0].numel() * math.log(abs(self.scale)))
-        if outside is not None:
-            ll = ll + sum_except_batch(outside.to(x.dtype)) * self.log_slope
-        return y, ll
+        if self.low is None and self.high is None:
+            return u, ll
+        # y = c + a (u - c) with c the clamp of u; u - c is nonzero exactly outside the bounds
+        c = torch.clamp(u, min=self.low, max=self.high)
+        d = u - c
+        tracked = torch.is_grad_enabled() and u.requires_grad
+        y = torch.add(c, d, alpha=self.negative_slope) if tracked else c.add_(d, alpha=self.negative_slope)
+        outside = sum_except_batch(d.detach().sign_().abs_())  # d is saved by nothing: overwritten in place
+        return y, ll + outside * self.log_slope
 
     def inverse(self, y: Tensor, sample: bool = False, noise: Tensor | None = None) -> Tensor:
         u, a = y, self.negative_slope

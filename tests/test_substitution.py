@@ -29,6 +29,10 @@ def test_leaky_clamp_is_an_exact_bijection(name):
     x = 4 * torch.randn(5, 7, dtype=D64)
     y, ll = layer.call_and_ll(x)
     torch.testing.assert_close(layer.inverse(y), x, atol=1e-12, rtol=0)
+    kept = x.clone()
+    with torch.no_grad():  # the untracked path works in place on its own temporaries, never on x
+        y0, ll0 = layer.call_and_ll(x)
+    assert torch.equal(y0, y) and torch.equal(ll0, ll) and torch.equal(x, kept)
     for i in range(5):
         J = jacobian(lambda v: layer.call_and_ll(v.reshape(1, -1))[0].reshape(-1), x[i])
         torch.testing.assert_close(ll[i], torch.linalg.slogdet(J)[1], atol=1e-10, rtol=0)
