@@ -627,8 +627,11 @@ class FlowConv(FlowLayer):
         convolution (a matmul over channels); any other family gets rows ``(B, L_o, k)`` in the
         kernel's order."""
         q = self.kernel.dropped
+        if not self.kernel.fused():
+            d = d.index_select(1, self._drop_unperm) if permuted else d
+            return q.log_prob(d.mT, y.mT)
         const = self.n_locations * (q.log_scale.sum() + 0.5 * LOG_2PI * q.features)
-        if permuted and self.groups == 1 and self.kernel.fused():
+        if permuted and self.groups == 1:
             # the density's rows permuted instead of d (k x m, not B x k x L_o): the sum of squares is the same
             perm = self._drop_perm
             A, c, inv_sigma = q.weight.index_select(0, perm), q.bias[perm], torch.exp(-q.log_scale)[perm]
@@ -641,8 +644,6 @@ class FlowConv(FlowLayer):
             return -const - 0.5 * _sum_squares(r)
         if permuted:
             d = d.index_select(1, self._drop_unperm)
-        if not self.kernel.fused():
-            return q.log_prob(d.mT, y.mT)
         r = (d - self._grouped_matmul(q.weight, y) - q.bias[:, None]) * torch.exp(-q.log_scale)[:, None]
         return -const - 0.5 * _sum_squares(r)
 
