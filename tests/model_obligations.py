@@ -28,7 +28,8 @@ unless stated):
   exactly (skipped while ``fc.save`` / ``fc.load`` do not exist).
 * ``after_calibrate`` / ``after_fit``: after ``fc.calibrate`` and after a few steps of
   ``fc.fit(train="all")``, ``flow(x)`` and the likelihood pass still agree, every layer
-  still meets its log-det and round-trip obligations, and the user's model is untouched.
+  still meets its log-det and round-trip obligations, ``fc.load(fc.save(flow))`` still
+  reproduces it exactly, and the user's model is untouched.
 * ``onnx``: float32 export of the likelihood and inverse graphs with noise as inputs, run in
   onnxruntime, equals PyTorch on the same inputs and noise.
 
@@ -534,6 +535,7 @@ def _after_training(arch, flow, x: Tensor, seed: int, results: dict) -> None:
     def calibrated():
         fc.calibrate(flow, data, seed=seed)
         _consistent(flow, x, gen, "after calibrate")
+        _save_load(flow, x, gen)
         _compare_snapshot(arch.model, before)
 
     def fitted():
@@ -552,6 +554,7 @@ def _after_training(arch, flow, x: Tensor, seed: int, results: dict) -> None:
         trained = any(not torch.equal(p, q) for p, q in zip(params, start))
         _require(moved or not trained, "fit(train='all') changed the network's parameters but not flow(x)")
         _consistent(flow, x, gen, "after fit(train='all')")
+        _save_load(flow, x, gen)
         _compare_snapshot(arch.model, before)
 
     for name, fn in (("after_calibrate", calibrated), ("after_fit", fitted)):
