@@ -200,14 +200,25 @@ def _check_inverse(flow: FlowModel, inputs: tuple[torch.Tensor, ...], tolerance:
     A bijection (no layer models anything) must give back its inputs; otherwise the stated
     direction ``flow(flow.inverse(y)) == y`` is checked.
     """
-    if not (flow.exact and flow.exact_inverse):
-        return  # bound layers promise no round trip; range-limited activations are marked already
     bijective = not flow.noise_shapes() and not flow.inverse_noise_shapes()  # nothing dropped, nothing added
     try:
         with torch.no_grad():
             y = _flat(flow(*inputs))
             back = flow.inverse(*y, sample=False)
             back = back if isinstance(back, tuple) else (back,)
+            if not all(torch.isfinite(b).all() for b in back):
+                warnings.warn(
+                    f"the inverse of this flow overflows {inputs[0].dtype}: flow.inverse(flow(x)) is not finite on "
+                    "the example inputs. Each layer's inverse amplifies what its forward contracted (a nearly "
+                    "singular weight by its condition number, a LeakyReLU substitute with slope s by 1/s), and "
+                    "deep compositions multiply these factors; log_prob is unaffected. Convert the model in "
+                    "float64, or substitute with a larger negative_slope",
+                    FlowConversionWarning,
+                    stacklevel=5,
+                )
+                return
+            if not (flow.exact and flow.exact_inverse):
+                return  # bound layers promise no round trip; range-limited activations are marked already
             pairs = zip(inputs, back) if bijective else zip(y, _flat(flow(*back)))
             pairs = list(pairs)
     except Exception:  # noqa: BLE001 - a diagnostic must not break a conversion

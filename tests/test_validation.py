@@ -372,6 +372,25 @@ def test_ill_conditioned_composition_warns():
         fc.convert(net.double(), torch.randn(3, 4, dtype=torch.float64))  # fine in float64
 
 
+def test_an_inverse_that_overflows_warns_even_for_a_bound():
+    """A flow with an augmentation (a bound: no round trip promised) whose inverse still overflows
+    float32 on the example inputs says so at conversion: 30 layers that each contract by 100 (rounding
+    errors of 1e-8 grow to 1e52)."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(4, 8)]
+    for _ in range(30):
+        lin = nn.Linear(8, 8)
+        lin.weight.data = 0.01 * torch.eye(8) + 1e-4 * torch.randn(8, 8)
+        layers.append(lin)
+    net = nn.Sequential(*layers).eval()
+    with pytest.warns(fc.FlowConversionWarning, match="overflows torch.float32") as caught:
+        flow = fc.convert(net, torch.randn(3, 4))
+    assert not flow.exact and "negative_slope" in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fc.convert(net.double(), torch.randn(3, 4, dtype=torch.float64))  # 1e44 is finite in float64
+
+
 class _SigmoidThenGlobalMax(nn.Module):
     def forward(self, x):
         return torch.sigmoid(x).amax(dim=(2, 3))
