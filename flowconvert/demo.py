@@ -125,12 +125,21 @@ class DigitsFlowMLP(nn.Sequential):
     dimensions are modelled by the linear-Gaussian conditionals of the dropped coordinates;
     training its weights for likelihood cannot do much better than a full-covariance Gaussian.
     A width-64 network keeps every dimension through the nonlinearities.
+
+    ``identity=True`` starts every layer as the identity (weight ``I``, bias 0; LeakyReLU is the
+    identity on the non-negative dequantized pixels), so the flow starts as its base density on
+    the pixels themselves: a random linear layer mixes the pixels, and the flat boxes of the
+    dequantized levels, which a spline base models well pixel by pixel, become a zonotope.
     """
 
-    def __init__(self, depth: int = 3, slope: float = 0.5):
+    def __init__(self, depth: int = 3, slope: float = 0.5, identity: bool = False):
         layers: list[nn.Module] = []
         for i in range(depth):
             layers.append(nn.Linear(64, 64))
+            if identity:
+                with torch.no_grad():
+                    layers[-1].weight.copy_(torch.eye(64))
+                    layers[-1].bias.zero_()
             if i < depth - 1:
                 layers.append(nn.LeakyReLU(slope))
         super().__init__(*layers)
@@ -306,14 +315,16 @@ def convert_and_fit(
     max_steps: int | None = None,
     progress: bool = False,
     train: str = "densities",
+    base=None,
+    network_lr: float | None = None,
 ):
-    """Convert ``net`` with the family ``density``, calibrate (guard on validation) and fit its
-    densities (``train="all"``: the network too) with early stopping on validation. Returns
-    ``(flow, history, seconds)``."""
+    """Convert ``net`` with the family ``density`` (and ``base``, default the family's), calibrate
+    (guard on validation) and fit its densities (``train="all"``: the network too, at
+    ``network_lr``) with early stopping on validation. Returns ``(flow, history, seconds)``."""
     import flowconvert as fc
 
     t = time.perf_counter()
-    flow = fc.convert(net, deq.center(data.train_x[:2]), density=density)
+    flow = fc.convert(net, deq.center(data.train_x[:2]), density=density, base=base)
     calibrate(flow, data.train_x, val_data=data.val_x, dequantize=deq)
     history = fit(
         flow,
@@ -326,6 +337,7 @@ def convert_and_fit(
         batch_size=batch_size,
         max_steps=max_steps,
         train=train,
+        network_lr=network_lr,
         progress=progress,
     )
     return flow, history, time.perf_counter() - t

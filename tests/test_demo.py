@@ -32,3 +32,19 @@ def test_quick_demo_runs_every_stage(tmp_path):
     assert (
         "samples_mlp_frozen_T1.png" in pictures and f"samples_mlp_frozen_T{demo.DEFAULT_TEMPERATURE:g}.png" in pictures
     )
+
+
+def test_the_flow_mlp_can_start_as_the_identity():
+    """DigitsFlowMLP(identity=True) is the identity on non-negative inputs (the dequantized pixels),
+    with log|det| 0: its flow starts as its base density on the pixels themselves."""
+    import flowconvert as fc
+    from flowconvert.demo import DigitsFlowMLP
+
+    x = torch.rand(5, 64)
+    net = DigitsFlowMLP(identity=True)
+    assert torch.equal(net(x), x)
+    flow = fc.convert(net, x[:2], base="standard")
+    z, ll = flow.forward_with_log_prob(x, deterministic=True)
+    assert torch.equal(z, x)
+    torch.testing.assert_close(ll, fc.StandardNormal((64,)).log_prob(x), atol=1e-5, rtol=0)
+    assert not torch.equal(DigitsFlowMLP()(x), x)
