@@ -168,10 +168,12 @@ class FlowBatchNorm(FlowLayer):
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
     def call_and_ll(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        a, _ = self._affine()
+        # sum_c log|a_c| = sum_c log|w_c| - 1/2 sum_c log(v_c + eps), without forming a or b
+        log_abs = torch.log(self.running_var + self.eps).sum().mul(-0.5)
+        if self.weight is not None:
+            log_abs = log_abs + self.weight.abs().log().sum()
         positions = x[0].numel() // self.num_features
-        ll = (positions * a.abs().log().sum()).to(x.dtype).expand(x.shape[0])
-        return self.forward(x), ll
+        return self.forward(x), (positions * log_abs).to(x.dtype).expand(x.shape[0])
 
     def inverse(self, y: Tensor, sample: bool = False, noise: Tensor | None = None) -> Tensor:
         a, b = self._affine()
