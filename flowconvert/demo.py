@@ -12,7 +12,8 @@ cores and without downloading anything:
    (``density="gaussian"``, ``"mlp"``, ``"flow"``; :mod:`flowconvert.families`),
    :func:`~flowconvert.calibrate` the density parts in closed form and
    :func:`~flowconvert.fit` them with the network frozen (accuracy unchanged);
-4. train a whole flowified MLP (bijective 64-64-64, :class:`DigitsFlowMLP`) for likelihood;
+4. train a whole flowified MLP (bijective 64-64-64, :class:`DigitsFlowMLP`, started at the
+   identity, with a spline-flow base) for likelihood;
 5. print one table of test bits/dim (dequantized with the k/K convention, so the
    :math:`-D\log 17` term is included and the figures compare with discrete models: a uniform
    model scores :math:`\log_2 17 = 4.09`, an independent per-pixel categorical model is shown
@@ -395,15 +396,16 @@ def run_demo(
                 f"({secs:.0f}s); accuracy unchanged: {same}"
             )
 
-    print("\n== flowified 64-64-64 MLP trained for likelihood (train='all') ==")
+    print("\n== flowified 64-64-64 MLP trained for likelihood (train='all'), spline-flow base ==")
     torch.manual_seed(seed)
     gen, h, secs = convert_and_fit(
-        DigitsFlowMLP(),
+        DigitsFlowMLP(identity=True),  # starts as the base on the pixels; see DigitsFlowMLP
         data,
         deq,
-        "gaussian",
+        "flow",
         epochs=ep(40),
-        lr=5e-3,
+        lr=1e-3,
+        network_lr=3e-5,
         batch_size=64,
         train="all",
         patience=8,
@@ -491,8 +493,17 @@ def run_demo(
     try:
         from .export import export_onnx
 
+        # log p of a spline-flow family is a sum of some hundred float32 terms of either sign, so the
+        # exported graph's rounding is about 1e-4 of log p (a float64 export agrees to 1e-6, the ops
+        # onnxruntime runs in float32 included): the tolerance is 1e-3, absolute and relative
         res = export_onnx(
-            flows[best], out / "mlp_flow_likelihood.onnx", deq.center(data.test_x[:4]), graph="likelihood", noise="zero"
+            flows[best],
+            out / "mlp_flow_likelihood.onnx",
+            deq.center(data.test_x[:4]),
+            graph="likelihood",
+            noise="zero",
+            atol=1e-3,
+            rtol=1e-3,
         )
         from .export_cli import parity_verdict
 
