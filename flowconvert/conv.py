@@ -733,7 +733,8 @@ class FlowConv(FlowLayer):
         if noise is None:
             # the original convolution for y (bit for bit); the dropped entries are strided slices
             y = self.forward(x).reshape(B, self.out_channels, Lo)
-            if kind == "funnel" and kernel.fused() and self._fuse(B):
+            # while torch.export traces, the batch is symbolic: decide per sample (no guard on it)
+            if kind == "funnel" and kernel.fused() and self._fuse(B if isinstance(B, int) else 1):
                 ll = ll + self._fused_residual_ll(x4)
             elif kind == "funnel":
                 ll = ll + self._kernel_dropped_ll(self._dropped_patch_entries(x4), y, permuted=True)
