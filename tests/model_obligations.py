@@ -73,10 +73,9 @@ OBLIGATIONS = (
     "after_fit",
 )
 
-#: Defect 8 of issue 11 (a bounded activation before a funnel) is declared by the flow:
-#: ``flow.exact_inverse == False``, and its round trip is then not promised (a round trip that
-#: fails on a flow that does not declare it is a failure).
-#: The detail of a round trip (or generative log-det) that fails on a flow with a declared approximate inverse.
+#: The detail of a round trip (or generative log-det) that fails on a flow with a declared approximate
+#: inverse: a bounded activation before a funnel (issue 11, defect 8) makes ``flow.exact_inverse``
+#: False, and its round trip is then not promised (a failure on a flow that does not declare it is a failure).
 APPROXIMATE_INVERSE = "flow.exact_inverse is False (declared: a bounded activation before a funnel)"
 
 LOG_2PI = math.log(2 * math.pi)
