@@ -154,59 +154,43 @@ def main() -> None:
                 flush=True,
             )
 
-    torch.manual_seed(args.seed)
     per_epoch = math.ceil(len(data.train_x) / args.batch)
-    gen, h, secs = convert_and_fit(
-        DigitsFlowMLP(),
-        data,
-        deq,
-        "gaussian",
-        epochs=math.ceil(steps / per_epoch),
-        max_steps=steps,
-        lr=5e-3,
-        batch_size=args.batch,
-        train="all",
-        patience=8,
-    )
-    rows.append(
-        (
-            f"flowified 64-64-64 MLP, trained fully ({h.steps} steps)",
-            h.best_val_bpd,
-            fc.bits_per_dim(gen, data.test_x, dequantize=deq),
-            secs,
+
+    def trained_fully(key: str, label: str, make, density: str, **options) -> None:
+        """A flowified network (built by ``make`` after seeding) trained fully on the NSF's split,
+        step budget and patience."""
+        torch.manual_seed(args.seed)
+        flow, h, secs = convert_and_fit(
+            make(),
+            data,
+            deq,
+            density,
+            epochs=math.ceil(steps / per_epoch),
+            max_steps=steps,
+            batch_size=args.batch,
+            train="all",
+            patience=8,
+            **options,
         )
-    )
-    flows["trained fully"] = gen
+        test = fc.bits_per_dim(flow, data.test_x, dequantize=deq)
+        rows.append((f"{label}, trained fully ({h.steps} steps)", h.best_val_bpd, test, secs))
+        flows[key] = flow
 
     def nsf_sized_base(shape):
         from flowconvert.families import FlowBase
 
         return FlowBase(shape, transforms=3, hidden=(128, 128))
 
-    torch.manual_seed(args.seed)
-    spline, h, secs = convert_and_fit(
-        DigitsFlowMLP(identity=True),
-        data,
-        deq,
+    trained_fully("trained fully", "flowified 64-64-64 MLP", DigitsFlowMLP, "gaussian", lr=5e-3)
+    trained_fully(
+        "trained fully, spline base",
+        "flowified 64-64-64 MLP, spline base",
+        lambda: DigitsFlowMLP(identity=True),
         "flow",
         base=nsf_sized_base,
-        epochs=math.ceil(steps / per_epoch),
-        max_steps=steps,
         lr=1e-3,
         network_lr=3e-5,
-        batch_size=args.batch,
-        train="all",
-        patience=8,
     )
-    rows.append(
-        (
-            f"flowified 64-64-64 MLP, spline base, trained fully ({h.steps} steps)",
-            h.best_val_bpd,
-            fc.bits_per_dim(spline, data.test_x, dequantize=deq),
-            secs,
-        )
-    )
-    flows["trained fully, spline base"] = spline
 
     print("\ntest bits/dim (lower is better), validation used for every choice:")
     print(format_table(rows))

@@ -627,21 +627,17 @@ class FlowConv(FlowLayer):
         convolution (a matmul over channels); any other family gets rows ``(B, L_o, k)`` in the
         kernel's order."""
         q = self.kernel.dropped
-        if not self.kernel.fused():
+        if not self.kernel.fused() or self.n_locations < 64:
+            # the kernel's own row-wise density (any family; for the Gaussian one (B L_o x m) product)
             d = d.index_select(1, self._drop_unperm) if permuted else d
-            return q.log_prob(d.mT, y.mT)
+            return self.kernel.dropped_log_prob(d.mT, y.mT)
         const = self.n_locations * (q.log_scale.sum() + 0.5 * LOG_2PI * q.features)
         if permuted and self.groups == 1:
             # the density's rows permuted instead of d (k x m, not B x k x L_o): the sum of squares is the same
             perm = self._drop_perm
             A, c, inv_sigma = q.weight.index_select(0, perm), q.bias[perm], torch.exp(-q.log_scale)[perm]
-            if self.n_locations >= 64:  # one (k x m) @ (m x L_o) product per sample
-                r = torch.baddbmm(d, A.expand(d.shape[0], *A.shape), y, alpha=-1)  # x_S - A y
-                return -const - 0.5 * _sum_squares((r - c[:, None]) * inv_sigma[:, None])
-            # few locations: one (B L_o x m) @ (m x k) product, location-major
-            Ay = torch.mm(y.mT.reshape(-1, y.shape[1]), A.mT).view(d.shape[0], self.n_locations, -1)
-            r = (d.mT - Ay - c) * inv_sigma
-            return -const - 0.5 * _sum_squares(r)
+            r = torch.baddbmm(d, A.expand(d.shape[0], *A.shape), y, alpha=-1)  # x_S - A y, per sample
+            return -const - 0.5 * _sum_squares((r - c[:, None]) * inv_sigma[:, None])
         if permuted:
             d = d.index_select(1, self._drop_unperm)
         r = (d - self._grouped_matmul(q.weight, y) - q.bias[:, None]) * torch.exp(-q.log_scale)[:, None]

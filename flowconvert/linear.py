@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .core import DensityPart, FlowLayer
-from .densities import LOG_2PI, ConditionalDiagonalNormal, ConditionalNormal, GaussianNoise
+from .densities import LOG_2PI, ConditionalDiagonalNormal, ConditionalNormal, GaussianNoise, _write
 from .errors import SingularWeightError
 
 __all__ = ["FlowLinear", "GroupedConditionalNormal", "DEFAULT_RTOL", "choose_square_block", "block_inverse"]
@@ -227,11 +227,8 @@ class GroupedConditionalNormal(ConditionalNormal):
         var = (2 * self.log_scale.detach().double()).exp()
         return self.weight.detach().double(), self.bias.detach().double(), var
 
-    @torch.no_grad()
     def write_linear(self, A, c, var, context_mean=None, context_var=None) -> None:
-        self.weight.copy_(A.reshape(self.weight.shape).to(self.weight.dtype))
-        self.bias.copy_(c.reshape(-1).to(self.bias.dtype))
-        self.log_scale.copy_((0.5 * var.log()).reshape(-1).to(self.log_scale.dtype))
+        _write(self, A, c, var)
 
 
 class FlowLinear(FlowLayer):
