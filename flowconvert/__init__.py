@@ -19,9 +19,11 @@ _PUBLIC = {
     "core": ("FlowLayer", "network_training"),
     "densities": (
         "ConditionalDiagonalNormal",
+        "ConditionalFullNormal",
         "ConditionalNormal",
         "DiagonalNormal",
         "ElementwiseConditionalNormal",
+        "FullNormal",
         "GaussianNoise",
         "StandardNormal",
     ),

@@ -32,6 +32,9 @@ __all__ = [
     "ConditionalNormal",
     "ConditionalDiagonalNormal",
     "ConditionalFullNormal",
+    "FullNormal",
+    "KINK_SLOPES",
+    "FULL_COVARIANCE_MAX",
     "ElementwiseConditionalNormal",
     "GaussianNoise",
     "HalfNormal",
@@ -301,6 +304,29 @@ def _write(q: nn.Module, A: Tensor, c: Tensor, var: Tensor) -> None:
         q.log_scale.copy_((0.5 * var.log()).reshape(q.log_scale.shape).to(q.log_scale.dtype))
 
 
+def robust_cholesky(cov: Tensor) -> Tensor:
+    r"""Lower Cholesky factor of a covariance that should be positive definite but may not be,
+    numerically (few samples, near-deterministic combinations): it is shrunk towards its
+    diagonal, :math:`(1-\alpha)\Sigma + \alpha\operatorname{diag}\Sigma`, with the smallest
+    :math:`\alpha \in \{0, 10^{-8}, \dots, 1\}` that factorizes (batched: per matrix). The
+    diagonal must be positive.
+
+    >>> robust_cholesky(torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=torch.float64)).diagonal().gt(0).all()
+    tensor(True)
+    """
+    diag = torch.diag_embed(cov.diagonal(dim1=-2, dim2=-1))
+    L, info = torch.linalg.cholesky_ex(cov)
+    for alpha in (1e-8, 1e-6, 1e-4, 1e-2, 0.1, 0.5, 1.0):
+        bad = info > 0
+        if not bool(bad.any()):
+            break
+        shrunk = (1 - alpha) * cov + alpha * diag
+        L2, info2 = torch.linalg.cholesky_ex(shrunk)
+        L = torch.where(bad[..., None, None], L2, L)
+        info = torch.where(bad, info2, info)
+    return L
+
+
 def triangular_inverse(P: Tensor) -> Tensor:
     r"""Inverse of a lower-triangular matrix with nonzero diagonal, by matrix products only.
 
@@ -325,72 +351,121 @@ def triangular_inverse(P: Tensor) -> Tensor:
     return inv / diag[..., None, :]
 
 
-class ConditionalFullNormal(ConditionalDensity):
-    r"""Linear Gaussian with a full covariance: :math:`q(d\mid y) = \mathcal N(Ay + c, (P^\top P)^{-1})`.
+#: Slopes :func:`flowconvert.calibrate` tries for the kink of a :class:`ConditionalFullNormal` (1: none).
+KINK_SLOPES = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01)
+#: Full covariances (conditionals of dropped coordinates, the base) up to this many coordinates;
+#: beyond it the Gaussian family stays diagonal (a ``k x k`` factor costs ``k^2`` per row).
+FULL_COVARIANCE_MAX = 256
 
-    :math:`P` is the lower-triangular Cholesky factor of the precision, diagonal
-    :math:`e^{-\lambda}` (``log_scale`` = :math:`\lambda`) and strictly lower part ``tril``, so
-    :math:`\log q = \log\mathcal N(P(d - Ay - c); 0, I) + \log|\det P|`; the standardized residual
-    is affine in :math:`d` and :math:`y`. Unlike a diagonal Gaussian it captures the correlations
-    of the dropped coordinates (a near-deterministic combination of them gets its small variance).
-    Calibration fits :math:`A, c` by least squares and :math:`P` from the residual covariance,
-    in closed form. Starts as a standard normal independent of :math:`y`.
+
+class ConditionalFullNormal(ConditionalDensity):
+    r"""Linear Gaussian with a full covariance, on kinked coordinates:
+
+    .. math:: u = g_s(d), \quad g_s(t) = \begin{cases} t & t \ge 0 \\ t/s & t < 0 \end{cases}, \qquad
+              u \mid y \sim \mathcal N(Ay + c, (P^\top P)^{-1}),
+              \qquad \log q(d\mid y) = \log\mathcal N(P(u - Ay - c); 0, I) + \log|\det P| - n_-(d)\log s,
+
+    with :math:`n_-(d)` the number of negative coordinates. :math:`P` is the lower-triangular
+    Cholesky factor of the precision, diagonal :math:`e^{-\lambda}` (``log_scale`` = :math:`\lambda`)
+    and strictly lower part ``tril``. Unlike a diagonal Gaussian it captures the correlations of the
+    dropped coordinates (a near-deterministic combination of them gets its small variance). The
+    kink slope :math:`s` (buffer ``kink``, 1: no kink) undoes a leaky activation that produced the
+    coordinates, whose negative side it compressed by :math:`s`: a Gaussian before the activation
+    is a kinked one after it. Calibration fits :math:`A, c` by least squares and :math:`P` from the
+    residual covariance, in closed form, for each slope of :data:`KINK_SLOPES`, and keeps the best
+    held out. Starts as a standard normal independent of :math:`y`.
 
     >>> q = ConditionalFullNormal(2, 3)
     >>> q.log_prob(torch.zeros(5, 2), torch.randn(5, 3)).shape
     torch.Size([5])
+    >>> q.set_kink(0.1)
+    >>> d = torch.tensor([[-0.1, 1.0]])
+    >>> torch.allclose(q.log_prob(d, torch.zeros(1, 3)), StandardNormal((2,)).log_prob(torch.tensor([[-1.0, 1.0]])) + math.log(10))
+    True
     """
 
     def __init__(self, features: int, context_features: int):
         super().__init__()
         _init_linear_gaussian(self, features, context_features)
         self.tril = nn.Parameter(torch.zeros(self.features, self.features))
+        self.register_buffer("kink", torch.ones(()))
 
     def precision_factor(self) -> Tensor:
         """:math:`P`: lower triangular, ``exp(-log_scale)`` on the diagonal."""
         return torch.tril(self.tril, -1) + torch.diag(torch.exp(-self.log_scale))
 
-    def mean(self, y: Tensor) -> Tensor:
+    def set_kink(self, slope: float) -> None:
+        """Set the kink slope :math:`s \\in (0, 1]`."""
+        if not 0.0 < float(slope) <= 1.0:
+            raise ValueError(f"the kink slope must be in (0, 1], got {slope}")
+        with torch.no_grad():
+            self.kink.fill_(float(slope))
+
+    def warp(self, d: Tensor) -> Tensor:
+        """:math:`g_s(d)`: negative coordinates divided by the slope."""
+        return torch.where(d < 0, d / self.kink, d)
+
+    def unwarp(self, u: Tensor) -> Tensor:
+        """:math:`g_s^{-1}(u)`."""
+        return torch.where(u < 0, u * self.kink, u)
+
+    def warp_log_det(self, d: Tensor) -> Tensor:
+        """:math:`-n_-(d)\\log s`, summed over all but the batch dimension."""
+        return sum_except_batch((d < 0).to(d.dtype)) * -torch.log(self.kink)
+
+    def loc(self, y: Tensor) -> Tensor:
+        """:math:`Ay + c`, the mean of the kinked coordinates :math:`u`."""
         return nn.functional.linear(y, self.weight, self.bias)
 
+    def mean(self, y: Tensor) -> Tensor:
+        """:math:`g_s^{-1}(Ay + c)`, the image of :math:`\\varepsilon = 0` (the conditional mean when :math:`s = 1`)."""
+        return self.unwarp(self.loc(y))
+
     def whiten(self, d: Tensor, y: Tensor) -> Tensor:
-        """:math:`P(d - Ay - c)`, standard normal under the model."""
-        return nn.functional.linear(d - self.mean(y), self.precision_factor())
+        """:math:`P(g_s(d) - Ay - c)`, standard normal under the model."""
+        return nn.functional.linear(self.warp(d) - self.loc(y), self.precision_factor())
 
     def log_prob(self, d: Tensor, y: Tensor) -> Tensor:
         r = self.whiten(d, y)
-        return sum_except_batch(-0.5 * r * r - 0.5 * LOG_2PI) - (d[0].numel() // self.features) * self.log_scale.sum()
+        rows = d[0].numel() // self.features
+        return sum_except_batch(-0.5 * r * r - 0.5 * LOG_2PI) - rows * self.log_scale.sum() + self.warp_log_det(d)
 
     def color(self, eps: Tensor) -> Tensor:
-        """:math:`P^{-1}\varepsilon` (the inverse of :meth:`whiten` around the mean)."""
+        r""":math:`P^{-1}\varepsilon` (the inverse of :meth:`whiten` around the mean, before the kink)."""
         return nn.functional.linear(eps, triangular_inverse(self.precision_factor()))
 
     def sample(self, y: Tensor, eps: Tensor | None = None) -> Tensor:
-        mu = self.mean(y)
+        mu = self.loc(y)
         if eps is None:
             eps = torch.randn_like(mu)
-        return mu + self.color(eps.reshape(mu.shape))
+        return self.unwarp(mu + self.color(eps.reshape(mu.shape)))
 
     def linear_regressors(self) -> str:
         return "full-cov"
 
+    def kink_slopes(self) -> tuple[float, ...]:
+        """The slopes calibration tries (:data:`KINK_SLOPES`)."""
+        return KINK_SLOPES
+
     def read_linear(self) -> tuple[Tensor, Tensor, Tensor]:
-        """``(A, c, covariance)``, float64."""
+        """``(A, c, covariance)`` of the kinked coordinates, float64."""
         P = self.precision_factor().detach().double()
         Pinv = torch.linalg.solve_triangular(P, torch.eye(self.features, dtype=P.dtype), upper=False)
         return self.weight.detach().double(), self.bias.detach().double(), Pinv @ Pinv.mT
 
     @torch.no_grad()
-    def write_linear(self, A, c, cov, context_mean=None, context_var=None) -> None:
-        r"""Set :math:`A, c` and :math:`P = \operatorname{chol}(\Sigma)^{-1}` (``cov`` a matrix, or a vector of variances)."""
+    def write_linear(self, A, c, cov, context_mean=None, context_var=None, kink: float = 1.0) -> None:
+        r"""Set :math:`A, c`, :math:`P = \operatorname{chol}(\Sigma)^{-1}` (``cov`` a matrix, or a vector of
+        variances) and the kink slope (the regression was on :math:`g_s(d)`)."""
         if cov.dim() == 1:
             cov = torch.diag(cov)
-        L = torch.linalg.cholesky(cov.double())
+        L = robust_cholesky(cov.double())
         P = torch.linalg.solve_triangular(L, torch.eye(self.features, dtype=L.dtype), upper=False)
         self.weight.copy_(A.to(self.weight.dtype))
         self.bias.copy_(c.to(self.bias.dtype))
         self.log_scale.copy_((-P.diagonal().log()).to(self.log_scale.dtype))
         self.tril.copy_(torch.tril(P, -1).to(self.tril.dtype))
+        self.set_kink(kink)
         _set_context_scale(self, context_var)
 
     def natural_scales(self) -> dict[str, Tensor]:
@@ -398,6 +473,64 @@ class ConditionalFullNormal(ConditionalDensity):
         scales = _linear_scales(self)
         scales["tril"] = torch.exp(-self.log_scale.detach())[None, :].expand(self.features, -1)
         return scales
+
+
+class FullNormal(BaseDensity):
+    r"""Learnable Gaussian with a full covariance on an output of shape ``event_shape`` (flattened):
+    :math:`z \sim \mathcal N(\mu, (P^\top P)^{-1})`, :math:`P` lower triangular (diagonal
+    :math:`e^{-\lambda}`, ``log_scale`` = :math:`\lambda`, strictly lower part ``tril``):
+
+    .. math:: \log p(z) = -\tfrac12\lVert P(z - \mu)\rVert^2 + \log|\det P| - \tfrac D2 \log 2\pi .
+
+    Calibration sets :math:`\mu` and :math:`\Sigma` to the outputs' mean and covariance (closed
+    form). The logits of a classifier are strongly correlated, which a diagonal base misses.
+
+    >>> b = FullNormal((2,))
+    >>> torch.allclose(b.log_prob(torch.ones(3, 2)), StandardNormal((2,)).log_prob(torch.ones(3, 2)))
+    True
+    """
+
+    def __init__(self, event_shape: Sequence[int]):
+        super().__init__()
+        self.event_shape = tuple(int(s) for s in event_shape)
+        D = math.prod(self.event_shape)
+        self.loc = nn.Parameter(torch.zeros(self.event_shape))
+        self.log_scale = nn.Parameter(torch.zeros(D))
+        self.tril = nn.Parameter(torch.zeros(D, D))
+
+    def precision_factor(self) -> Tensor:
+        return torch.tril(self.tril, -1) + torch.diag(torch.exp(-self.log_scale))
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        r = nn.functional.linear((z - self.loc).reshape(z.shape[0], -1), self.precision_factor())
+        return -0.5 * (r * r).sum(1) - self.log_scale.sum() - 0.5 * LOG_2PI * r.shape[1]
+
+    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
+        D = self.log_scale.numel()
+        eps = temperature * torch.randn(n, D, dtype=self.loc.dtype, device=self.loc.device)
+        u = nn.functional.linear(eps, triangular_inverse(self.precision_factor()))
+        return self.loc + u.reshape(n, *self.event_shape)
+
+    def natural_scales(self) -> dict[str, Tensor]:
+        sigma = self.log_scale.detach().exp()
+        return {"loc": sigma.reshape(self.event_shape), "tril": (1.0 / sigma)[None, :].expand(sigma.numel(), -1)}
+
+    @torch.no_grad()
+    def fit_closed_form(self, z: Tensor, min_var: float = 1e-6) -> bool:
+        """``mu`` the mean, ``Sigma`` the covariance (its diagonal floored at ``min_var``)."""
+        z = z.reshape(z.shape[0], -1).double()
+        if z.shape[0] < 2:
+            return False
+        mean = z.mean(0)
+        zc = z - mean
+        cov = zc.mT @ zc / z.shape[0]
+        floor = (min_var - cov.diagonal()).clamp_min(0) + 1e-9 * cov.diagonal().max().clamp_min(min_var)
+        L = robust_cholesky(cov + torch.diag(floor))
+        P = torch.linalg.solve_triangular(L, torch.eye(L.shape[0], dtype=L.dtype), upper=False)
+        self.loc.copy_(mean.reshape(self.event_shape).to(self.loc.dtype))
+        self.log_scale.copy_((-P.diagonal().log()).to(self.log_scale.dtype))
+        self.tril.copy_(torch.tril(P, -1).to(self.tril.dtype))
+        return True
 
 
 class ElementwiseConditionalNormal(ConditionalNormal):

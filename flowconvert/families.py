@@ -49,15 +49,19 @@ import torch
 from torch import Tensor, nn
 
 from .densities import (
+    FULL_COVARIANCE_MAX,
     LOG_2PI,
     BaseDensity,
     ConditionalDensity,
     ConditionalFullNormal,
     DiagonalNormal,
+    FullNormal,
     StandardNormal,
     _moments,
     normal_log_prob,
+    robust_cholesky,
     sum_except_batch,
+    triangular_inverse,
 )
 
 __all__ = [
@@ -65,6 +69,7 @@ __all__ = [
     "FlowConditional",
     "GaussianMixture",
     "FlowBase",
+    "gaussian_base",
     "FAMILIES",
     "BASES",
     "DEFAULT_BASE",
@@ -91,6 +96,12 @@ def _dense_linear(q: ConditionalDensity, features: int, context: int) -> tuple[T
         dense[rows[:, None] if structure.dim() == 2 else rows, structure] = A
         A = dense
     return A, c, var  # var: variances, or a covariance matrix ("full-cov")
+
+
+def _kink(q: ConditionalDensity) -> float:
+    """The kink slope of a density's linear Gaussian (1 when it has none)."""
+    lin = getattr(q, "linear", q)
+    return float(lin.kink) if isinstance(lin, ConditionalFullNormal) else 1.0
 
 
 class _Standardize(nn.Module):
@@ -124,10 +135,13 @@ class _WithLinear(ConditionalDensity):
     def read_linear(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.linear.read_linear()
 
-    def write_linear(self, A, c, var, context_mean=None, context_var=None) -> None:
-        self.linear.write_linear(A, c, var)
+    def write_linear(self, A, c, var, context_mean=None, context_var=None, kink: float = 1.0) -> None:
+        self.linear.write_linear(A, c, var, kink=kink)
         self.standardize.set(context_mean, context_var)
         self.reset_to_linear()
+
+    def kink_slopes(self) -> tuple[float, ...]:
+        return self.linear.kink_slopes()
 
     def reset_to_linear(self) -> None:
         raise NotImplementedError
@@ -148,8 +162,10 @@ def _zero_last_linear(module: nn.Module) -> None:
 class MLPConditionalNormal(_WithLinear):
     r"""Heteroscedastic Gaussian around a full-covariance linear Gaussian (precision factor :math:`P`):
 
-    .. math:: r = P(d - Ay - c) \sim \mathcal N\big(\mu_\theta(\tilde y), \operatorname{diag} e^{2\rho_\theta(\tilde y)}\big),
-              \quad \log q(d\mid y) = \log\mathcal N(r) + \log|\det P|.
+    .. math:: r = P(g_s(d) - Ay - c) \sim \mathcal N\big(\mu_\theta(\tilde y), \operatorname{diag} e^{2\rho_\theta(\tilde y)}\big),
+              \quad \log q(d\mid y) = \log\mathcal N(r) + \log|\det P| - n_-(d)\log s
+
+    (:math:`g_s` the linear part's kink, see :class:`~flowconvert.densities.ConditionalFullNormal`).
 
     :math:`(\mu_\theta, \rho_\theta)` is an MLP (``hidden`` units per layer, ``depth`` hidden
     layers, SiLU) of the standardized context :math:`\tilde y`, in whitened units; its output
@@ -179,27 +195,28 @@ class MLPConditionalNormal(_WithLinear):
         _zero_last_linear(self.net)
 
     def params(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        """``(mean, rho)``: the mean :math:`Ay + c + \\mu_\theta(y)` and the log-scales :math:`\rho_\theta(y)`
-        of the whitened residual (both of shape ``(..., features)``)."""
+        """``(mean, rho)``: the mean :math:`Ay + c + P^{-1}\\mu_\theta(y)` of the kinked coordinates and the
+        log-scales :math:`\rho_\theta(y)` of the whitened residual (both of shape ``(..., features)``)."""
         h = self.net(self.standardize(y))
-        mu = self.linear.mean(y) + self.linear.color(h[..., : self.features])
+        mu = self.linear.loc(y) + self.linear.color(h[..., : self.features])
         rho = 5.0 * torch.tanh(h[..., self.features :] / 5.0)
         return mu, rho
 
     def log_prob(self, d: Tensor, y: Tensor) -> Tensor:
         mu, rho = self.params(y)
-        r = nn.functional.linear(d - mu, self.linear.precision_factor())
+        lin = self.linear
+        r = nn.functional.linear(lin.warp(d) - mu, lin.precision_factor())
         rows = d[0].numel() // self.features
-        return sum_except_batch(normal_log_prob(r, 0.0, rho)) - rows * self.linear.log_scale.sum()
+        return sum_except_batch(normal_log_prob(r, 0.0, rho)) - rows * lin.log_scale.sum() + lin.warp_log_det(d)
 
     def sample(self, y: Tensor, eps: Tensor | None = None) -> Tensor:
         mu, rho = self.params(y)
         if eps is None:
             eps = torch.randn_like(mu)
-        return mu + self.linear.color(eps.reshape(mu.shape) * rho.exp())
+        return self.linear.unwarp(mu + self.linear.color(eps.reshape(mu.shape) * rho.exp()))
 
     def mean(self, y: Tensor) -> Tensor:
-        return self.params(y)[0]
+        return self.linear.unwarp(self.params(y)[0])
 
 
 def _zuko_flow(features: int, context: int, transforms: int, hidden: Sequence[int], bins: int, kind: str) -> nn.Module:
@@ -225,12 +242,13 @@ def _identity(flow: nn.Module) -> None:
 class FlowConditional(_WithLinear):
     r"""Conditional normalizing flow on the standardized residual of a linear Gaussian.
 
-    .. math:: r = P(d - Ay - c), \quad u = T_\theta(r; \tilde y) \sim \mathcal N(0, I), \quad
-              \log q(d\mid y) = \log\mathcal N(u; 0, I) + \log\Big|\frac{\partial T_\theta}{\partial r}\Big| + \log|\det P|,
+    .. math:: r = P(g_s(d) - Ay - c), \quad u = T_\theta(r; \tilde y) \sim \mathcal N(0, I), \quad
+              \log q(d\mid y) = \log\mathcal N(u; 0, I) + \log\Big|\frac{\partial T_\theta}{\partial r}\Big| + \log|\det P| - n_-(d)\log s,
 
     with :math:`T_\theta` zuko's autoregressive neural spline flow (``kind="nsf"``, ``bins``
     rational-quadratic bins on :math:`[-5, 5]`, identity outside) or affine MAF (``"maf"``),
-    conditioned on the standardized context :math:`\tilde y`. It starts as the identity, i.e. as
+    conditioned on the standardized context :math:`\tilde y` (:math:`g_s`: the linear part's kink,
+    see :class:`~flowconvert.densities.ConditionalFullNormal`). It starts as the identity, i.e. as
     the linear Gaussian ``self.linear``. Sampling inverts :math:`T_\theta` (``features`` passes).
 
     >>> q = FlowConditional(2, 3)
@@ -265,58 +283,83 @@ class FlowConditional(_WithLinear):
         r = lin.whiten(d, y)
         u, ladj = self._transform(y).call_and_ladj(r)
         ll = -0.5 * (u * u).sum(-1) + ladj - lin.log_scale.sum() - 0.5 * LOG_2PI * self.features
-        return sum_except_batch(ll) if ll.dim() > 1 else ll
+        return (sum_except_batch(ll) if ll.dim() > 1 else ll) + lin.warp_log_det(d)
 
     def sample(self, y: Tensor, eps: Tensor | None = None) -> Tensor:
         lin = self.linear
-        mu = lin.mean(y)
+        mu = lin.loc(y)
         if eps is None:
             eps = torch.randn_like(mu)
         r = self._transform(y).inv(eps.reshape(mu.shape))
-        return mu + lin.color(r)
+        return lin.unwarp(mu + lin.color(r))
 
 
 # -- base densities ---------------------------------------------------------------------------
 class GaussianMixture(BaseDensity):
-    r"""Mixture of ``components`` diagonal Gaussians on an output of shape ``event_shape``:
+    r"""Mixture of ``components`` Gaussians on an output of shape ``event_shape`` (flattened, ``D`` coordinates):
 
-    .. math:: \log p(z) = \log\sum_k \pi_k\, \mathcal N(z; \mu_k, \operatorname{diag}\sigma_k^2),
+    .. math:: \log p(z) = \log\sum_k \pi_k\, \mathcal N\big(z; \mu_k, (P_k^\top P_k)^{-1}\big),
 
-    parameters ``logits`` (:math:`\log\pi` up to a constant), ``loc`` and ``log_scale`` of shape
-    ``(components, D)``. :func:`~flowconvert.calibrate` fits it by EM (closed-form steps).
-    Sampling picks a component, then scales the standard-normal draw by the temperature.
+    :math:`P_k` lower triangular with diagonal :math:`e^{-\lambda_k}`: full covariances up to
+    :data:`~flowconvert.densities.FULL_COVARIANCE_MAX` coordinates (``covariance="auto"``, or
+    ``"full"``), diagonal ones beyond (or with ``covariance="diagonal"``: :math:`P_k` diagonal).
+    Parameters ``logits`` (:math:`\log\pi` up to a constant), ``loc`` and ``log_scale``
+    (:math:`\lambda`) of shape ``(components, D)``, and ``tril`` ``(components, D, D)`` (its
+    strictly lower part) for full covariances. :func:`~flowconvert.calibrate` fits it by EM
+    (closed-form steps). Sampling picks a component, then colours the standard-normal draw,
+    scaled by the temperature.
 
     >>> m = GaussianMixture((2,), components=3)
     >>> m.log_prob(torch.zeros(4, 2)).shape, m.sample(5).shape
     (torch.Size([4]), torch.Size([5, 2]))
     """
 
-    def __init__(self, event_shape: Sequence[int], components: int = 10):
+    def __init__(self, event_shape: Sequence[int], components: int = 10, covariance: str = "auto"):
         super().__init__()
+        if covariance not in ("auto", "full", "diagonal"):
+            raise ValueError(f'covariance must be "auto", "full" or "diagonal", got {covariance!r}')
         self.event_shape = tuple(int(s) for s in event_shape)
         self.components = int(components)
         D = math.prod(self.event_shape)
+        self.full = covariance == "full" or (covariance == "auto" and D <= FULL_COVARIANCE_MAX)
         g = torch.Generator().manual_seed(0)  # distinct components, reproducibly
         self.logits = nn.Parameter(torch.zeros(self.components))
         self.loc = nn.Parameter(0.5 * torch.randn(self.components, D, generator=g))
         self.log_scale = nn.Parameter(torch.zeros(self.components, D))
+        self.tril = nn.Parameter(torch.zeros(self.components, D, D)) if self.full else None
+
+    def precision_factors(self) -> Tensor:
+        """:math:`P_k`, ``(components, D, D)`` (full covariances only)."""
+        return torch.tril(self.tril, -1) + torch.diag_embed(torch.exp(-self.log_scale))
 
     def component_log_prob(self, z: Tensor) -> Tensor:
-        """``(B, K)``: :math:`\\log \\pi_k + \\log\\mathcal N(z; \\mu_k, \\sigma_k^2)`."""
+        """``(B, K)``: :math:`\\log \\pi_k + \\log\\mathcal N(z; \\mu_k, \\Sigma_k)`."""
         flat = z.reshape(z.shape[0], 1, -1)
-        lp = normal_log_prob(flat, self.loc, self.log_scale).sum(-1)
+        if self.full:
+            r = torch.einsum("kij,bkj->bki", self.precision_factors(), flat - self.loc)
+            lp = -0.5 * (r * r).sum(-1) - self.log_scale.sum(-1) - 0.5 * LOG_2PI * r.shape[-1]
+        else:
+            lp = normal_log_prob(flat, self.loc, self.log_scale).sum(-1)
         return lp + torch.log_softmax(self.logits, 0)
 
     def log_prob(self, z: Tensor) -> Tensor:
         return torch.logsumexp(self.component_log_prob(z), 1)
 
     def natural_scales(self) -> dict[str, Tensor]:
-        return {"loc": self.log_scale.detach().exp()}
+        sigma = self.log_scale.detach().exp()
+        scales = {"loc": sigma}
+        if self.full:
+            scales["tril"] = (1.0 / sigma)[:, None, :].expand(-1, sigma.shape[1], -1)
+        return scales
 
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
         k = torch.multinomial(torch.softmax(self.logits.detach(), 0), n, replacement=True)
-        eps = torch.randn(n, self.loc.shape[1], dtype=self.loc.dtype, device=self.loc.device)
-        z = self.loc[k] + temperature * eps * self.log_scale[k].exp()
+        eps = temperature * torch.randn(n, self.loc.shape[1], dtype=self.loc.dtype, device=self.loc.device)
+        if self.full:
+            colour = triangular_inverse(self.precision_factors())  # (K, D, D)
+            z = self.loc[k] + torch.einsum("bij,bj->bi", colour[k], eps)
+        else:
+            z = self.loc[k] + eps * self.log_scale[k].exp()
         return z.reshape(n, *self.event_shape)
 
     def fit_closed_form(self, z: Tensor, min_var: float = 1e-6) -> bool:
@@ -326,9 +369,10 @@ class GaussianMixture(BaseDensity):
 
     @torch.no_grad()
     def em(self, z: Tensor, iterations: int = 50, min_var: float = 1e-4, seed: int = 0) -> None:
-        """Maximum likelihood by expectation-maximization on rows ``z`` (k-means++ start)."""
+        """Maximum likelihood by expectation-maximization on rows ``z`` (k-means++ start); each
+        component's variances are floored at ``min_var`` times the data's."""
         x = z.reshape(z.shape[0], -1).double()
-        n, K = x.shape[0], self.components
+        n, K, D = x.shape[0], self.components, x.shape[1]
         g = torch.Generator().manual_seed(seed)
         floor = min_var * x.var(0).clamp_min(1e-12)
         centers = [x[torch.randint(n, (1,), generator=g)].squeeze(0)]
@@ -341,16 +385,33 @@ class GaussianMixture(BaseDensity):
             )
         mu = torch.stack(centers)
         var = x.var(0, unbiased=False).clamp_min(1e-12).expand(K, -1).clone()
+        P = torch.diag_embed(var.rsqrt())  # precision factors (full covariances)
         log_pi = torch.full((K,), -math.log(K), dtype=x.dtype)
+        eye = torch.eye(D, dtype=x.dtype)
         for _ in range(iterations):
-            lp = normal_log_prob(x[:, None], mu, 0.5 * var.log()).sum(-1) + log_pi
-            r = torch.softmax(lp, 1)  # (n, K) responsibilities
-            nk = r.sum(0) + 1e-10
-            mu = (r.mT @ x) / nk[:, None]
-            var = ((r.mT @ (x * x)) / nk[:, None] - mu * mu).clamp_min(0) + floor
+            if self.full:
+                r = torch.einsum("kij,nkj->nki", P, x[:, None] - mu)
+                lp = -0.5 * (r * r).sum(-1) + P.diagonal(dim1=-2, dim2=-1).log().sum(-1) - 0.5 * LOG_2PI * D
+            else:
+                lp = normal_log_prob(x[:, None], mu, 0.5 * var.log()).sum(-1)
+            resp = torch.softmax(lp + log_pi, 1)  # (n, K) responsibilities
+            nk = resp.sum(0) + 1e-10
+            mu = (resp.mT @ x) / nk[:, None]
+            if self.full:
+                xc = x[:, None] - mu  # (n, K, D)
+                cov = torch.einsum("nk,nki,nkj->kij", resp, xc, xc) / nk[:, None, None] + torch.diag_embed(
+                    floor.expand(K, -1)
+                )
+                P = torch.linalg.solve_triangular(robust_cholesky(cov), eye.expand(K, D, D), upper=False)
+            else:
+                var = ((resp.mT @ (x * x)) / nk[:, None] - mu * mu).clamp_min(0) + floor
             log_pi = (nk / n).log()
         self.loc.copy_(mu.to(self.loc.dtype))
-        self.log_scale.copy_((0.5 * var.log()).to(self.log_scale.dtype))
+        if self.full:
+            self.log_scale.copy_((-P.diagonal(dim1=-2, dim2=-1).log()).to(self.log_scale.dtype))
+            self.tril.copy_(torch.tril(P, -1).to(self.tril.dtype))
+        else:
+            self.log_scale.copy_((0.5 * var.log()).to(self.log_scale.dtype))
         self.logits.copy_(log_pi.to(self.logits.dtype))
 
 
@@ -417,15 +478,25 @@ FAMILIES: dict[str, Family | None] = {
     "mlp": MLPConditionalNormal,
     "flow": FlowConditional,
 }
+
+
+def gaussian_base(event_shape: Sequence[int]) -> BaseDensity:
+    """The Gaussian family's base: :class:`~flowconvert.densities.FullNormal` up to
+    :data:`~flowconvert.densities.FULL_COVARIANCE_MAX` coordinates, :class:`~flowconvert.densities.DiagonalNormal` beyond."""
+    return (FullNormal if math.prod(event_shape) <= FULL_COVARIANCE_MAX else DiagonalNormal)(event_shape)
+
+
 #: Base densities by name (``convert(..., base=name)``).
 BASES: dict[str, Callable[[Sequence[int]], BaseDensity]] = {
     "standard": StandardNormal,
     "diagonal": DiagonalNormal,
+    "full": FullNormal,
+    "gaussian": gaussian_base,
     "mixture": GaussianMixture,
     "flow": FlowBase,
 }
 #: The base each family uses unless ``base=`` says otherwise.
-DEFAULT_BASE = {"gaussian": "diagonal", "mlp": "mixture", "flow": "flow"}
+DEFAULT_BASE = {"gaussian": "gaussian", "mlp": "mixture", "flow": "flow"}
 
 
 def make_conditional(
@@ -462,7 +533,8 @@ def make_conditional(
         q = q.to(dtype=params[0].dtype if params else torch.get_default_dtype())
         dense = _dense_linear(like, features, context)
         if dense is not None and q.linear_regressors() in ("full", "full-cov"):
-            q.write_linear(*dense)
+            kink = _kink(like)
+            q.write_linear(*dense, kink=kink) if kink != 1.0 else q.write_linear(*dense)
     return q
 
 
@@ -509,7 +581,7 @@ def resolve_base(density: str | Family, base: str | Callable | None) -> str | Ca
     """The base to use: ``base`` when given, else the family's default (:data:`DEFAULT_BASE`)."""
     if base is not None:
         return base
-    return DEFAULT_BASE.get(density, "diagonal") if isinstance(density, str) else "diagonal"
+    return DEFAULT_BASE.get(density, "gaussian") if isinstance(density, str) else "gaussian"
 
 
 def use_densities(flow: nn.Module, density: str | Family = "gaussian", base: str | Callable | None = None) -> nn.Module:
