@@ -76,7 +76,7 @@ from torch import Tensor, nn
 
 from ._data import iter_inputs
 from .core import FlowLayer
-from .densities import LOG_2PI, BaseDensity, ConditionalDensity, GaussianNoise, HalfNormal
+from .densities import LOG_2PI, BaseDensity, ConditionalDensity, GaussianNoise, HalfNormal, robust_cholesky
 from .dequantization import Dequantize, warn_if_discrete
 from .errors import InputError
 from .evaluation import sum_log_likelihood
@@ -115,6 +115,7 @@ class CalibrationReport:
     noise_factor: float | None = None  # chosen multiple of the moment-matched noise scale; None = unchanged
     fit_examples: int = 0
     heldout_examples: int = 0
+    rechosen: list[str] = field(default_factory=list)  # layers that re-chose their dropped inputs
 
     @property
     def not_calibrated(self) -> list[PartReport]:
@@ -128,6 +129,8 @@ class CalibrationReport:
         ]
         if self.noise_factor is not None:
             lines.append(f"  noise scales: {self.noise_factor:g} x moment-matched")
+        if self.rechosen:
+            lines.append(f"  dropped inputs re-chosen by their spread: {', '.join(self.rechosen)}")
         for p in self.parts:
             if not p.calibrated:
                 lines.append(f"  {p.kind:<11} {p.name:<32} {p.note}")
@@ -224,7 +227,9 @@ class _FullMoments:
         R = self._residual_matrix(torch.cat([A.mT, c[None]]), 0) / n
         R = 0.5 * (R + R.mT)
         floor = (var - R.diagonal()).clamp_min(0) + 1e-12 * var.max().clamp_min(1e-30)
-        return A, c, R + torch.diag(floor)
+        cov = R + torch.diag(floor)
+        L = robust_cholesky(cov)  # few rows: R may be only semi-definite, numerically
+        return A, c, L @ L.mT
 
     def heldout_ll_cov(self, A: Tensor, c: Tensor, cov: Tensor) -> Tensor | None:
         """Held-out *sum* of the full-covariance Gaussian log-likelihood (a 1-element tensor)."""
@@ -232,7 +237,7 @@ class _FullMoments:
         if n == 0:
             return None
         R = self._residual_matrix(torch.cat([A.mT, c[None]]), 1)
-        L = torch.linalg.cholesky(cov)
+        L = robust_cholesky(cov)
         quad = torch.cholesky_solve(R, L).diagonal().sum()
         F = cov.shape[0]
         return (-0.5 * quad - n * (L.diagonal().log().sum() + 0.5 * F * LOG_2PI)).reshape(1)
@@ -390,6 +395,11 @@ class _Conditional(_Calibrator):
         structure = self.density.linear_regressors()
         F, C = int(self.density.features), int(self.density.context_features)
         self.full_cov = structure == "full-cov"
+        # a full covariance may sit on kinked coordinates g_s(d): moments for every slope s tried
+        kinks = getattr(self.density, "kink_slopes", None)
+        self.slopes = tuple(kinks()) if self.full_cov and kinks is not None else (1.0,)
+        self.kinked = {s: _FullMoments(C, F, full_cov=True) for s in self.slopes[1:]}
+        self.kink_log_det = {s: 0.0 for s in self.slopes}  # held-out sum of -n_-(d) log s
         if isinstance(structure, str):
             self.moments = _FullMoments(C, F, full_cov=self.full_cov)
         elif structure.dim() == 2:
@@ -400,6 +410,12 @@ class _Conditional(_Calibrator):
 
     def record(self, rows, context, part):
         self.moments.add(rows, context, part)
+        if self.kinked:
+            negative = (rows < 0).sum().item()
+            for s, moments in self.kinked.items():
+                moments.add(torch.where(rows < 0, rows / s, rows), context, part)
+                if part == 1:
+                    self.kink_log_det[s] -= negative * math.log(s)
         if part == 1:
             self.before += self.density.log_prob(rows, context).double().sum().item()
 
@@ -435,7 +451,8 @@ class _Conditional(_Calibrator):
         )
 
     def _fit_cov(self, ridge, min_var, heldout_samples):
-        """Full covariance: the whole part takes the new parameters or keeps its own."""
+        """Full covariance: the whole part takes the new parameters or keeps its own. With kinks, the
+        closed form of every slope is scored held out and the best one is taken."""
         new = self.moments.solve_cov(ridge, min_var)
         if new is None:
             return None
@@ -445,11 +462,19 @@ class _Conditional(_Calibrator):
         if ll_new is None:
             self.density.write_linear(*new, *stats)
             return PartReport(self.name, self.kind, F, F)
-        after, before = ll_new.item(), self.before
+        after, slope = ll_new.item(), 1.0
+        for s, moments in self.kinked.items():
+            solved = moments.solve_cov(ridge, min_var)
+            ll = moments.heldout_ll_cov(*solved).item() + self.kink_log_det[s] if solved is not None else -math.inf
+            if ll > after + 1e-9 * (1.0 + abs(after)):  # a real gain: without negative rows all slopes tie
+                after, slope, new = ll, s, solved
+        before = self.before
         if not after >= before:
             return self._kept(F, before / heldout_samples)
-        self.density.write_linear(*new, *stats)
-        return PartReport(self.name, self.kind, F, F, before / heldout_samples, after / heldout_samples)
+        extra = {"kink": slope} if self.kinked else {}
+        self.density.write_linear(*new, *stats, **extra)
+        note = f"kink slope {slope:g}" if slope != 1.0 else ""
+        return PartReport(self.name, self.kind, F, F, before / heldout_samples, after / heldout_samples, note)
 
 
 class _Gaps(_Calibrator):
@@ -681,6 +706,100 @@ def _collect(flow, batches, by_layer, bases, dequantize, deterministic, seed) ->
             flow.log_prob(xi, deterministic=deterministic)
 
 
+@torch.no_grad()
+def _choose_dropped(flow, batches, dequantize, deterministic, seed) -> list[str]:
+    """Let every layer that can (:meth:`~flowconvert.core.FlowLayer.choose_dropped`) re-choose its
+    dropped coordinates from its inputs' spread on the fit batches; returns the layers that did."""
+    layers = [(path, layer) for path, layer in flow_layers(flow) if layer.dropped_choice_features() > 0]
+    if not layers:
+        return []
+    sums = {id(layer): [0, 0.0, 0.0] for _, layer in layers}
+    patched = []
+    for _, layer in layers:
+        original = type(layer).call_and_ll.__get__(layer)
+
+        def call_and_ll(*xs, noise=None, layer=layer, original=original):
+            if len(xs) > layer.num_inputs:
+                xs, noise = xs[: layer.num_inputs], xs[layer.num_inputs]
+            rows = xs[0].detach().reshape(-1, layer.dropped_choice_features()).double()
+            acc = sums[id(layer)]
+            acc[0] += rows.shape[0]
+            acc[1] = acc[1] + rows.sum(0)
+            acc[2] = acc[2] + (rows * rows).sum(0)
+            return original(*xs, noise=noise)
+
+        layer.call_and_ll = call_and_ll
+        patched.append(layer)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for x, part in batches:
+                if part == 0:
+                    flow.log_prob(dequantize(x) if dequantize is not None else x, deterministic=deterministic)
+    finally:
+        for layer in patched:
+            del layer.call_and_ll
+    changed = []
+    for path, layer in layers:
+        n, total, squares = sums[id(layer)]
+        if n < 2:
+            continue
+        mean = total / n
+        std = (squares / n - mean * mean).clamp_min(0).sqrt()
+        if layer.choose_dropped(std):
+            changed.append(path)
+    return changed
+
+
+def _rechoose(flow, batches, dequantize, deterministic, seed, run, by_layer, pristine) -> list[str]:
+    """Dropped inputs chosen by their spread, kept per layer where they score better held out.
+
+    A layer's choice changes only its own term, ``log|det W_{S^c}| + log q(x_S | y)``, so each
+    layer compares that term (held out, each choice calibrated in closed form) and keeps the
+    better choice. The densities come back uncalibrated (``pristine``): the caller calibrates."""
+    before = {r.name: r for r in run()}
+    first = {
+        id(layer): (float(layer.logdet()), layer.condition)
+        for _, layer in flow_layers(flow)
+        if layer.dropped_choice_features() > 0
+    }
+    changed = _choose_dropped(flow, batches, dequantize, deterministic, seed)
+    if not changed:
+        flow.load_state_dict(pristine)
+        return []
+    after = {r.name: r for r in run()}
+    held = sum(x.shape[0] for x, part in batches if part == 1)
+    kept: list[str] = []
+    state = dict(pristine)
+    for path, layer in flow_layers(flow):
+        if path not in changed:
+            continue
+        logdet0, condition0 = first[id(layer)]
+        cals = list(by_layer.get(id(layer), (None, {}))[1].values())
+        rows = sum(getattr(getattr(c, "moments", None), "n", [0, 0])[1] for c in cals) / max(held * len(cals), 1)
+
+        def score(reports, logdet, cals=cals, rows=rows):
+            parts = [reports.get(c.name) for c in cals]
+            if not parts or any(p is None or not math.isfinite(p.heldout_after) for p in parts):
+                return -math.inf
+            return rows * logdet + sum(p.heldout_after for p in parts)
+
+        if score(after, float(layer.logdet())) > score(before, logdet0):
+            kept.append(path)
+            prefix = _state_prefix(flow, layer)
+            state[prefix + "kept_index"] = layer.kept_index.clone()
+            state[prefix + "dropped_index"] = layer.dropped_index.clone()
+        else:
+            layer.condition = condition0
+    flow.load_state_dict(state)  # uncalibrated densities, the chosen inputs (caches follow the indices)
+    return kept
+
+
+def _state_prefix(flow: nn.Module, layer: nn.Module) -> str:
+    name = next(n for n, m in flow.named_modules() if m is layer)
+    return f"{name}." if name else ""
+
+
 def _snapshot(module: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -771,6 +890,9 @@ def _calibrate(flow, batches, dequantize, deterministic, noise_factors, ridge, m
         _collect(flow, batches, by_layer, bases, dequantize, deterministic, seed)
         return [r for r in (c.fit(ridge, min_var, held) for c in fitted) if r is not None]
 
+    pristine = _snapshot(flow)
+    if getattr(flow, "density_state", "untrained") == "untrained" and have_heldout:
+        report.rechosen = _rechoose(flow, batches, dequantize, deterministic, seed, run, by_layer, pristine)
     original = _snapshot(flow)
     parts = run()
     if noises and not deterministic and noise_factors:
@@ -812,7 +934,8 @@ def _calibrate(flow, batches, dequantize, deterministic, noise_factors, ridge, m
     if have_heldout:
         after = _heldout_mean(flow, batches, dequantize, deterministic, seed)
         if not after >= report.heldout_before:  # never worse than uncalibrated (also catches NaN)
-            flow.load_state_dict(original)
+            flow.load_state_dict(pristine)
+            report.rechosen = []
             after = report.heldout_before
             report.noise_factor = None
             for p in report.parts:

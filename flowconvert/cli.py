@@ -183,8 +183,9 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
     add_choice(
         parser,
         "--base",
-        ["diagonal", "standard", "mixture", "flow"],
-        "base density of each output: learnable diagonal Gaussian, standard normal, Gaussian mixture, "
+        ["gaussian", "diagonal", "full", "standard", "mixture", "flow"],
+        "base density of each output: learnable Gaussian (full covariance up to 256 coordinates), "
+        "diagonal or full-covariance Gaussian, standard normal, Gaussian mixture, "
         "or a spline flow (default: the --density family's)",
         default=None,
     )

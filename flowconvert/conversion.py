@@ -105,11 +105,14 @@ def convert(model: nn.Module, example_inputs: Any, *, density: Any = "gaussian",
     """Convert ``model`` into a :class:`~flowconvert.flow.FlowModel`.
 
     ``density`` is the family of the densities of dropped coordinates (:mod:`flowconvert.families`):
-    ``"gaussian"`` (linear-Gaussian, closed-form calibration, the fused fast path), ``"mlp"``,
-    ``"flow"`` (zuko conditional splines) or a callable ``(features, context) -> ConditionalDensity``.
+    ``"gaussian"`` (linear-Gaussian, closed-form calibration: a full covariance with a calibrated
+    kink for the dropped inputs of a linear layer up to 256 of them, the fused diagonal fast path
+    elsewhere), ``"mlp"``, ``"flow"`` (zuko conditional splines) or a callable
+    ``(features, context) -> ConditionalDensity``.
     ``base`` is the base density of each output: ``"standard"``, ``"diagonal"`` (learnable),
-    ``"mixture"``, ``"flow"`` or a callable ``event_shape -> BaseDensity``; by default the
-    family's (``"diagonal"`` for ``"gaussian"``). The other ``options`` are those of
+    ``"full"`` (learnable full covariance), ``"gaussian"`` (full up to 256 coordinates, diagonal
+    beyond), ``"mixture"``, ``"flow"`` or a callable ``event_shape -> BaseDensity``; by default the
+    family's (``"gaussian"`` for ``"gaussian"``). The other ``options`` are those of
     :class:`Options`: ``registry``, ``relu="leaky"`` with ``negative_slope`` (substitutes
     LeakyReLU for every ReLU and a leaky clamp for ReLU6, Hardtanh, Hardsigmoid and clamps;
     refused by default, FC101/FC106), ``substitute={"gelu": "leaky", ...}`` for the

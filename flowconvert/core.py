@@ -158,6 +158,19 @@ class FlowLayer(Configurable, nn.Module):
         """
         return {}
 
+    def dropped_choice_features(self) -> int:
+        """Input coordinates (last dimension) whose spread :meth:`choose_dropped` wants; 0: none.
+
+        A layer that drops input coordinates may choose *which* from the data: that choice
+        parametrizes its density, never its function."""
+        return 0
+
+    def choose_dropped(self, input_std: Tensor) -> bool:
+        """Re-choose the dropped coordinates from the standard deviation of each input coordinate
+        ``(dropped_choice_features(),)`` on calibration data; True when the choice changed. Called by
+        :func:`flowconvert.calibrate` on a flow whose densities were never calibrated or trained."""
+        return False
+
     # -- training of the network part --------------------------------------------------
     def network_parameters(self) -> list[nn.Parameter]:
         """Parameters that define the layer's function (frozen by default)."""

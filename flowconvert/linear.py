@@ -44,7 +44,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .core import DensityPart, FlowLayer
-from .densities import LOG_2PI, ConditionalDiagonalNormal, ConditionalNormal, GaussianNoise, _write
+from .densities import (
+    FULL_COVARIANCE_MAX,
+    LOG_2PI,
+    ConditionalDiagonalNormal,
+    ConditionalFullNormal,
+    ConditionalNormal,
+    GaussianNoise,
+    _write,
+)
 from .errors import SingularWeightError
 
 __all__ = ["FlowLinear", "GroupedConditionalNormal", "DEFAULT_RTOL", "choose_square_block", "block_inverse"]
@@ -244,6 +252,12 @@ class FlowLinear(FlowLayer):
             a singular weight (no finite ``log|det|``) is always refused.
         noise_log_scale: initial ``log tau`` of the augmentation noise (increasing maps).
         groups: the number of diagonal blocks ``G`` (default 1, a dense map).
+        covariance: the layer's own density of the dropped coordinates (funnel, one group):
+            ``"diagonal"`` (default), a :class:`ConditionalDiagonalNormal` with its fused residual;
+            ``"full"``, a :class:`~flowconvert.densities.ConditionalFullNormal` (correlations of
+            the dropped coordinates, a kink calibration may choose; ``k^2`` more multiply-adds per
+            row for ``k`` dropped coordinates); ``"auto"``, full when ``k <= FULL_COVARIANCE_MAX``
+            (what the converter asks for ``nn.Linear``).
         fold_strided: how a non-contiguous input of 3 or more dimensions is multiplied. PyTorch's
             ``F.linear`` folds it to 2-D and calls ``mm`` when the weight requires grad (an
             ``nn.Parameter``, the default ``True``), and batches it otherwise; the layer's own
@@ -257,7 +271,8 @@ class FlowLinear(FlowLayer):
             (per group, ``G * r`` in all, as indices of the whole input or output).
         dropped_index: the dropped input coordinates ``S`` (funnel; empty otherwise).
         noise_index: the output coordinates ``T`` the noise is added to (augment; empty otherwise).
-        dropped: :class:`ConditionalDiagonalNormal` (:class:`GroupedConditionalNormal` for ``G > 1``;
+        dropped: :class:`ConditionalDiagonalNormal` (:class:`GroupedConditionalNormal` for ``G > 1``,
+            :class:`~flowconvert.densities.ConditionalFullNormal` with ``covariance="full"``;
             or any ``ConditionalDensity``) of ``x_S`` given ``y``.
         noise: :class:`GaussianNoise` of the added coordinates (augment).
 
@@ -281,6 +296,7 @@ class FlowLinear(FlowLayer):
         rtol: float = DEFAULT_RTOL,
         noise_log_scale: float = 0.0,
         groups: int = 1,
+        covariance: str = "diagonal",
         fold_strided: bool = True,
     ):
         super().__init__()
@@ -325,10 +341,16 @@ class FlowLinear(FlowLayer):
             if G > 1:
                 block += f" of group {worst} of {G}"
             raise SingularWeightError(singular_message(f"{m}x{n}", cond, logdet, rtol, block), code="FC201")
-        self.condition = cond
+        self.condition, self.rtol = cond, float(rtol)
         k = abs(n - m)
+        if covariance not in ("diagonal", "full", "auto"):
+            raise ValueError(f'covariance must be "diagonal", "full" or "auto", got {covariance!r}')
+        full = G == 1 and (covariance == "full" or (covariance == "auto" and k <= FULL_COVARIANCE_MAX))
         if m < n:
-            q = ConditionalDiagonalNormal(k, m) if G == 1 else GroupedConditionalNormal(G, k, m)
+            if full:
+                q = ConditionalFullNormal(k, m)
+            else:
+                q = ConditionalDiagonalNormal(k, m) if G == 1 else GroupedConditionalNormal(G, k, m)
             self.dropped = q.to(dtype=dtype, device=device)
         else:
             self.dropped = None
@@ -378,6 +400,39 @@ class FlowLinear(FlowLayer):
 
     def network_parameters(self) -> list[nn.Parameter]:
         return [self.weight, self.bias]
+
+    def dropped_choice_features(self) -> int:
+        return self.in_features if self.kind == "funnel" and self.groups == 1 else 0
+
+    @torch.no_grad()
+    def choose_dropped(self, input_std: Tensor) -> bool:
+        r"""Keep the inputs that carry the data's spread: the LU pivots of :math:`W\operatorname{diag}(s)`
+        (``s`` the inputs' standard deviations) choose :math:`S^c`, so near-constant inputs are the
+        dropped ones, which a density models easily (a funnel's :math:`\log p` is the same for every
+        choice; its density's difficulty is not). The new block is taken when it is within ``1/rtol``
+        and within 100 times the current block's condition number."""
+        if not self.dropped_choice_features():
+            return False
+        W = self.weight.detach()
+        std = input_std.detach().reshape(-1).to(device=W.device, dtype=torch.float64)
+        if std.numel() != self.in_features or not bool(torch.isfinite(std).all()):
+            return False
+        scaled = W.double() * std
+        _, piv = torch.linalg.lu_factor(scaled.mT)
+        perm = _pivot_permutation(piv, self.in_features)
+        kept, rest = perm[: self.rank].sort().values, perm[self.rank :].sort().values
+        kept, rest = kept.to(self.kept_index.device), rest.to(self.kept_index.device)
+        if torch.equal(kept, self.kept_index):
+            return False
+        logdet, inv, cond = block_inverse(W[:, kept])
+        cond = float(cond)
+        if not (math.isfinite(float(logdet)) and cond <= 1.0 / self.rtol and cond <= 100.0 * self.condition):
+            return False
+        self.kept_index.copy_(kept)
+        self.dropped_index.copy_(rest)
+        self.condition = cond
+        self._set_cache(logdet, inv)
+        return True
 
     # -- weight-only quantities --------------------------------------------------------
     def _blocks(self, weight: Tensor) -> Tensor:

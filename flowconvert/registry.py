@@ -43,7 +43,7 @@ from torch import Tensor, fx, nn
 
 from .activations import FlowLeakyClamp, FlowLeakyReLU
 from .core import FlowLayer
-from .densities import DiagonalNormal, StandardNormal
+from .densities import FULL_COVARIANCE_MAX, DiagonalNormal, StandardNormal
 from .elementwise import FlowBatchNorm, FlowELU, FlowPReLU, FlowScalarAffine, FlowSigmoid, FlowSoftplus, FlowTanh
 from .linear import DEFAULT_RTOL, FlowLinear
 from .merging import FlowCat, FlowDuplicate, FlowSplit, FlowSum
@@ -576,8 +576,10 @@ def _check_linear(ctx: NodeContext) -> Verdict:
         raise Rejection("FC201", f"weight of shape {m}x{n} is empty")
     note = _rank_verdict(weight[None], "weight")
     k = abs(n - m)
-    # the funnel's q(d | y) = N(A y + c, diag sigma^2): A (k x m), c, log sigma; the augmentation's log tau
-    return Verdict(exact=m <= n, density_parameters=k * m + 2 * k if m < n else k, note=note)
+    # the funnel's q(d | y) = N(A y + c, (P^T P)^-1): A (k x m), c, log sigma, and P's k x k lower part
+    # up to FULL_COVARIANCE_MAX dropped coordinates (diagonal beyond); the augmentation's log tau
+    full = k * k if k <= FULL_COVARIANCE_MAX else 0
+    return Verdict(exact=m <= n, density_parameters=k * m + 2 * k + full if m < n else k, note=note)
 
 
 @REGISTRY.rule(
@@ -591,7 +593,7 @@ def _check_linear(ctx: NodeContext) -> Verdict:
 )
 def _linear(ctx: NodeContext) -> FlowLayer:
     weight = ctx.param("weight", 1)  # the user's: F.linear's matmul path depends on its requires_grad
-    return FlowLinear(*_linear_weights(ctx), fold_strided=weight.requires_grad)
+    return FlowLinear(*_linear_weights(ctx), covariance="auto", fold_strided=weight.requires_grad)
 
 
 # -- convolution (layers in flowconvert.conv and flowconvert.grouped) ------------------------

@@ -31,19 +31,28 @@ def test_calibration_reaches_the_analytic_optimum_and_gain():
     mean, cov, W, b = _known_funnel_case()
     flow = Chain(fc.FlowLinear(W, b), out_shape=(2,)).double()
     lin = flow.layers[0]
-    E_S = torch.eye(5, dtype=torch.float64)[lin.dropped_index]
-    # joint Gaussian of (y, d): y = W x + b, d = x_S (the dropped input coordinates)
-    P = torch.cat([W, E_S])
-    mu = P @ mean + torch.cat([b, torch.zeros(3, dtype=torch.float64)])
-    S = P @ cov @ P.mT
-    Syy, Sdy, Sdd = S[:2, :2], S[2:, :2], S[2:, 2:]
-    A = Sdy @ torch.linalg.inv(Syy)
-    c = mu[2:] - A @ mu[:2]
-    var = torch.diagonal(Sdd - A @ Sdy.mT)
-    gain = (-0.5 * torch.log(var) - 0.5 + 0.5 * (torch.diagonal(Sdd) + mu[2:] ** 2)).sum().item()
+
+    def joint(dropped):
+        """Moments of (y, d): y = W x + b, d = x_S (the dropped input coordinates)."""
+        P = torch.cat([W, torch.eye(5, dtype=torch.float64)[dropped]])
+        mu = P @ mean + torch.cat([b, torch.zeros(3, dtype=torch.float64)])
+        S = P @ cov @ P.mT
+        return mu, S[:2, :2], S[2:, :2], S[2:, 2:]
+
+    # before: N(0, 1) on the dropped coordinates the layer was built with
+    mu, _, _, Sdd = joint(lin.dropped_index)
+    before = (-0.5 * (torch.diagonal(Sdd) + mu[2:] ** 2) - 0.5 * LOG_2PI).sum().item()
+    before += lin.logdet().item()
 
     x = _gaussian(20000, mean, cov, seed=2)
     report = fc.calibrate(flow, x, holdout=0.25)
+    # after: the optimal linear Gaussian on the dropped coordinates calibration settled on
+    mu, Syy, Sdy, Sdd = joint(lin.dropped_index)
+    A = Sdy @ torch.linalg.inv(Syy)
+    c = mu[2:] - A @ mu[:2]
+    var = torch.diagonal(Sdd - A @ Sdy.mT)
+    after = (-0.5 * torch.log(var) - 0.5 - 0.5 * LOG_2PI).sum().item() + lin.logdet().item()
+    gain = after - before
     q = lin.dropped
     assert torch.allclose(q.weight, A, atol=0.03), (q.weight, A)
     assert torch.allclose(q.bias, c, atol=0.05), (q.bias, c)
@@ -184,3 +193,52 @@ def test_calibrating_a_conv_with_noise_and_dropped_pixels_does_not_recurse():
     assert report.heldout_after >= report.heldout_before
     with torch.no_grad():
         assert torch.equal(flow(x), net(x))
+
+
+def test_calibration_finds_the_kink_of_inputs_a_leaky_relu_produced():
+    """d = leaky(u) with u | y linear Gaussian: the kink at slope s undoes it, and is found held out."""
+    g = torch.Generator().manual_seed(0)
+    n, slope = 6000, 0.1
+    y = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    u = y @ torch.tensor([[1.0, -0.5], [0.3, 0.8]], dtype=torch.float64).mT + 0.5 * torch.randn(
+        n, 2, generator=g, dtype=torch.float64
+    )
+    d = torch.where(u < 0, slope * u, u)
+    W = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]], dtype=torch.float64)
+    layer = fc.FlowLinear(W, covariance="full").double()
+    assert list(layer.dropped_index) == [2, 3]
+    flow = Chain(layer, out_shape=(2,)).double()
+    x = torch.cat([y, d], 1)
+    before = fc.log_likelihood(flow, x[-1000:]).mean().item()
+    report = fc.calibrate(flow, x[:-1000], val_data=x[-1000:])
+    after = fc.log_likelihood(flow, x[-1000:]).mean().item()
+    assert float(layer.dropped.kink) == slope
+    assert "kink slope 0.1" in str(report) and after > before
+    # the kinked Gaussian is the true conditional: its held-out log q is the truth's, within noise
+    truth = torch.distributions.Normal(0.0, 0.5).log_prob(
+        torch.where(d < 0, d / slope, d) - y @ torch.tensor([[1.0, -0.5], [0.3, 0.8]], dtype=torch.float64).mT
+    ).sum(1) - (d < 0).sum(1) * math.log(slope)
+    q = layer.dropped.log_prob(d[-1000:], y[-1000:]).mean().item()
+    assert abs(q - truth[-1000:].mean().item()) < 0.05
+
+
+def test_first_calibration_drops_the_inputs_without_spread_and_keeps_the_function():
+    torch.manual_seed(0)
+    W = torch.randn(3, 5, dtype=torch.float64)
+    layer = fc.FlowLinear(W, covariance="full").double()
+    flow = Chain(layer, out_shape=(3,)).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4000, 5, generator=g, dtype=torch.float64)
+    constant = [i for i in range(5) if i not in layer.dropped_index.tolist()][:2]  # two kept inputs...
+    x[:, constant] = 0.3 + 1e-3 * torch.rand(4000, 2, generator=g, dtype=torch.float64)  # ...carry no spread
+    out = flow.layers[0](x)
+    report = fc.calibrate(flow, x, holdout=0.25)
+    assert sorted(layer.dropped_index.tolist()) == sorted(constant) and report.rechosen == ["layers.0"]
+    assert torch.equal(flow.layers[0](x), out)  # the function is the same, bit for bit
+    # the caches follow the new block: log|det| and the inverse
+    torch.testing.assert_close(layer.logdet(), torch.linalg.slogdet(W[:, layer.kept_index])[1])
+    y = flow.layers[0](x[:5])
+    torch.testing.assert_close(flow.layers[0](layer.inverse(y)), y)
+    # a calibrated flow keeps its choice: calibrating again re-chooses nothing
+    flow.density_state = "calibrated"
+    assert fc.calibrate(flow, x, holdout=0.25).rechosen == []

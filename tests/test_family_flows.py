@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import flowconvert as fc
+from flowconvert.densities import FULL_COVARIANCE_MAX, ConditionalFullNormal, FullNormal
 from flowconvert.families import FlowBase, FlowConditional, GaussianMixture, MLPConditionalNormal
 
 FAMILIES = ["gaussian", "mlp", "flow"]
@@ -49,10 +50,22 @@ def _images(n, seed):
     return (img + 0.1 * torch.randn(n, 1, 8, 8, generator=g)).reshape(n, 64)
 
 
-def test_default_is_gaussian_with_a_learnable_diagonal_base():
+def test_default_is_gaussian_with_full_covariances_where_they_are_small():
     flow = fc.convert(_mlp(), torch.randn(2, 6))
-    assert all(isinstance(b, fc.DiagonalNormal) for b in flow.bases.values())
-    assert type(flow.layers["_0"].dropped) is fc.ConditionalDiagonalNormal and flow.layers["_0"].fused()
+    # a linear layer's few dropped inputs and a small output: full covariances, fitted in closed form
+    assert all(isinstance(b, FullNormal) for b in flow.bases.values())
+    assert type(flow.layers["_0"].dropped) is ConditionalFullNormal
+    # beyond FULL_COVARIANCE_MAX coordinates: diagonal, and the linear layer keeps its fused residual
+    wide = fc.convert(
+        nn.Linear(FULL_COVARIANCE_MAX + 10, FULL_COVARIANCE_MAX + 1), torch.randn(2, FULL_COVARIANCE_MAX + 10)
+    )
+    assert type(next(iter(wide.layers.values())).dropped) is ConditionalFullNormal  # 9 dropped inputs
+    narrow = fc.convert(nn.Linear(FULL_COVARIANCE_MAX + 2, 1), torch.randn(2, FULL_COVARIANCE_MAX + 2))
+    assert (
+        type(next(iter(narrow.layers.values())).dropped) is fc.ConditionalDiagonalNormal
+        and next(iter(narrow.layers.values())).fused()
+    )
+    assert all(isinstance(b, fc.DiagonalNormal) for b in wide.bases.values())
 
 
 @pytest.mark.parametrize("density", FAMILIES)
@@ -60,14 +73,14 @@ def test_convert_with_each_family_keeps_outputs_and_round_trips(density):
     net = _mlp()
     x = torch.randn(5, 6)
     flow = fc.convert(net, x[:2], density=density)
-    expected = {"gaussian": fc.ConditionalDiagonalNormal, "mlp": MLPConditionalNormal, "flow": FlowConditional}[density]
+    expected = {"gaussian": ConditionalFullNormal, "mlp": MLPConditionalNormal, "flow": FlowConditional}[density]
     assert all(
         type(layer.get_submodule(p.name)) is expected
         for layer in flow.layers.values()
         for p in layer.density_parts()
         if p.kind == "conditional"
     )
-    base = {"gaussian": fc.DiagonalNormal, "mlp": GaussianMixture, "flow": FlowBase}[density]
+    base = {"gaussian": FullNormal, "mlp": GaussianMixture, "flow": FlowBase}[density]
     assert all(type(b) is base for b in flow.bases.values())
     with torch.no_grad():
         assert torch.equal(flow(x), net(x))

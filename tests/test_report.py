@@ -159,9 +159,9 @@ def test_summary_of_a_convertible_model():
     report = fc.audit(model, torch.randn(1, 6))
     assert report.convertible and not report.exact and report.likelihood == "bound"
     assert report.latent_size == 5 and report.output_shapes == [(5,)] and report.input_shapes == [(6,)]
-    # funnel 6 -> 4: q(d | y) with A (2x4), c (2), log sigma (2); augment 4 -> 5: log tau (1);
-    # the default (diagonal) base of the 5 outputs: loc and log sigma
-    assert report.density_parameters == 2 * 4 + 2 + 2 + 1 + 2 * 5
+    # funnel 6 -> 4: q(d | y) with A (2x4), c (2), log sigma (2) and a 2 x 2 precision factor;
+    # augment 4 -> 5: log tau (1); the audit counts the built (diagonal) base: loc and log sigma
+    assert report.density_parameters == 2 * 4 + 2 + 2 + 2 * 2 + 1 + 2 * 5
     text = str(report)
     assert "convertible, bound likelihood" in text and "latent size" in text
     assert "point evaluation" in text
