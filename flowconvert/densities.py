@@ -327,6 +327,18 @@ def robust_cholesky(cov: Tensor) -> Tensor:
     return L
 
 
+def precision_tril_scales(P: Tensor) -> Tensor:
+    r"""The unit of a step of each entry of a precision factor :math:`P` (batched): entry
+    :math:`P_{ik}` multiplies a coordinate of marginal standard deviation
+    :math:`\sqrt{\Sigma_{kk}}`, :math:`\Sigma = P^{-1}P^{-\top}`, so its step is
+    :math:`1/\sqrt{\Sigma_{kk}}` (a step then moves the whitened residual by about one unit
+    whatever the scale; the diagonal's :math:`e^{-\lambda}` is the *conditional* deviation, far
+    smaller along a near-deterministic combination)."""
+    Pinv = triangular_inverse(P.detach().double())
+    std = Pinv.square().sum(-1).sqrt().clamp_min(1e-30)
+    return (1.0 / std).unsqueeze(-2).expand(*P.shape).to(P.dtype)
+
+
 def triangular_inverse(P: Tensor) -> Tensor:
     r"""Inverse of a lower-triangular matrix with nonzero diagonal, by matrix products only.
 
@@ -469,9 +481,10 @@ class ConditionalFullNormal(ConditionalDensity):
         _set_context_scale(self, context_var)
 
     def natural_scales(self) -> dict[str, Tensor]:
-        """As the diagonal family's; ``P``'s column ``k`` in units of ``1 / sigma_k``."""
+        """As the diagonal family's; ``P``'s column ``k`` in units of one over the marginal deviation
+        of the residual coordinate ``k`` (:func:`precision_tril_scales`)."""
         scales = _linear_scales(self)
-        scales["tril"] = torch.exp(-self.log_scale.detach())[None, :].expand(self.features, -1)
+        scales["tril"] = precision_tril_scales(self.precision_factor())
         return scales
 
 
@@ -513,7 +526,7 @@ class FullNormal(BaseDensity):
 
     def natural_scales(self) -> dict[str, Tensor]:
         sigma = self.log_scale.detach().exp()
-        return {"loc": sigma.reshape(self.event_shape), "tril": (1.0 / sigma)[None, :].expand(sigma.numel(), -1)}
+        return {"loc": sigma.reshape(self.event_shape), "tril": precision_tril_scales(self.precision_factor())}
 
     @torch.no_grad()
     def fit_closed_form(self, z: Tensor, min_var: float = 1e-6) -> bool:

@@ -59,6 +59,7 @@ from .densities import (
     StandardNormal,
     _moments,
     normal_log_prob,
+    precision_tril_scales,
     robust_cholesky,
     sum_except_batch,
     triangular_inverse,
@@ -349,7 +350,7 @@ class GaussianMixture(BaseDensity):
         sigma = self.log_scale.detach().exp()
         scales = {"loc": sigma}
         if self.full:
-            scales["tril"] = (1.0 / sigma)[:, None, :].expand(-1, sigma.shape[1], -1)
+            scales["tril"] = precision_tril_scales(self.precision_factors())
         return scales
 
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:

@@ -209,7 +209,10 @@ def fit(
         data: training inputs: a tensor, a Dataset or a DataLoader (labels ignored).
         epochs, lr, batch_size, weight_decay: Adam settings; ``max_steps`` caps the
             total number of optimizer steps (for fixed step budgets).
-        train: ``"densities"`` (network frozen, outputs unchanged) or ``"all"``.
+        train: ``"densities"`` (network frozen, outputs unchanged) or ``"all"``. Training the
+            network from a random start works best with a diagonal base
+            (``convert(..., base="diagonal")``): a calibrated full covariance fits near-deterministic
+            combinations of the random network's outputs, and every step of the network breaks them.
         network_lr: with ``train="all"``, the learning rate of the network's own parameters
             (weights, biases, slopes; default ``lr``). Adam moves every weight by about its
             learning rate per step, so a 64 x 64 identity becomes a dense mixing after a hundred
