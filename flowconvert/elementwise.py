@@ -134,6 +134,7 @@ class FlowBatchNorm(FlowLayer):
         self.register_buffer("running_var", var)
         self.register_buffer("weight", weight.detach().clone() if weight is not None else None)
         self.register_buffer("bias", bias.detach().clone() if bias is not None else None)
+        self.register_buffer("_log_abs", torch.zeros((), dtype=var.dtype, device=var.device), persistent=False)
         with torch.no_grad():
             scale, _ = self._affine()
             bad = ~((scale != 0) & torch.isfinite(scale))
@@ -167,11 +168,41 @@ class FlowBatchNorm(FlowLayer):
     def forward(self, x: Tensor) -> Tensor:
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
+    def log_abs_det(self) -> Tensor:
+        r""":math:`\sum_c \log|a_c| = \sum_c \log|w_c| - \tfrac12 \sum_c \log(v_c + \epsilon)` (without
+        forming :math:`a`), cached: recomputed when a statistic or the weight changes (in-place
+        edits through autograd-visible operations, ``load_state_dict``, ``.to()``)."""
+        key = self._key()
+        if self._cache_key != key:
+            with torch.no_grad():
+                log_abs = torch.log(self.running_var + self.eps).sum().mul(-0.5)
+                if self.weight is not None:
+                    log_abs = log_abs + self.weight.abs().log().sum()
+            self._log_abs = log_abs
+            self._cache_key = key
+        return self._log_abs
+
+    def _key(self) -> tuple:
+        if self._frozen:  # prepared for export: no version counters on traced tensors
+            return self._cache_key
+        return tuple(
+            (t._version, t.data_ptr(), t.dtype, t.device) for t in (self.running_var, self.weight) if t is not None
+        )
+
+    _cache_key: tuple | None = None
+    _frozen = False
+
+    def prepare_for_export(self) -> None:
+        self.__dict__.pop("_cache_key", None)
+        self.log_abs_det()
+        self._frozen = True
+
+    def release_export(self) -> None:
+        self.__dict__.pop("_frozen", None)
+        self.__dict__.pop("_cache_key", None)
+
     def call_and_ll(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        # sum_c log|a_c| = sum_c log|w_c| - 1/2 sum_c log(v_c + eps), without forming a or b
-        log_abs = torch.log(self.running_var + self.eps).sum().mul(-0.5)
-        if self.weight is not None:
-            log_abs = log_abs + self.weight.abs().log().sum()
+        log_abs = self.log_abs_det()
         positions = x[0].numel() // self.num_features
         return self.forward(x), (positions * log_abs).to(x.dtype).expand(x.shape[0])
 

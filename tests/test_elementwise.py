@@ -261,3 +261,27 @@ def test_broadcasting_constant_is_refused_at_call():
     flow = FlowScalarAffine("mul", torch.ones(2, 1, 3))
     with pytest.raises(LayerConfigurationError):
         flow.call_and_ll(torch.ones(4, 3))
+
+
+def test_batchnorm_log_det_cache_follows_its_statistics():
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(3).eval()
+    with torch.no_grad():
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 2.0)
+    flow = FlowBatchNorm.from_module(bn).double()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+
+    def expected():
+        a, _ = flow._affine()
+        return 16 * a.abs().log().sum()
+
+    torch.testing.assert_close(flow.call_and_ll(x)[1], expected().expand(2))
+    with torch.no_grad():
+        flow.running_var.mul_(3.0)  # an in-place edit: the version counter moves
+    torch.testing.assert_close(flow.call_and_ll(x)[1], expected().expand(2))
+    state = {k: v * 2 if k == "weight" else v for k, v in flow.state_dict().items()}
+    flow.load_state_dict(state)
+    torch.testing.assert_close(flow.call_and_ll(x)[1], expected().expand(2))
+    flow.float()  # moved: recomputed in the new dtype
+    assert flow.call_and_ll(x.float())[1].dtype == torch.float32
