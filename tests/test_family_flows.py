@@ -238,3 +238,19 @@ def test_onnx_parity_for_every_family(density, graph, tmp_path):
     fc.fit(flow, x, epochs=1, lr=1e-2, progress=False)  # move every family off its initialisation
     res = fc.export_onnx(flow, tmp_path / f"{density}_{graph}.onnx", x[:4], graph=graph, noise="input")
     assert max(res.max_abs_diff.values()) < 1e-3, res.max_abs_diff
+
+
+@pytest.mark.parametrize("graph", ["likelihood", "inverse"])
+def test_onnx_parity_with_kinked_full_covariances(graph, tmp_path):
+    """The gaussian family's full-covariance, kinked conditional and full base export as they compute."""
+    pytest.importorskip("onnxruntime")
+    x = _data(200, 0)
+    flow = fc.convert(_mlp(), x[:2])
+    fc.calibrate(flow, x)
+    for layer in flow.layers.values():
+        if isinstance(getattr(layer, "dropped", None), ConditionalFullNormal):
+            layer.dropped.set_kink(0.3)  # the slope of the LeakyReLU before the second linear layer
+    assert any(abs(float(m.kink) - 0.3) < 1e-6 for m in flow.modules() if isinstance(m, ConditionalFullNormal))
+    assert all(isinstance(b, FullNormal) for b in flow.bases.values())
+    res = fc.export_onnx(flow, tmp_path / f"kink_{graph}.onnx", x[:4], graph=graph, noise="input")
+    assert max(res.max_abs_diff.values()) < 1e-3, res.max_abs_diff
