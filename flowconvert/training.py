@@ -73,6 +73,9 @@ class History:
     val_bpd: list[float] = field(default_factory=list)
     steps: int = 0
     best_epoch: int | None = None  # 0: the starting parameters were best
+    #: with the network frozen and no noise added, the epoch each part's parameters come from
+    #: (outermost layers and bases by name), when that combination beat ``best_epoch`` held out
+    part_best_epochs: dict[str, int] = field(default_factory=dict)
     best_val_bpd: float | None = None
     stopped_early: bool = False
     skipped_steps: int = 0
@@ -183,6 +186,82 @@ def _evaluate(flow, loader, dequantize, deterministic, world) -> float:
     return nats_to_bits_per_dim(-total / count, max(dims, 1))
 
 
+class _Parts:
+    """Per-part early stopping for a frozen network that adds no noise.
+
+    Then ``log p`` is a sum of independent terms: each outermost flow layer's and each base's
+    depend on that module's own density parameters only (the values flowing through the network
+    do not). Each term keeps the epoch where its own held-out sum was best; the combination is
+    at least as good held out as any single epoch's parameters (up to the dequantization noise
+    of the held-out pass, checked once at the end)."""
+
+    def __init__(self, flow: nn.Module, params: list[nn.Parameter]):
+        from .calibration import _bases, flow_layers
+
+        trained = {id(p) for p in params}
+        found = [*flow_layers(flow), *_bases(flow)]
+        self.modules = [(name, m) for name, m in found if any(id(p) in trained for p in m.parameters())]
+        self.best = [-float("inf")] * len(self.modules)
+        self.states: list[dict[str, Tensor] | None] = [None] * len(self.modules)
+        self.epochs = [0] * len(self.modules)
+
+    @staticmethod
+    def applies(flow: nn.Module, train: str, has_val: bool) -> bool:
+        noise = getattr(flow, "noise_shapes", None)
+        return train == "densities" and has_val and callable(noise) and not noise() and hasattr(flow, "layers")
+
+    def evaluate(self, flow, loader, dequantize, deterministic, world) -> tuple[float, list[float]]:
+        """Mean bits/dim on the loader and each part's held-out sum of its term."""
+        sums = [0.0] * len(self.modules)
+        patched = []
+        for i, (_, m) in enumerate(self.modules):
+            if isinstance(m, FlowLayer):
+                original = type(m).call_and_ll.__get__(m)
+
+                def call_and_ll(*xs, noise=None, i=i, m=m, original=original):
+                    if len(xs) > m.num_inputs:  # noise passed positionally
+                        xs, noise = xs[: m.num_inputs], xs[m.num_inputs]
+                    y, ll = original(*xs, noise=noise)
+                    sums[i] += ll.detach().double().sum().item()
+                    return y, ll
+
+                m.call_and_ll, attr = call_and_ll, "call_and_ll"
+            else:
+                original = type(m).log_prob.__get__(m)
+
+                def log_prob(z, i=i, original=original):
+                    lp = original(z)
+                    sums[i] += lp.detach().double().sum().item()
+                    return lp
+
+                m.log_prob, attr = log_prob, "log_prob"
+            patched.append((m, attr))
+        try:
+            batches = _checked_inputs(flow, loader, "a batch of val_data", dequantize)
+            total, count, dims = sum_log_likelihood(flow, batches, dequantize=dequantize, deterministic=deterministic)
+        finally:
+            for m, attr in patched:
+                delattr(m, attr)
+        total, count, *sums = _reduce([total, float(count), *sums], world)
+        if count == 0:
+            raise InputError("val_data is empty: at least one sample is needed", code="FC604")
+        return nats_to_bits_per_dim(-total / count, max(dims, 1)), sums
+
+    def update(self, sums: list[float], epoch: int) -> None:
+        for i, value in enumerate(sums):
+            if value > self.best[i]:
+                self.best[i], self.epochs[i] = value, epoch
+                self.states[i] = copy.deepcopy(self.modules[i][1].state_dict())
+
+    def restore(self) -> None:
+        for (_, m), state in zip(self.modules, self.states):
+            if state is not None:
+                m.load_state_dict(state)
+
+    def best_epochs(self) -> dict[str, int]:
+        return {name: epoch for (name, _), epoch in zip(self.modules, self.epochs)}
+
+
 def fit(
     flow: nn.Module,
     data: Any,
@@ -218,7 +297,10 @@ def fit(
             learning rate per step, so a 64 x 64 identity becomes a dense mixing after a hundred
             steps at ``lr = 1e-3``; a smaller ``network_lr`` lets the densities lead.
         val_data: validation inputs; enables early stopping after ``patience`` epochs
-            without improvement and restores the best epoch's parameters.
+            without improvement and restores the best epoch's parameters. With the network
+            frozen and no noise added anywhere, ``log p`` is a sum of independent terms (one per
+            layer and base), and each part keeps the epoch where its own held-out term was best
+            (``History.part_best_epochs``) when that combination is better held out.
         dequantize: turns integer-level batches into continuous inputs (fresh noise each
             step); its log-determinant is part of the reported bits/dim.
         clip: maximum gradient norm (None: no clipping).
@@ -357,8 +439,25 @@ def _fit(
         optimizer = torch.optim.Adam([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
         scaled = natural_scales(flow, params)
         best_state, bad_epochs = None, 0
+        parts = _Parts(flow, params) if _Parts.applies(flow, train, val_loader is not None) else None
+
+        def common_noise():
+            """The same held-out dequantization draws at every evaluation: parts are chosen on one sample."""
+            stack = contextlib.ExitStack()
+            stack.enter_context(torch.random.fork_rng(devices=[]))
+            torch.manual_seed(seed + 7919)
+            return stack
+
+        def evaluate(epoch: int) -> float:
+            if parts is None:
+                return _evaluate(flow, val_loader, dequantize, deterministic, world)
+            with common_noise():
+                val, sums = parts.evaluate(flow, val_loader, dequantize, deterministic, world)
+            parts.update(sums, epoch)
+            return val
+
         if val_loader is not None:  # the starting point competes too: training never makes it worse
-            history.best_val_bpd, history.best_epoch = _evaluate(flow, val_loader, dequantize, deterministic, world), 0
+            history.best_val_bpd, history.best_epoch = evaluate(0), 0
             best_state = copy.deepcopy(flow.state_dict())
         bar = _progress(epochs, progress and rank == 0)
         for epoch in range(epochs):
@@ -394,7 +493,7 @@ def _fit(
             history.epochs.append(epoch + 1)
             history.train_bpd.append(total / max(count, 1.0))
             if val_loader is not None:
-                val = _evaluate(flow, val_loader, dequantize, deterministic, world)
+                val = evaluate(epoch + 1)
                 history.val_bpd.append(val)
                 if history.best_val_bpd is None or val < history.best_val_bpd:
                     history.best_val_bpd, history.best_epoch, bad_epochs = val, epoch + 1, 0
@@ -414,6 +513,14 @@ def _fit(
             bar.close()
         if best_state is not None:
             flow.load_state_dict(best_state)
+        if parts is not None and history.steps:
+            parts.restore()  # each part at its own best epoch
+            with common_noise():
+                combined = _evaluate(flow, val_loader, dequantize, deterministic, world)
+            if combined < history.best_val_bpd:
+                history.best_val_bpd, history.part_best_epochs = combined, parts.best_epochs()
+            else:
+                flow.load_state_dict(best_state)
     for p, before in zip([p for p in flow.parameters() if id(p) in frozen], frozen_before):
         if not torch.equal(p.detach(), before):  # pragma: no cover - a safety net
             raise RuntimeError('train="densities" changed a network parameter; this is a bug')
