@@ -69,14 +69,14 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ._data import iter_inputs
 from .core import FlowLayer
-from .densities import LOG_2PI, BaseDensity, ConditionalDensity, GaussianNoise, HalfNormal, robust_cholesky
+from .densities import LOG_2PI, BaseDensity, ConditionalDensity, GaussianNoise, HalfNormal, kinked, robust_cholesky
 from .dequantization import Dequantize, warn_if_discrete
 from .errors import InputError
 from .evaluation import sum_log_likelihood
@@ -413,7 +413,7 @@ class _Conditional(_Calibrator):
         if self.kinked:
             negative = (rows < 0).sum().item()
             for s, moments in self.kinked.items():
-                moments.add(torch.where(rows < 0, rows / s, rows), context, part)
+                moments.add(kinked(rows, s), context, part)
                 if part == 1:
                     self.kink_log_det[s] -= negative * math.log(s)
         if part == 1:
@@ -621,40 +621,40 @@ def _bases(flow: nn.Module) -> list[tuple[str, BaseDensity]]:
 
 # -- recording ---------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _recording(flow: nn.Module, by_layer: dict, bases: list, state: dict) -> Iterator[None]:
-    """Patch ``call_and_ll`` / ``log_prob`` on the instances to observe values; undone on exit."""
+def observed_calls(
+    layers: Iterable[FlowLayer],
+    on_layer: Callable[[FlowLayer, tuple, Tensor | None, tuple[Tensor, Tensor]], None],
+    bases: Iterable[BaseDensity] = (),
+    on_base: Callable[[BaseDensity, Tensor, Tensor], None] | None = None,
+) -> Iterator[None]:
+    """Watch a flow at work: ``call_and_ll`` of each of ``layers`` and ``log_prob`` of each of
+    ``bases`` are patched on the instances (a generated graph calls them there), and after each
+    call ``on_layer(layer, inputs, noise, (y, ll))`` / ``on_base(base, z, log_p)`` sees it; the
+    patch is lifted while ``on_layer`` runs, so it may call the layer again. Undone on exit."""
     patched: list[tuple[Any, str]] = []
-    for layer, calibrators in by_layer.values():
+    for layer in layers:
         original = type(layer).call_and_ll.__get__(layer)
 
-        def call_and_ll(*xs, noise=None, layer=layer, calibrators=calibrators, original=original):
+        def call_and_ll(*xs, noise=None, layer=layer, original=original):
             if len(xs) > layer.num_inputs:  # noise passed positionally
                 xs, noise = xs[: layer.num_inputs], xs[layer.num_inputs]
             out = original(*xs, noise=noise)
-            # observe() may call call_and_ll itself (FlowConv's dropped pixels): unpatched meanwhile
             patch = layer.__dict__.pop("call_and_ll")
             try:
-                observed = layer.observe(*xs, noise=noise)
+                on_layer(layer, xs, noise, out)
             finally:
                 layer.__dict__["call_and_ll"] = patch
-            for part_name, cal in calibrators.items():
-                if part_name not in observed:
-                    raise RuntimeError(
-                        f"{type(layer).__name__}.observe() returned no rows for declared part {part_name!r}"
-                    )
-                rows, context = observed[part_name]
-                cal.record(rows.detach(), None if context is None else context.detach(), state["part"])
             return out
 
         layer.call_and_ll = call_and_ll
         patched.append((layer, "call_and_ll"))
-    for cal in bases:
-        base = cal.density
+    for base in bases:
         original = type(base).log_prob.__get__(base)
 
-        def log_prob(z, cal=cal, original=original):
-            cal.record(z, None, state["part"])
-            return original(z)
+        def log_prob(z, base=base, original=original):
+            lp = original(z)
+            on_base(base, z, lp)
+            return lp
 
         base.log_prob = log_prob
         patched.append((base, "log_prob"))
@@ -663,6 +663,26 @@ def _recording(flow: nn.Module, by_layer: dict, bases: list, state: dict) -> Ite
     finally:
         for obj, attr in patched:
             delattr(obj, attr)
+
+
+def _recording(flow: nn.Module, by_layer: dict, bases: list, state: dict):
+    """Record the rows every calibrator models (its layer's :meth:`~flowconvert.core.FlowLayer.observe`,
+    a base's outputs) while the flow runs; undone on exit."""
+    calibrators = {id(layer): cals for layer, cals in by_layer.values()}
+    base_cals = {id(cal.density): cal for cal in bases}
+
+    def on_layer(layer, xs, noise, out):
+        observed = layer.observe(*xs, noise=noise)  # may call call_and_ll itself (FlowConv's dropped pixels)
+        for part_name, cal in calibrators[id(layer)].items():
+            if part_name not in observed:
+                raise RuntimeError(f"{type(layer).__name__}.observe() returned no rows for declared part {part_name!r}")
+            rows, context = observed[part_name]
+            cal.record(rows.detach(), None if context is None else context.detach(), state["part"])
+
+    def on_base(base, z, lp):
+        base_cals[id(base)].record(z, None, state["part"])
+
+    return observed_calls([layer for layer, _ in by_layer.values()], on_layer, [c.density for c in bases], on_base)
 
 
 def _split(data: Any, holdout: float, val_data: Any, batch_size: int, seed: int):
@@ -714,31 +734,19 @@ def _choose_dropped(flow, batches, dequantize, deterministic, seed) -> list[str]
     if not layers:
         return []
     sums = {id(layer): [0, 0.0, 0.0] for _, layer in layers}
-    patched = []
-    for _, layer in layers:
-        original = type(layer).call_and_ll.__get__(layer)
 
-        def call_and_ll(*xs, noise=None, layer=layer, original=original):
-            if len(xs) > layer.num_inputs:
-                xs, noise = xs[: layer.num_inputs], xs[layer.num_inputs]
-            rows = xs[0].detach().reshape(-1, layer.dropped_choice_features()).double()
-            acc = sums[id(layer)]
-            acc[0] += rows.shape[0]
-            acc[1] = acc[1] + rows.sum(0)
-            acc[2] = acc[2] + (rows * rows).sum(0)
-            return original(*xs, noise=noise)
+    def on_layer(layer, xs, noise, out):
+        rows = xs[0].detach().reshape(-1, layer.dropped_choice_features()).double()
+        acc = sums[id(layer)]
+        acc[0] += rows.shape[0]
+        acc[1] = acc[1] + rows.sum(0)
+        acc[2] = acc[2] + (rows * rows).sum(0)
 
-        layer.call_and_ll = call_and_ll
-        patched.append(layer)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            for x, part in batches:
-                if part == 0:
-                    flow.log_prob(dequantize(x) if dequantize is not None else x, deterministic=deterministic)
-    finally:
-        for layer in patched:
-            del layer.call_and_ll
+    with observed_calls([layer for _, layer in layers], on_layer), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for x, part in batches:
+            if part == 0:
+                flow.log_prob(dequantize(x) if dequantize is not None else x, deterministic=deterministic)
     changed = []
     for path, layer in layers:
         n, total, squares = sums[id(layer)]
@@ -776,7 +784,8 @@ def _rechoose(flow, batches, dequantize, deterministic, seed, run, by_layer, pri
             continue
         logdet0, condition0 = first[id(layer)]
         cals = list(by_layer.get(id(layer), (None, {}))[1].values())
-        rows = sum(getattr(getattr(c, "moments", None), "n", [0, 0])[1] for c in cals) / max(held * len(cals), 1)
+        # rows per held-out sample (1 for a matrix input): the log|det| term counts once per row
+        rows = sum(c.moments.n[1] for c in cals if isinstance(c, _Conditional)) / max(held * len(cals), 1)
 
         def score(reports, logdet, cals=cals, rows=rows):
             parts = [reports.get(c.name) for c in cals]

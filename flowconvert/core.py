@@ -247,6 +247,13 @@ def zero_ll(x: Tensor) -> Tensor:
     return x.new_zeros(x.shape[0])
 
 
+def tensor_key(*tensors: Tensor | None) -> tuple:
+    """What a weight-only cache is keyed on: version counter, storage, dtype and device of each
+    tensor (``None`` skipped). It changes on in-place edits through autograd-visible operations
+    (optimizer steps, ``copy_``, ``load_state_dict``), replacement and ``.to()``."""
+    return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors if t is not None)
+
+
 @contextlib.contextmanager
 def network_training(module: nn.Module, orthogonal_map: str = "cayley") -> Iterator[list[nn.Parameter]]:
     """Make the network parameters of every flow layer in ``module`` trainable.

@@ -339,6 +339,27 @@ def precision_tril_scales(P: Tensor) -> Tensor:
     return (1.0 / std).unsqueeze(-2).expand(*P.shape).to(P.dtype)
 
 
+def precision_factor(tril: Tensor, log_scale: Tensor) -> Tensor:
+    r"""Lower-triangular :math:`P` (batched): the strictly lower part of ``tril``, :math:`e^{-\lambda}` on the diagonal."""
+    return torch.tril(tril, -1) + torch.diag_embed(torch.exp(-log_scale))
+
+
+@torch.no_grad()
+def write_precision(cov: Tensor, log_scale: Tensor, tril: Tensor) -> None:
+    r"""Set ``log_scale`` and ``tril`` so that :func:`precision_factor` is :math:`\operatorname{chol}(\Sigma)^{-1}`
+    (batched; :func:`robust_cholesky`)."""
+    L = robust_cholesky(cov.double())
+    eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand_as(L)
+    P = torch.linalg.solve_triangular(L, eye, upper=False)
+    log_scale.copy_((-P.diagonal(dim1=-2, dim2=-1).log()).to(log_scale.dtype))
+    tril.copy_(torch.tril(P, -1).to(tril.dtype))
+
+
+def kinked(d: Tensor, slope: Tensor | float) -> Tensor:
+    """:math:`g_s(d)`: negative coordinates divided by the slope ``s`` (see :class:`ConditionalFullNormal`)."""
+    return torch.where(d < 0, d / slope, d)
+
+
 def triangular_inverse(P: Tensor) -> Tensor:
     r"""Inverse of a lower-triangular matrix with nonzero diagonal, by matrix products only.
 
@@ -404,7 +425,7 @@ class ConditionalFullNormal(ConditionalDensity):
 
     def precision_factor(self) -> Tensor:
         """:math:`P`: lower triangular, ``exp(-log_scale)`` on the diagonal."""
-        return torch.tril(self.tril, -1) + torch.diag(torch.exp(-self.log_scale))
+        return precision_factor(self.tril, self.log_scale)
 
     def set_kink(self, slope: float) -> None:
         """Set the kink slope :math:`s \\in (0, 1]`."""
@@ -415,7 +436,7 @@ class ConditionalFullNormal(ConditionalDensity):
 
     def warp(self, d: Tensor) -> Tensor:
         """:math:`g_s(d)`: negative coordinates divided by the slope."""
-        return torch.where(d < 0, d / self.kink, d)
+        return kinked(d, self.kink)
 
     def unwarp(self, u: Tensor) -> Tensor:
         """:math:`g_s^{-1}(u)`."""
@@ -471,12 +492,9 @@ class ConditionalFullNormal(ConditionalDensity):
         variances) and the kink slope (the regression was on :math:`g_s(d)`)."""
         if cov.dim() == 1:
             cov = torch.diag(cov)
-        L = robust_cholesky(cov.double())
-        P = torch.linalg.solve_triangular(L, torch.eye(self.features, dtype=L.dtype), upper=False)
         self.weight.copy_(A.to(self.weight.dtype))
         self.bias.copy_(c.to(self.bias.dtype))
-        self.log_scale.copy_((-P.diagonal().log()).to(self.log_scale.dtype))
-        self.tril.copy_(torch.tril(P, -1).to(self.tril.dtype))
+        write_precision(cov, self.log_scale, self.tril)
         self.set_kink(kink)
         _set_context_scale(self, context_var)
 
@@ -512,7 +530,7 @@ class FullNormal(BaseDensity):
         self.tril = nn.Parameter(torch.zeros(D, D))
 
     def precision_factor(self) -> Tensor:
-        return torch.tril(self.tril, -1) + torch.diag(torch.exp(-self.log_scale))
+        return precision_factor(self.tril, self.log_scale)
 
     def log_prob(self, z: Tensor) -> Tensor:
         r = nn.functional.linear((z - self.loc).reshape(z.shape[0], -1), self.precision_factor())
@@ -538,11 +556,8 @@ class FullNormal(BaseDensity):
         zc = z - mean
         cov = zc.mT @ zc / z.shape[0]
         floor = (min_var - cov.diagonal()).clamp_min(0) + 1e-9 * cov.diagonal().max().clamp_min(min_var)
-        L = robust_cholesky(cov + torch.diag(floor))
-        P = torch.linalg.solve_triangular(L, torch.eye(L.shape[0], dtype=L.dtype), upper=False)
         self.loc.copy_(mean.reshape(self.event_shape).to(self.loc.dtype))
-        self.log_scale.copy_((-P.diagonal().log()).to(self.log_scale.dtype))
-        self.tril.copy_(torch.tril(P, -1).to(self.tril.dtype))
+        write_precision(cov + torch.diag(floor), self.log_scale, self.tril)
         return True
 
 

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import FlowLayer, zero_ll
+from .core import FlowLayer, tensor_key, zero_ll
 from .densities import sum_except_batch
 from .errors import LayerConfigurationError
 
@@ -185,9 +185,7 @@ class FlowBatchNorm(FlowLayer):
     def _key(self) -> tuple:
         if self._frozen:  # prepared for export: no version counters on traced tensors
             return self._cache_key
-        return tuple(
-            (t._version, t.data_ptr(), t.dtype, t.device) for t in (self.running_var, self.weight) if t is not None
-        )
+        return tensor_key(self.running_var, self.weight)
 
     _cache_key: tuple | None = None
     _frozen = False

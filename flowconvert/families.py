@@ -59,10 +59,11 @@ from .densities import (
     StandardNormal,
     _moments,
     normal_log_prob,
+    precision_factor,
     precision_tril_scales,
-    robust_cholesky,
     sum_except_batch,
     triangular_inverse,
+    write_precision,
 )
 
 __all__ = [
@@ -331,7 +332,7 @@ class GaussianMixture(BaseDensity):
 
     def precision_factors(self) -> Tensor:
         """:math:`P_k`, ``(components, D, D)`` (full covariances only)."""
-        return torch.tril(self.tril, -1) + torch.diag_embed(torch.exp(-self.log_scale))
+        return precision_factor(self.tril, self.log_scale)
 
     def component_log_prob(self, z: Tensor) -> Tensor:
         """``(B, K)``: :math:`\\log \\pi_k + \\log\\mathcal N(z; \\mu_k, \\Sigma_k)`."""
@@ -386,11 +387,13 @@ class GaussianMixture(BaseDensity):
             )
         mu = torch.stack(centers)
         var = x.var(0, unbiased=False).clamp_min(1e-12).expand(K, -1).clone()
-        P = torch.diag_embed(var.rsqrt())  # precision factors (full covariances)
+        cov = torch.diag_embed(var)  # full covariances
+        log_scale, tril = torch.empty(K, D, dtype=x.dtype), torch.empty(K, D, D, dtype=x.dtype)
         log_pi = torch.full((K,), -math.log(K), dtype=x.dtype)
-        eye = torch.eye(D, dtype=x.dtype)
         for _ in range(iterations):
             if self.full:
+                write_precision(cov, log_scale, tril)
+                P = precision_factor(tril, log_scale)
                 r = torch.einsum("kij,nkj->nki", P, x[:, None] - mu)
                 lp = -0.5 * (r * r).sum(-1) + P.diagonal(dim1=-2, dim2=-1).log().sum(-1) - 0.5 * LOG_2PI * D
             else:
@@ -403,14 +406,12 @@ class GaussianMixture(BaseDensity):
                 cov = torch.einsum("nk,nki,nkj->kij", resp, xc, xc) / nk[:, None, None] + torch.diag_embed(
                     floor.expand(K, -1)
                 )
-                P = torch.linalg.solve_triangular(robust_cholesky(cov), eye.expand(K, D, D), upper=False)
             else:
                 var = ((resp.mT @ (x * x)) / nk[:, None] - mu * mu).clamp_min(0) + floor
             log_pi = (nk / n).log()
         self.loc.copy_(mu.to(self.loc.dtype))
         if self.full:
-            self.log_scale.copy_((-P.diagonal(dim1=-2, dim2=-1).log()).to(self.log_scale.dtype))
-            self.tril.copy_(torch.tril(P, -1).to(self.tril.dtype))
+            write_precision(cov, self.log_scale, self.tril)
         else:
             self.log_scale.copy_((0.5 * var.log()).to(self.log_scale.dtype))
         self.logits.copy_(log_pi.to(self.logits.dtype))
@@ -534,8 +535,9 @@ def make_conditional(
         q = q.to(dtype=params[0].dtype if params else torch.get_default_dtype())
         dense = _dense_linear(like, features, context)
         if dense is not None and q.linear_regressors() in ("full", "full-cov"):
-            kink = _kink(like)
-            q.write_linear(*dense, kink=kink) if kink != 1.0 else q.write_linear(*dense)
+            kink = _kink(like)  # only a kinked density takes (and needs) the keyword
+            extra = {"kink": kink} if kink != 1.0 else {}
+            q.write_linear(*dense, **extra)
     return q
 
 

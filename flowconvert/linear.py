@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import DensityPart, FlowLayer
+from .core import DensityPart, FlowLayer, tensor_key
 from .densities import (
     FULL_COVARIANCE_MAX,
     LOG_2PI,
@@ -484,8 +484,7 @@ class FlowLinear(FlowLayer):
         self._cache_key = None
 
     def _key(self) -> tuple:
-        w = self.weight
-        return (w._version, w.data_ptr(), w.dtype, w.device)
+        return tensor_key(self.weight)
 
     def _fresh(self) -> None:
         if not self._frozen and self._cache_key != self._key():

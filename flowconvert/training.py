@@ -212,36 +212,22 @@ class _Parts:
 
     def evaluate(self, flow, loader, dequantize, deterministic, world) -> tuple[float, list[float]]:
         """Mean bits/dim on the loader and each part's held-out sum of its term."""
+        from .calibration import observed_calls
+
         sums = [0.0] * len(self.modules)
-        patched = []
-        for i, (_, m) in enumerate(self.modules):
-            if isinstance(m, FlowLayer):
-                original = type(m).call_and_ll.__get__(m)
+        index = {id(m): i for i, (_, m) in enumerate(self.modules)}
 
-                def call_and_ll(*xs, noise=None, i=i, m=m, original=original):
-                    if len(xs) > m.num_inputs:  # noise passed positionally
-                        xs, noise = xs[: m.num_inputs], xs[m.num_inputs]
-                    y, ll = original(*xs, noise=noise)
-                    sums[i] += ll.detach().double().sum().item()
-                    return y, ll
+        def on_layer(layer, xs, noise, out):
+            sums[index[id(layer)]] += out[1].detach().double().sum().item()
 
-                m.call_and_ll, attr = call_and_ll, "call_and_ll"
-            else:
-                original = type(m).log_prob.__get__(m)
+        def on_base(base, z, lp):
+            sums[index[id(base)]] += lp.detach().double().sum().item()
 
-                def log_prob(z, i=i, original=original):
-                    lp = original(z)
-                    sums[i] += lp.detach().double().sum().item()
-                    return lp
-
-                m.log_prob, attr = log_prob, "log_prob"
-            patched.append((m, attr))
-        try:
+        layers = [m for _, m in self.modules if isinstance(m, FlowLayer)]
+        bases = [m for _, m in self.modules if not isinstance(m, FlowLayer)]
+        with observed_calls(layers, on_layer, bases, on_base):
             batches = _checked_inputs(flow, loader, "a batch of val_data", dequantize)
             total, count, dims = sum_log_likelihood(flow, batches, dequantize=dequantize, deterministic=deterministic)
-        finally:
-            for m, attr in patched:
-                delattr(m, attr)
         total, count, *sums = _reduce([total, float(count), *sums], world)
         if count == 0:
             raise InputError("val_data is empty: at least one sample is needed", code="FC604")
