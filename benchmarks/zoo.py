@@ -12,7 +12,9 @@ For each architecture (torchvision / pytorchcv definitions, random weights, eval
   ``n`` inputs per location needs the stacked ``[W; M]`` (``n x n`` per location, SPEC 2),
   every other layer its forward. ``vs floor`` is the time ratio over the MAC ratio
   (target <= 1.5);
-* the largest output deviation of the substitutions, finiteness of ``log_prob`` and ``inverse``;
+* the largest output deviation of the substitutions, finiteness of ``log_prob`` and ``inverse``,
+  and the inverse's growth ``max |inverse(flow(x))| / max |x|`` (each LeakyReLU substitute of
+  slope s can multiply it by 1/s: deep nets reach 1e20 and beyond, inf when float32 overflows);
 * ONNX parity of the likelihood graph (``--onnx``: names, default resnet18, vgg11_bn, resnet20),
   after closed-form calibration for the deterministic pass on ``--calibrate`` generated inputs
   (uncalibrated densities give finite but absurd figures; 0 skips calibration);
@@ -194,8 +196,13 @@ def run_one(name: str, batch: int, repeats: int, onnx: bool, calibrate: int) -> 
             t_sto = timed(lambda: flow.log_prob(x), repeats)
             lp = flow.log_prob(x, deterministic=True)
             row["logprob_finite"] = bool(torch.isfinite(lp).all() and torch.isfinite(flow.log_prob(x)).all())
+            back = flow.inverse(got)
             row["inverse_finite"] = bool(
-                torch.isfinite(flow.inverse(got)).all() and torch.isfinite(flow.inverse(got, sample=True)).all()
+                torch.isfinite(back).all() and torch.isfinite(flow.inverse(got, sample=True)).all()
+            )
+            # how far the deterministic inverse leaves the inputs' scale (inf: not finite in float32)
+            row["inverse_growth"] = (
+                (back.abs().max() / x.abs().max()).item() if torch.isfinite(back).all() else float("inf")
             )
         row["det_x"], row["sto_x"] = t_det / t_fwd, t_sto / t_fwd
         row["vs_floor"] = row["det_x"] / row["floor_x"]
@@ -290,6 +297,7 @@ def main(argv=None) -> None:
         "deviation",
         "log_prob finite",
         "inverse finite",
+        "inverse growth",
         "ONNX max diff",
         "ONNX parity",
         "note",
@@ -316,6 +324,7 @@ def main(argv=None) -> None:
                 fmt(r.get("deviation"), ".2g"),
                 fmt(r.get("logprob_finite"), ""),
                 fmt(r.get("inverse_finite"), ""),
+                fmt(r.get("inverse_growth"), ".1e"),
                 fmt(r.get("onnx_diff"), ".1e"),
                 fmt(r.get("onnx_ok"), ""),
                 note(r),

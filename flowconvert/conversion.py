@@ -25,6 +25,7 @@ FC101 True
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -168,7 +169,7 @@ def _run(model: nn.Module, example_inputs: Any, options: Options, *, build: bool
     flow.report = report
     note_approximate_inverses(report, flow)
     _check_modes(cap, modules)
-    _check_inverse(flow, inputs)
+    _check_inverse(flow, inputs, negative_slope=options.negative_slope if report.substitutions else None)
     return report, flow
 
 
@@ -197,11 +198,19 @@ def _check_modes(cap, modules: dict[str, nn.Module]) -> None:
         )
 
 
-def _check_inverse(flow: FlowModel, inputs: tuple[torch.Tensor, ...], tolerance: float = 1e-3) -> None:
+#: :func:`convert` warns when ``flow.inverse(flow(x))`` grows past this many times the largest ``|x|``.
+INVERSE_GROWTH_LIMIT = 1e6
+
+
+def _check_inverse(
+    flow: FlowModel, inputs: tuple[torch.Tensor, ...], tolerance: float = 1e-3, negative_slope: float | None = None
+) -> None:
     """Warn when the inverse misses on the example inputs (ill-conditioned compositions).
 
-    A bijection (no layer models anything) must give back its inputs; otherwise the stated
-    direction ``flow(flow.inverse(y)) == y`` is checked.
+    Every flow: ``flow.inverse(flow(x))`` must be finite and within :data:`INVERSE_GROWTH_LIMIT`
+    times the inputs' scale (a bound's inverse is not ``x``, but it is data-like). Exact flows
+    also keep their stated direction: a bijection (no layer models anything) gives back its
+    inputs, otherwise ``flow(flow.inverse(y)) == y`` is checked.
     """
     bijective = not flow.noise_shapes() and not flow.inverse_noise_shapes()  # nothing dropped, nothing added
     try:
@@ -209,13 +218,12 @@ def _check_inverse(flow: FlowModel, inputs: tuple[torch.Tensor, ...], tolerance:
             y = _flat(flow(*inputs))
             back = flow.inverse(*y, sample=False)
             back = back if isinstance(back, tuple) else (back,)
-            if not all(torch.isfinite(b).all() for b in back):
+            finite = all(torch.isfinite(b).all() for b in back)
+            scale = max((a.abs().max().item() for a in inputs if a.numel()), default=0.0)
+            peak = max((b.abs().max().item() for b in back if b.numel()), default=0.0) if finite else math.inf
+            if not finite or peak > INVERSE_GROWTH_LIMIT * max(scale, 1.0):
                 warnings.warn(
-                    f"the inverse of this flow overflows {inputs[0].dtype}: flow.inverse(flow(x)) is not finite on "
-                    "the example inputs. Each layer's inverse amplifies what its forward contracted (a nearly "
-                    "singular weight by its condition number, a LeakyReLU substitute with slope s by 1/s), and "
-                    "deep compositions multiply these factors; log_prob is unaffected. Convert the model in "
-                    "float64, or substitute with a larger negative_slope",
+                    _amplification_message(flow, inputs[0].dtype, finite, peak, scale, negative_slope),
                     FlowConversionWarning,
                     stacklevel=5,
                 )
@@ -240,6 +248,34 @@ def _check_inverse(flow: FlowModel, inputs: tuple[torch.Tensor, ...], tolerance:
             FlowConversionWarning,
             stacklevel=5,
         )
+
+
+def _amplification_message(
+    flow: FlowModel, dtype: torch.dtype, finite: bool, peak: float, scale: float, slope: float | None
+) -> str:
+    """What :func:`_check_inverse` says when the inverse overflows or grows far beyond the inputs."""
+    if finite:
+        head = (
+            f"the inverse of this flow amplifies: flow.inverse(flow(x)) reaches {peak:.2g} on example inputs "
+            f"within {scale:.2g}, so inverses and samples of this flow are not data-like."
+        )
+    else:
+        head = f"the inverse of this flow overflows {dtype}: flow.inverse(flow(x)) is not finite on the example inputs."
+    report = getattr(flow, "report", None)
+    n = len(report.substitutions) if report is not None else 0
+    subs = ""
+    if n and slope:
+        subs = (
+            f" This flow has {n} substituted activation{'s' * (n != 1)} of slope {slope:g}: "
+            f"each divides negative values by {1 / slope:g} in the inverse (up to {1 / slope:g}^{n} in all)."
+        )
+    return (
+        head + " Each layer's inverse amplifies what its forward contracted (a nearly singular weight by its "
+        "condition number, a LeakyReLU substitute with slope s by 1/s), and deep compositions multiply these "
+        f"factors; log_prob is unaffected.{subs} float64 widens the range, not the precision: past about 1e7 "
+        "(float32) or 1e15 (float64) of amplification the inverse no longer reproduces its outputs. Substitute "
+        "with a larger negative_slope (convert(..., negative_slope=...)), or invert a shallower part of the model"
+    )
 
 
 def _flat(out: Any) -> list[torch.Tensor]:
