@@ -22,7 +22,7 @@ only; each part is fitted by what its density *can do* in closed form:
   exactly this linear Gaussian (their nonlinear parts reset to the identity), so fitting
   starts from it.
 * **Gaps** of a max surjection (half-normal): :math:`s_c^2 = \overline{g_c^2}` per channel.
-* **Bases** on the outputs: a diagonal Gaussian by moment matching, a Gaussian mixture by EM,
+* **Bases** on the outputs: a diagonal or full-covariance Gaussian by moment matching, a Gaussian mixture by EM,
   a flow base by moment matching of its standardization (its flow reset to the identity);
   whatever :meth:`~flowconvert.densities.BaseDensity.fit_closed_form` does.
 * **Noise scales** :math:`\tau` of bound layers: moment matching sets :math:`\tau^2` to the

@@ -6,9 +6,12 @@ contains :math:`\log q(d \mid y)`. Every output gets a base density. Both come i
 chosen at conversion, ``flowconvert.convert(model, x, density=...)``:
 
 * ``"gaussian"`` (default): :math:`q(d\mid y) = \mathcal N(Ay + c, \operatorname{diag}\sigma^2)`
-  (:class:`~flowconvert.densities.ConditionalDiagonalNormal` and its structured relatives),
-  fitted in closed form by :func:`~flowconvert.calibrate`, with the fused fast path of the
-  layers; base: a learnable diagonal Gaussian (:class:`~flowconvert.densities.DiagonalNormal`).
+  (:class:`~flowconvert.densities.ConditionalDiagonalNormal` and its structured relatives, with
+  the fused fast path of the layers), or with a full covariance on kinked coordinates for the
+  dropped inputs of a linear layer (:class:`~flowconvert.densities.ConditionalFullNormal`, up to
+  :data:`~flowconvert.densities.FULL_COVARIANCE_MAX` of them), fitted in closed form by
+  :func:`~flowconvert.calibrate`; base: :func:`gaussian_base`, a learnable full-covariance
+  Gaussian (:class:`~flowconvert.densities.FullNormal`) up to that size, diagonal beyond.
 * ``"mlp"``: :class:`MLPConditionalNormal`, a heteroscedastic Gaussian: the residual
   :math:`d - Ay - c - \mu_\theta(y)`, whitened by a full precision factor :math:`P`
   (:class:`~flowconvert.densities.ConditionalFullNormal`), is
