@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import DensityPart, FlowLayer
+from .core import DensityPart, FlowLayer, weight_only
 from .densities import LOG_2PI, ConditionalDiagonalNormal, GaussianNoise, sum_except_batch
 from .errors import LayerConfigurationError, SingularWeightError
 from .linear import DEFAULT_RTOL, FlowLinear, GroupedConditionalNormal
@@ -526,6 +526,31 @@ class FlowConv(FlowLayer):
             patches = ((e * scale).view(shape6) + self._windows(img)).reshape(e.shape)
         return patches, sq
 
+    def _weights(self) -> tuple[Tensor | None, ...]:
+        """Every tensor the layer's weight-only quantities depend on (the key of :func:`~flowconvert.core.weight_only`)."""
+        kernel, q = self.kernel, self.kernel.dropped
+        noise = getattr(kernel, "noise", None)
+        return (
+            kernel.weight,
+            kernel.bias,
+            getattr(q, "weight", None),
+            getattr(q, "bias", None),
+            getattr(q, "log_scale", None),
+            None if noise is None else noise.log_scale,
+            None if self.pad_noise is None else self.pad_noise.log_scale,
+            None if self.tile_noise is None else self.tile_noise.log_scale,
+        )
+
+    def _call_constant(self, deterministic: bool) -> Tensor:
+        """The contribution per sample that does not depend on the input: the kernel's ``log|det|`` at
+        every location, the tiling's, and the point constants of the noise that the deterministic
+        mode sets to zero."""
+        kernel = self.kernel
+        kconst = kernel.logdet()
+        if kernel.kind == "augment" and deterministic:
+            kconst = kconst + kernel.noise_point_constant()
+        return self._constant(kconst)
+
     def _constant(self, kernel_const: Tensor) -> Tensor:
         """The contribution that does not depend on the input (deterministic-mode noise terms)."""
         const = self.n_locations * kernel_const + self.tile_logdet
@@ -631,17 +656,23 @@ class FlowConv(FlowLayer):
             # the kernel's own row-wise density (any family; for the Gaussian one (B L_o x m) product)
             d = d.index_select(1, self._drop_unperm) if permuted else d
             return self.kernel.dropped_log_prob(d.mT, y.mT)
-        const = self.n_locations * (q.log_scale.sum() + 0.5 * LOG_2PI * q.features)
         if permuted and self.groups == 1:
             # the density's rows permuted instead of d (k x m, not B x k x L_o): the sum of squares is the same
-            perm = self._drop_perm
-            A, c, inv_sigma = q.weight.index_select(0, perm), q.bias[perm], torch.exp(-q.log_scale)[perm]
+            A, c, inv_sigma, const = weight_only(self, "gather", self._weights(), self._gather_weights)
             r = torch.baddbmm(d, A.expand(d.shape[0], *A.shape), y, alpha=-1)  # x_S - A y, per sample
-            return -const - 0.5 * _sum_squares((r - c[:, None]) * inv_sigma[:, None])
+            return -const - 0.5 * _sum_squares((r - c) * inv_sigma)
         if permuted:
             d = d.index_select(1, self._drop_unperm)
+        const = self.n_locations * (q.log_scale.sum() + 0.5 * LOG_2PI * q.features)
         r = (d - self._grouped_matmul(q.weight, y) - q.bias[:, None]) * torch.exp(-q.log_scale)[:, None]
         return -const - 0.5 * _sum_squares(r)
+
+    def _gather_weights(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(A, c, 1/sigma, const)`` of the linear Gaussian in the tap-grouped row order (``c`` and
+        ``1/sigma`` as columns), and its constant over the locations."""
+        q, perm = self.kernel.dropped, self._drop_perm
+        const = self.n_locations * (q.log_scale.sum() + 0.5 * LOG_2PI * q.features)
+        return q.weight.index_select(0, perm), q.bias[perm, None], torch.exp(-q.log_scale)[perm, None], const
 
     def _grouped_matmul(self, M: Tensor, cols: Tensor) -> Tensor:
         """``blockdiag(M_g) @ cols`` for ``cols`` ``(B, G * a, L)`` and ``M`` ``(G * b, a)`` (``M @ cols`` when ``G = 1``)."""
@@ -675,10 +706,37 @@ class FlowConv(FlowLayer):
 
         The standardized residual is affine in the patch, :math:`\rho = M\pi + e` with
         :math:`M = \sigma^{-1}(E_S - AW)` and :math:`e = -\sigma^{-1}(Ab + c)`; ``M`` is built from
-        the current parameters on every call (``k x m x C_in k^d`` multiply-adds, amortized over
-        all locations and samples), so this is the same computation with or without gradients.
-        One convolution with ``M`` (channels-last, which runs wide convolutions faster on CPU)
-        replaces the gather of the dropped entries and the elementwise passes over them."""
+        the current parameters (``k x m x C_in k^d`` multiply-adds, amortized over all locations
+        and samples) on every call that records a gradient, and kept between calls that do not
+        (:func:`~flowconvert.core.weight_only`, when it is at most 8 times the kernel's size, as for
+        every 3x3 convolution with as many outputs as inputs). One convolution with ``M``
+        (channels-last, which runs wide convolutions faster on CPU) replaces the gather of the
+        dropped entries and the elementwise passes over them."""
+        pt, pb, pl, pr = self._pads
+        if pt == pb and pl == pr:
+            xin, padding = x4, (pt, pl)
+        else:
+            xin, padding = F.pad(x4, (pl, pr, pt, pb)), 0
+        # channels-last, except on a map of width or height 1: PyTorch's CPU convolution segfaults on
+        # such channels-last inputs for some geometries (stride 3, padding 2, dilation 2: fuzzer model 1615)
+        fmt = torch.channels_last if min(xin.shape[-2:]) > 1 else torch.contiguous_format
+        if self.kernel.dropped.features <= 8 * self.out_channels:
+            M, e, const = weight_only(self, f"fused_{fmt}", self._weights(), lambda: self._fused_weights(fmt))
+        else:
+            M, e, const = self._fused_weights(fmt)
+        res = F.conv2d(
+            xin.contiguous(memory_format=fmt) if fmt is torch.channels_last else _dense(xin),
+            M,
+            e,
+            self._s,
+            padding,
+            self._d,
+            self.groups,
+        )
+        return -const - 0.5 * _sum_squares(res)
+
+    def _fused_weights(self, fmt: torch.memory_format) -> tuple[Tensor, Tensor, Tensor]:
+        """``(M, e, const)`` of :meth:`_fused_residual_ll`: ``M`` as a convolution weight in memory format ``fmt``."""
         kernel, q = self.kernel, self.kernel.dropped
         inv_sigma = torch.exp(-q.log_scale)
         W = kernel.weight
@@ -691,27 +749,10 @@ class FlowConv(FlowLayer):
             AW = torch.matmul(A, W.view(G, kernel.group_out, -1)).reshape(k, -1)
             Ab = torch.matmul(A, kernel.bias.view(G, -1, 1)).reshape(k)
         M = AW.neg().index_put((self._drop_rows, self._drop_cols), W.new_ones(()), accumulate=True)
-        M = M * inv_sigma[:, None]
+        M = (M * inv_sigma[:, None]).view(k, self.in_channels // G, *self._k).contiguous(memory_format=fmt)
         e = -(Ab + q.bias) * inv_sigma
-        pt, pb, pl, pr = self._pads
-        if pt == pb and pl == pr:
-            xin, padding = x4, (pt, pl)
-        else:
-            xin, padding = F.pad(x4, (pl, pr, pt, pb)), 0
-        # channels-last, except on a map of width or height 1: PyTorch's CPU convolution segfaults on
-        # such channels-last inputs for some geometries (stride 3, padding 2, dilation 2: fuzzer model 1615)
-        fmt = torch.channels_last if min(xin.shape[-2:]) > 1 else torch.contiguous_format
-        res = F.conv2d(
-            xin.contiguous(memory_format=fmt) if fmt is torch.channels_last else _dense(xin),
-            M.view(k, self.in_channels // G, *self._k).contiguous(memory_format=fmt),
-            e,
-            self._s,
-            padding,
-            self._d,
-            G,
-        )
         const = self.n_locations * (q.log_scale.sum() + 0.5 * LOG_2PI * k)
-        return -const - 0.5 * _sum_squares(res)
+        return M, e, const
 
     # -- the contract --------------------------------------------------------------------
     def call_and_ll(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -722,10 +763,11 @@ class FlowConv(FlowLayer):
         kernel = self.kernel
         B, Lo = x4.shape[0], self.n_locations
         kind = kernel.kind
-        kconst = kernel.logdet()
-        if kind == "augment" and noise is None:
-            kconst = kconst + kernel.noise_point_constant()
-        ll = self._constant(kconst).expand(B)
+        deterministic = noise is None
+        const = weight_only(
+            self, f"constant_{deterministic}", self._weights(), lambda: self._call_constant(deterministic)
+        )
+        ll = const.expand(B)
         if noise is None:
             # the original convolution for y (bit for bit); the dropped entries are strided slices
             y = self.forward(x).reshape(B, self.out_channels, Lo)

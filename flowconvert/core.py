@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -252,6 +252,40 @@ def tensor_key(*tensors: Tensor | None) -> tuple:
     tensor (``None`` skipped). It changes on in-place edits through autograd-visible operations
     (optimizer steps, ``copy_``, ``load_state_dict``), replacement and ``.to()``."""
     return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors if t is not None)
+
+
+def _is_exporting() -> bool:
+    check = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.6
+    return bool(check()) if check is not None else False
+
+
+def weight_only(module: nn.Module, name: str, tensors: Sequence[Tensor | None], compute: Callable[[], Any]) -> Any:
+    """``compute()``, a quantity of ``module``'s weights ``tensors`` alone, kept between calls.
+
+    Kept (in ``module.__dict__``, not in its state) while no gradient is recorded and recomputed
+    when any of ``tensors`` changes (:func:`tensor_key`); computed afresh and not kept while
+    autograd records (the gradient must reach the weights) and while compiling or exporting
+    (traced, it becomes part of the graph). Only what a layer could precompute belongs here.
+
+    >>> import torch
+    >>> w, calls = torch.ones(3), []
+    >>> layer = torch.nn.Module()
+    >>> with torch.no_grad():
+    ...     for _ in range(3):
+    ...         total = weight_only(layer, "total", (w,), lambda: calls.append(1) or w.sum())
+    ...     _ = w.add_(1.0)                 # an in-place edit: recomputed
+    ...     total = weight_only(layer, "total", (w,), lambda: calls.append(1) or w.sum())
+    >>> len(calls), total.item()
+    (2, 6.0)
+    """
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or _is_exporting():
+        return compute()
+    store = module.__dict__.setdefault("_weight_only", {})
+    key = tensor_key(*tensors)
+    hit = store.get(name)
+    if hit is None or hit[0] != key:
+        hit = store[name] = (key, compute())
+    return hit[1]
 
 
 @contextlib.contextmanager

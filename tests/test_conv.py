@@ -448,6 +448,46 @@ def test_both_residual_strategies_give_the_log_density(name, fuse, monkeypatch):
         torch.testing.assert_close(ll, reference, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "gathered"])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_weight_only_quantities_are_kept_without_gradient_and_follow_every_edit(fuse, groups, monkeypatch):
+    """Without gradients the constant and the residual's weights are built once and reused; an
+    in-place edit of a density parameter (as calibration makes) or of the kernel rebuilds them; with
+    gradients they are built on every call and the gradient reaches the density's parameters.
+    Reference: a deep copy (no cache), to 1e-12 in float64."""
+    layer = FlowConv.from_module(nn.Conv2d(4, 4, 3, padding=1, groups=groups).double(), (4, 6, 6))
+    q = layer.kernel.dropped
+    with torch.no_grad():
+        q.weight.normal_(), q.bias.normal_(), q.log_scale.normal_(0.0, 0.3)
+    monkeypatch.setattr(FlowConv, "_fuse", lambda self, batch: fuse)
+    builds = []
+    for name in ("_fused_weights", "_gather_weights", "_call_constant"):
+        original = getattr(FlowConv, name)
+        monkeypatch.setattr(FlowConv, name, lambda self, *a, _f=original, _n=name: builds.append(_n) or _f(self, *a))
+    x = torch.randn(3, 4, 6, 6, dtype=torch.float64)
+
+    def fresh() -> torch.Tensor:
+        return copy.deepcopy(layer).call_and_ll(x)[1]
+
+    with torch.no_grad():
+        first = layer.call_and_ll(x)[1]
+        n = len(builds)
+        again = layer.call_and_ll(x)[1]
+        assert len(builds) == n and torch.equal(again, first)  # nothing rebuilt
+        q.log_scale.add_(0.25)  # calibration's kind of edit
+        torch.testing.assert_close(layer.call_and_ll(x)[1], fresh(), atol=1e-12, rtol=0)
+        assert len(builds) > n
+        layer.kernel.bias.add_(0.5)  # the network's
+        torch.testing.assert_close(layer.call_and_ll(x)[1], fresh(), atol=1e-12, rtol=0)
+    n = len(builds)
+    ll = layer.call_and_ll(x)[1]
+    layer.call_and_ll(x)
+    assert len(builds) >= n + 2  # built on every call that records a gradient
+    ll.sum().backward()
+    assert q.log_scale.grad is not None and q.log_scale.grad.abs().sum() > 0
+    assert q.weight.grad is not None and q.weight.grad.abs().sum() > 0
+
+
 def test_the_residual_strategy_follows_the_cost():
     """Deep layers (many channels, few locations) gather; a stem (few channels, a wide map) fuses."""
     deep = FlowConv.from_module(nn.Conv2d(256, 256, 3, padding=1), (256, 4, 4))
