@@ -541,25 +541,25 @@ class FlowConv(FlowLayer):
             None if self.tile_noise is None else self.tile_noise.log_scale,
         )
 
-    def _call_constant(self, deterministic: bool) -> Tensor:
+    def _constant(self, deterministic: bool) -> Tensor:
         """The contribution per sample that does not depend on the input: the kernel's ``log|det|`` at
         every location, the tiling's, and the point constants of the noise that the deterministic
         mode sets to zero."""
-        kernel = self.kernel
+        kernel, C = self.kernel, self.in_channels
         kconst = kernel.logdet()
         if kernel.kind == "augment" and deterministic:
             kconst = kconst + kernel.noise_point_constant()
-        return self._constant(kconst)
-
-    def _constant(self, kernel_const: Tensor) -> Tensor:
-        """The contribution that does not depend on the input (deterministic-mode noise terms)."""
-        const = self.n_locations * kernel_const + self.tile_logdet
-        C = self.in_channels
+        const = self.n_locations * kconst + self.tile_logdet
         if self.pad_noise is not None:
             const = const + self.n_pad * (self.pad_noise.log_scale.sum() + 0.5 * LOG_2PI * C)
         if self.tile_noise is not None:
             const = const + self._tile_extra * (self.tile_noise.log_scale.sum() + 0.5 * LOG_2PI * C)
         return const
+
+    def _residual_constant(self) -> Tensor:
+        """``L_o (sum log sigma + k/2 log 2 pi)``: the linear Gaussian's normalization over the locations."""
+        q = self.kernel.dropped
+        return self.n_locations * (q.log_scale.sum() + 0.5 * LOG_2PI * q.features)
 
     def kernel_patches(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
         """The patches the kernel multiplies, ``(B, C_in * k, L_o)``, in the kernel's column order.
@@ -663,7 +663,7 @@ class FlowConv(FlowLayer):
             return -const - 0.5 * _sum_squares((r - c) * inv_sigma)
         if permuted:
             d = d.index_select(1, self._drop_unperm)
-        const = self.n_locations * (q.log_scale.sum() + 0.5 * LOG_2PI * q.features)
+        const = self._residual_constant()
         r = (d - self._grouped_matmul(q.weight, y) - q.bias[:, None]) * torch.exp(-q.log_scale)[:, None]
         return -const - 0.5 * _sum_squares(r)
 
@@ -671,7 +671,7 @@ class FlowConv(FlowLayer):
         """``(A, c, 1/sigma, const)`` of the linear Gaussian in the tap-grouped row order (``c`` and
         ``1/sigma`` as columns), and its constant over the locations."""
         q, perm = self.kernel.dropped, self._drop_perm
-        const = self.n_locations * (q.log_scale.sum() + 0.5 * LOG_2PI * q.features)
+        const = self._residual_constant()
         return q.weight.index_select(0, perm), q.bias[perm, None], torch.exp(-q.log_scale)[perm, None], const
 
     def _grouped_matmul(self, M: Tensor, cols: Tensor) -> Tensor:
@@ -751,8 +751,7 @@ class FlowConv(FlowLayer):
         M = AW.neg().index_put((self._drop_rows, self._drop_cols), W.new_ones(()), accumulate=True)
         M = (M * inv_sigma[:, None]).view(k, self.in_channels // G, *self._k).contiguous(memory_format=fmt)
         e = -(Ab + q.bias) * inv_sigma
-        const = self.n_locations * (q.log_scale.sum() + 0.5 * LOG_2PI * k)
-        return M, e, const
+        return M, e, self._residual_constant()
 
     # -- the contract --------------------------------------------------------------------
     def call_and_ll(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -764,9 +763,7 @@ class FlowConv(FlowLayer):
         B, Lo = x4.shape[0], self.n_locations
         kind = kernel.kind
         deterministic = noise is None
-        const = weight_only(
-            self, f"constant_{deterministic}", self._weights(), lambda: self._call_constant(deterministic)
-        )
+        const = weight_only(self, f"constant_{deterministic}", self._weights(), lambda: self._constant(deterministic))
         ll = const.expand(B)
         if noise is None:
             # the original convolution for y (bit for bit); the dropped entries are strided slices

@@ -461,7 +461,7 @@ def test_weight_only_quantities_are_kept_without_gradient_and_follow_every_edit(
         q.weight.normal_(), q.bias.normal_(), q.log_scale.normal_(0.0, 0.3)
     monkeypatch.setattr(FlowConv, "_fuse", lambda self, batch: fuse)
     builds = []
-    for name in ("_fused_weights", "_gather_weights", "_call_constant"):
+    for name in ("_fused_weights", "_gather_weights", "_constant"):
         original = getattr(FlowConv, name)
         monkeypatch.setattr(FlowConv, name, lambda self, *a, _f=original, _n=name: builds.append(_n) or _f(self, *a))
     x = torch.randn(3, 4, 6, 6, dtype=torch.float64)
