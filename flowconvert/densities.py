@@ -93,6 +93,12 @@ class ConditionalDensity(Configurable, nn.Module):
         mean moves in units of its standard deviation). Parameters not named take Adam's steps."""
         return {}
 
+    def staged_parameters(self) -> list[nn.Parameter]:
+        """Parameters that refine a simpler density and start where they change nothing (a spline
+        at the identity): :func:`flowconvert.fit` first trains every other parameter to its best
+        held-out epoch, then frees these too. Default: none."""
+        return []
+
     # -- closed-form calibration (optional) ---------------------------------------------
     def linear_regressors(self) -> Tensor | str | None:
         r"""Which linear-Gaussian model :func:`flowconvert.calibrate` fits in closed form, or None.
@@ -139,6 +145,7 @@ class BaseDensity(Configurable, nn.Module):
         return False
 
     natural_scales = ConditionalDensity.natural_scales  # the same contract (see there)
+    staged_parameters = ConditionalDensity.staged_parameters
 
 
 def _moments(z: Tensor, min_var: float) -> tuple[Tensor, Tensor]:

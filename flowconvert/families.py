@@ -19,10 +19,13 @@ chosen at conversion, ``flowconvert.convert(model, x, density=...)``:
   :math:`(\mu_\theta, \rho_\theta)` a small MLP of the kept output (for convolutions the rows
   are per location, so it acts over channels: a 1x1-convolution MLP); base: a Gaussian
   mixture (:class:`GaussianMixture`; a classifier's logits form one cluster per class).
-* ``"flow"``: :class:`FlowConditional`, a conditional neural spline flow from zuko on the
-  whitened residual of the full-covariance linear Gaussian, :math:`r = P(d - Ay - c)`,
-  :math:`u = T_\theta(r; y) \sim \mathcal N(0, I)`,
-  :math:`\log q(d\mid y) = \log\mathcal N(u) + \log|\partial T/\partial r| - \sum\log\sigma`;
+* ``"flow"``: :class:`FlowConditional`, the ``"mlp"`` family's heteroscedastic Gaussian refined by
+  a conditional neural spline flow from zuko on its standardized residual,
+  :math:`z = e^{-\rho_\theta(y)}(P(d - Ay - c) - \mu_\theta(y))`,
+  :math:`u = T_\phi(z; y) \sim \mathcal N(0, I)`,
+  :math:`\log q(d\mid y) = \log\mathcal N(u) + \log|\partial T/\partial z| - \sum\rho_\theta - \sum\log\sigma`;
+  :func:`~flowconvert.fit` trains the spline after the Gaussian it refines
+  (:meth:`~flowconvert.densities.ConditionalDensity.staged_parameters`);
   base: :class:`FlowBase` (a zuko spline flow on the standardized output).
 * a callable ``family(features, context) -> ConditionalDensity`` (see :func:`make_conditional`)
   for your own conditionals.
@@ -244,17 +247,24 @@ def _identity(flow: nn.Module) -> None:
             _zero_last_linear(t)
 
 
-class FlowConditional(_WithLinear):
-    r"""Conditional normalizing flow on the standardized residual of a linear Gaussian.
+class FlowConditional(MLPConditionalNormal):
+    r"""Conditional normalizing flow on the standardized residual of a heteroscedastic Gaussian.
 
-    .. math:: r = P(g_s(d) - Ay - c), \quad u = T_\theta(r; \tilde y) \sim \mathcal N(0, I), \quad
-              \log q(d\mid y) = \log\mathcal N(u; 0, I) + \log\Big|\frac{\partial T_\theta}{\partial r}\Big| + \log|\det P| - n_-(d)\log s,
+    .. math:: z = e^{-\rho_\theta(\tilde y)}\big(P(g_s(d) - Ay - c) - \mu_\theta(\tilde y)\big), \quad
+              u = T_\phi(z; \tilde y) \sim \mathcal N(0, I),
 
-    with :math:`T_\theta` zuko's autoregressive neural spline flow (``kind="nsf"``, ``bins``
-    rational-quadratic bins on :math:`[-5, 5]`, identity outside) or affine MAF (``"maf"``),
-    conditioned on the standardized context :math:`\tilde y` (:math:`g_s`: the linear part's kink,
-    see :class:`~flowconvert.densities.ConditionalFullNormal`). It starts as the identity, i.e. as
-    the linear Gaussian ``self.linear``. Sampling inverts :math:`T_\theta` (``features`` passes).
+    .. math:: \log q(d\mid y) = \log\mathcal N(u; 0, I) + \log\Big|\frac{\partial T_\phi}{\partial z}\Big|
+              - \textstyle\sum\rho_\theta + \log|\det P| - n_-(d)\log s,
+
+    i.e. :class:`MLPConditionalNormal` (its mean :math:`\mu_\theta` and log-scales
+    :math:`\rho_\theta`) followed by zuko's autoregressive neural spline flow :math:`T_\phi`
+    (``kind="nsf"``, ``bins`` rational-quadratic bins on :math:`[-5, 5]`, identity outside) or
+    affine MAF (``"maf"``), conditioned on the standardized context :math:`\tilde y`. Both the
+    MLP's output layer and :math:`T_\phi` start at zero, so the density starts as its linear
+    Gaussian ``self.linear``; :func:`flowconvert.fit` frees :math:`T_\phi`
+    (:meth:`staged_parameters`) only after the heteroscedastic Gaussian has converged, so the
+    spline refines a fitted ``"mlp"`` density and fitting ends no worse held out than that
+    family would. Sampling inverts :math:`T_\phi` (``features`` passes).
 
     >>> q = FlowConditional(2, 3)
     >>> d, y = torch.randn(4, 2), torch.randn(4, 3)
@@ -270,33 +280,42 @@ class FlowConditional(_WithLinear):
         hidden: Sequence[int] = (64, 64),
         bins: int = 8,
         kind: str = "nsf",
+        head_hidden: int = 64,
+        head_depth: int = 2,
     ):
-        super().__init__()
-        self.features, self.context_features = int(features), int(context_features)
-        self.linear = ConditionalFullNormal(self.features, self.context_features)
-        self.standardize = _Standardize(self.context_features)
+        super().__init__(features, context_features, hidden=head_hidden, depth=head_depth)
         self.flow = _zuko_flow(self.features, self.context_features, transforms, hidden, bins, kind)
 
     def reset_to_linear(self) -> None:
+        super().reset_to_linear()
         _identity(self.flow)
+
+    def staged_parameters(self) -> list[nn.Parameter]:
+        """The spline's: fitted after the heteroscedastic Gaussian they refine."""
+        return list(self.flow.parameters())
 
     def _transform(self, y: Tensor):
         return self.flow.transform(self.standardize(y) if self.context_features else None)
 
     def log_prob(self, d: Tensor, y: Tensor) -> Tensor:
         lin = self.linear
-        r = lin.whiten(d, y)
-        u, ladj = self._transform(y).call_and_ladj(r)
-        ll = -0.5 * (u * u).sum(-1) + ladj - lin.log_scale.sum() - 0.5 * LOG_2PI * self.features
-        return (sum_except_batch(ll) if ll.dim() > 1 else ll) + lin.warp_log_det(d)
+        mu, rho = self.params(y)
+        z = nn.functional.linear(lin.warp(d) - mu, lin.precision_factor()) * torch.exp(-rho)
+        u, ladj = self._transform(y).call_and_ladj(z)
+        ll = -0.5 * (u * u).sum(-1) + ladj - rho.sum(-1) - 0.5 * LOG_2PI * self.features
+        rows = d[0].numel() // self.features
+        return (sum_except_batch(ll) if ll.dim() > 1 else ll) - rows * lin.log_scale.sum() + lin.warp_log_det(d)
 
     def sample(self, y: Tensor, eps: Tensor | None = None) -> Tensor:
-        lin = self.linear
-        mu = lin.loc(y)
+        mu, rho = self.params(y)
         if eps is None:
             eps = torch.randn_like(mu)
-        r = self._transform(y).inv(eps.reshape(mu.shape))
-        return lin.unwarp(mu + lin.color(r))
+        z = self._transform(y).inv(eps.reshape(mu.shape))
+        return self.linear.unwarp(mu + self.linear.color(z * rho.exp()))
+
+    def mean(self, y: Tensor) -> Tensor:
+        """The image of ``eps = 0`` (the spline's median, not its mean)."""
+        return ConditionalDensity.mean(self, y)
 
 
 # -- base densities ---------------------------------------------------------------------------
