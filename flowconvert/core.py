@@ -262,23 +262,28 @@ def _is_exporting() -> bool:
 def weight_only(module: nn.Module, name: str, tensors: Sequence[Tensor | None], compute: Callable[[], Any]) -> Any:
     """``compute()``, a quantity of ``module``'s weights ``tensors`` alone, kept between calls.
 
-    Kept (in ``module.__dict__``, not in its state) while no gradient is recorded and recomputed
-    when any of ``tensors`` changes (:func:`tensor_key`); computed afresh and not kept while
-    autograd records (the gradient must reach the weights) and while compiling or exporting
-    (traced, it becomes part of the graph). Only what a layer could precompute belongs here.
+    Kept (in ``module.__dict__``, not in its state) and recomputed when any of ``tensors``
+    changes (:func:`tensor_key`); computed afresh and not kept while autograd records a gradient
+    for one of them (it must reach the weights: ``fit(train="all")``; a frozen network's weights
+    need none) and while compiling or exporting (traced, it becomes part of the graph). Only
+    what a layer could precompute belongs here.
 
     >>> import torch
     >>> w, calls = torch.ones(3), []
     >>> layer = torch.nn.Module()
-    >>> with torch.no_grad():
-    ...     for _ in range(3):
-    ...         total = weight_only(layer, "total", (w,), lambda: calls.append(1) or w.sum())
-    ...     _ = w.add_(1.0)                 # an in-place edit: recomputed
+    >>> for _ in range(3):
     ...     total = weight_only(layer, "total", (w,), lambda: calls.append(1) or w.sum())
+    >>> _ = w.add_(1.0)                 # an in-place edit: recomputed
+    >>> total = weight_only(layer, "total", (w,), lambda: calls.append(1) or w.sum())
     >>> len(calls), total.item()
     (2, 6.0)
+    >>> _ = w.requires_grad_()          # a gradient is recorded for w: computed at every call
+    >>> total = weight_only(layer, "total", (w,), lambda: calls.append(1) or w.sum())
+    >>> len(calls), total.requires_grad
+    (3, True)
     """
-    if torch.is_grad_enabled() or torch.compiler.is_compiling() or _is_exporting():
+    recorded = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if recorded or torch.compiler.is_compiling() or _is_exporting():
         return compute()
     store = module.__dict__.setdefault("_weight_only", {})
     key = tensor_key(*tensors)

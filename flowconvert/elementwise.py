@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import FlowLayer, tensor_key, zero_ll
+from .core import FlowLayer, weight_only, zero_ll
 from .densities import sum_except_batch
 from .errors import LayerConfigurationError
 
@@ -134,7 +134,6 @@ class FlowBatchNorm(FlowLayer):
         self.register_buffer("running_var", var)
         self.register_buffer("weight", weight.detach().clone() if weight is not None else None)
         self.register_buffer("bias", bias.detach().clone() if bias is not None else None)
-        self.register_buffer("_log_abs", torch.zeros((), dtype=var.dtype, device=var.device), persistent=False)
         with torch.no_grad():
             scale, _ = self._affine()
             bad = ~((scale != 0) & torch.isfinite(scale))
@@ -170,34 +169,13 @@ class FlowBatchNorm(FlowLayer):
 
     def log_abs_det(self) -> Tensor:
         r""":math:`\sum_c \log|a_c| = \sum_c \log|w_c| - \tfrac12 \sum_c \log(v_c + \epsilon)` (without
-        forming :math:`a`), cached: recomputed when a statistic or the weight changes (in-place
-        edits through autograd-visible operations, ``load_state_dict``, ``.to()``)."""
-        key = self._key()
-        if self._cache_key != key:
-            with torch.no_grad():
-                log_abs = torch.log(self.running_var + self.eps).sum().mul(-0.5)
-                if self.weight is not None:
-                    log_abs = log_abs + self.weight.abs().log().sum()
-            self._log_abs = log_abs
-            self._cache_key = key
-        return self._log_abs
+        forming :math:`a`), kept until a statistic or the weight changes (:func:`~flowconvert.core.weight_only`)."""
 
-    def _key(self) -> tuple:
-        if self._frozen:  # prepared for export: no version counters on traced tensors
-            return self._cache_key
-        return tensor_key(self.running_var, self.weight)
+        def compute() -> Tensor:
+            log_abs = torch.log(self.running_var + self.eps).sum().mul(-0.5)
+            return log_abs if self.weight is None else log_abs + self.weight.abs().log().sum()
 
-    _cache_key: tuple | None = None
-    _frozen = False
-
-    def prepare_for_export(self) -> None:
-        self.__dict__.pop("_cache_key", None)
-        self.log_abs_det()
-        self._frozen = True
-
-    def release_export(self) -> None:
-        self.__dict__.pop("_frozen", None)
-        self.__dict__.pop("_cache_key", None)
+        return weight_only(self, "log_abs_det", (self.running_var, self.weight), compute)
 
     def call_and_ll(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
         log_abs = self.log_abs_det()
