@@ -266,7 +266,10 @@ def weight_only(module: nn.Module, name: str, tensors: Sequence[Tensor | None], 
     changes (:func:`tensor_key`); computed afresh and not kept while autograd records a gradient
     for one of them (it must reach the weights: ``fit(train="all")``; a frozen network's weights
     need none) and while compiling or exporting (traced, it becomes part of the graph). Only
-    what a layer could precompute belongs here.
+    what a layer could precompute belongs here, and only what traces into ONNX: an LU or an
+    inverse cannot, so :class:`~flowconvert.linear.FlowLinear` keeps its ``log|det|`` and block
+    inverse itself and fixes them as constants before an export
+    (:meth:`FlowLayer.prepare_for_export`).
 
     >>> import torch
     >>> w, calls = torch.ones(3), []
