@@ -330,8 +330,8 @@ def fit(
     had_grad = {id(p) for p in flow.parameters() if p.grad is not None}
     before = _all_tensors(flow)
     try:
-        history = History()
-        for held_back in _stages(flow, train):
+        history, stages = History(), _stages(flow, train)
+        for i, held_back in enumerate(stages):
             steps_left = None if max_steps is None else max_steps - history.steps
             if steps_left == 0:
                 break
@@ -354,6 +354,7 @@ def fit(
                     progress=progress,
                     seed=seed,
                     held_back=held_back,
+                    desc="fit" if len(stages) == 1 else f"fit, stage {i + 1} of {len(stages)}",
                 )
             history = _chain(history, stage)
         if history.steps == history.skipped_steps:
@@ -440,6 +441,7 @@ def _fit(
     progress: bool,
     seed: int,
     held_back: set[int] = frozenset(),
+    desc: str = "fit",
 ) -> History:
     rank, world = _distributed()
     torch.manual_seed(seed + rank)  # different dequantization/noise draws per rank
@@ -494,7 +496,7 @@ def _fit(
         if val_loader is not None:  # the starting point competes too: training never makes it worse
             history.best_val_bpd, history.best_epoch = evaluate(0), 0
             best_state = copy.deepcopy(flow.state_dict())
-        bar = _progress(epochs, progress and rank == 0)
+        bar = _progress(epochs, progress and rank == 0, desc)
         for epoch in range(epochs):
             if isinstance(getattr(loader, "sampler", None), DistributedSampler):
                 loader.sampler.set_epoch(epoch)
@@ -564,9 +566,9 @@ def _fit(
     return history
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, desc: str = "fit"):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="epoch", desc="fit", leave=True)
+    return tqdm(total=total, unit="epoch", desc=desc, leave=True)
