@@ -14,7 +14,8 @@ For each architecture (torchvision / pytorchcv definitions, random weights, eval
   (target <= 1.5);
 * the largest output deviation of the substitutions, finiteness of ``log_prob`` and ``inverse``,
   and the inverse's growth ``max |inverse(flow(x))| / max |x|`` (each LeakyReLU substitute of
-  slope s can multiply it by 1/s: deep nets reach 1e20 and beyond, inf when float32 overflows);
+  slope s can multiply it by 1/s: deep nets reach 1e20 and beyond, inf when float32 overflows;
+  then ``growth in float64`` is the same inverse of the flow converted to float64);
 * ONNX parity of the likelihood graph (``--onnx``: names, default resnet18, vgg11_bn, resnet20),
   after closed-form calibration for the deterministic pass on ``--calibrate`` generated inputs
   (uncalibrated densities give finite but absurd figures; 0 skips calibration);
@@ -212,6 +213,12 @@ def run_one(name: str, batch: int, repeats: int, onnx: bool, calibrate: int) -> 
                 result = fc.export_onnx(flow, Path(tmp) / f"{name}.onnx", example)
             row["onnx_diff"] = max(result.max_abs_diff.values())
             row["onnx_ok"] = bool(result.verified)
+        if not row["inverse_finite"]:  # float32 overflowed: the same inverse in float64 (the flow is not used after)
+            stage = "inverse in float64"
+            with torch.no_grad():
+                flow64, x64 = flow.double(), x.double()
+                back = flow64.inverse(flow64(x64))
+            row["inverse_growth_64"] = (back.abs().max() / x64.abs().max()).item()
     except Exception as exc:
         row["error"] = f"{stage}: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
     return row
@@ -298,6 +305,7 @@ def main(argv=None) -> None:
         "log_prob finite",
         "inverse finite",
         "inverse growth",
+        "growth in float64",
         "ONNX max diff",
         "ONNX parity",
         "note",
@@ -325,6 +333,7 @@ def main(argv=None) -> None:
                 fmt(r.get("logprob_finite"), ""),
                 fmt(r.get("inverse_finite"), ""),
                 fmt(r.get("inverse_growth"), ".1e"),
+                fmt(r.get("inverse_growth_64"), ".1e"),
                 fmt(r.get("onnx_diff"), ".1e"),
                 fmt(r.get("onnx_ok"), ""),
                 note(r),
