@@ -71,7 +71,7 @@ _WHERE = {name: module for module, names in _PUBLIC.items() for name in names}
 
 __all__ = [name for names in _PUBLIC.values() for name in names]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name: str) -> Any:

@@ -285,7 +285,8 @@ register_diagnostic(
     "flow file does not describe a loadable flow",
     "The description names a class that is not a flowconvert layer or density (only "
     "recorded flowconvert classes are built), or its tensors do not fit the layers it "
-    "describes (a damaged or edited file).",
+    "describes (a damaged or edited file, or one written by a flowconvert whose layers differ: "
+    "the message names the version that wrote it).",
     "Save the flow again with flowconvert.save; for layers of your own, pass their classes "
     "with flowconvert.load(path, classes=[MyLayer]).",
 )

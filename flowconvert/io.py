@@ -84,6 +84,7 @@ def save(flow: nn.Module, path: str | os.PathLike) -> None:
         "format": FORMAT,
         "version": str(VERSION),
         "torch": torch.__version__,
+        "flowconvert": _flowconvert_version(),
         "description": json.dumps(description, allow_nan=False, separators=(",", ":")),
     }
     path = Path(path)
@@ -355,7 +356,7 @@ def load(path: str | os.PathLike, *, classes: Iterable[type] = ()) -> nn.Module:
         )
     try:
         description = json.loads(metadata["description"])
-        return _Reader(description, tensors, classes, path).flow
+        return _Reader(description, tensors, classes, path, metadata.get("flowconvert")).flow
     except FileFormatError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
@@ -364,9 +365,22 @@ def load(path: str | os.PathLike, *, classes: Iterable[type] = ()) -> nn.Module:
         ) from exc
 
 
+def _flowconvert_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 class _Reader:
-    def __init__(self, description: dict, tensors: dict[str, Tensor], classes: Iterable[type], path: Path):
-        self.path = path
+    def __init__(
+        self,
+        description: dict,
+        tensors: dict[str, Tensor],
+        classes: Iterable[type],
+        path: Path,
+        written_by: str | None = None,
+    ):
+        self.path, self.written_by = path, written_by
         self.tensors = tensors
         self.extra = {class_key(c): c for c in classes}
         self.specs: dict[str, dict] = description["modules"]
@@ -496,7 +510,12 @@ class _Reader:
         try:
             root.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise FileFormatError(f"{self.path}: the saved tensors do not fit the flow: {exc}", code="FC504") from exc
+            why, now = str(exc), _flowconvert_version()
+            if self.written_by is None:
+                why += f" (the file records no flowconvert version: it was written before 0.2.0; this is {now})"
+            elif self.written_by != now:  # a class may have changed between the two
+                why += f" (the file was written by flowconvert {self.written_by}, this is {now})"
+            raise FileFormatError(f"{self.path}: the saved tensors do not fit the flow: {why}", code="FC504") from exc
         with torch.no_grad():
             for name, t in buffers.items():
                 owner, _, attr = name.rpartition(".")

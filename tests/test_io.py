@@ -358,6 +358,28 @@ def test_unknown_version_and_foreign_files_are_clear_errors(tmp_path):
         fc.load(tmp_path / "missing")
 
 
+def test_tensors_that_do_not_fit_name_the_version_that_wrote_them(tmp_path):
+    import safetensors.torch
+
+    flow, _ = MODELS["square_mlp"]()
+    fc.save(flow, tmp_path / "f")
+    with safetensors.safe_open(tmp_path / "f", "pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    assert metadata["flowconvert"] == fc.__version__
+    tensors.pop(next(k for k in sorted(tensors) if k.startswith("state/")))  # as if a layer had gained one since
+    for written, says in (("0.0.1", "written by flowconvert 0.0.1"), (None, "records no flowconvert version")):
+        meta = (
+            dict(metadata, flowconvert=written)
+            if written
+            else {k: v for k, v in metadata.items() if k != "flowconvert"}
+        )
+        safetensors.torch.save_file(tensors, tmp_path / "old", metadata=meta)
+        with pytest.raises(fc.FileFormatError) as err:
+            fc.load(tmp_path / "old")
+        assert err.value.code == "FC504" and says in str(err.value) and fc.__version__ in str(err.value)
+
+
 def test_a_class_outside_the_allow_list_is_never_built(tmp_path):
     flow, _ = MODELS["square_mlp"]()
     path = tmp_path / "f"
