@@ -387,17 +387,23 @@ def _stages(flow: nn.Module, train: str) -> list[set[int]]:
 
 def _chain(first: History, then: History) -> History:
     """One history of two consecutive stages (epochs numbered on; the later stage's best counts,
-    since it starts from the earlier one's best)."""
+    since it starts from the earlier one's best: its epoch 0 is where the earlier stage ended)."""
     if not first.epochs and not first.steps:
         return then
     offset = first.epochs[-1] if first.epochs else 0
+
+    def renumber(epoch: int | None, before: int | None) -> int | None:
+        return before if epoch == 0 else (None if epoch is None else offset + epoch)
+
     return History(
         epochs=first.epochs + [offset + e for e in then.epochs],
         train_bpd=first.train_bpd + then.train_bpd,
         val_bpd=first.val_bpd + then.val_bpd,
         steps=first.steps + then.steps,
-        best_epoch=None if then.best_epoch is None else offset + then.best_epoch,
-        part_best_epochs={k: offset + e for k, e in then.part_best_epochs.items()},
+        best_epoch=renumber(then.best_epoch, first.best_epoch),
+        part_best_epochs={
+            k: renumber(e, first.part_best_epochs.get(k, first.best_epoch)) for k, e in then.part_best_epochs.items()
+        },
         best_val_bpd=then.best_val_bpd,
         stopped_early=then.stopped_early,
         skipped_steps=first.skipped_steps + then.skipped_steps,

@@ -258,3 +258,15 @@ def test_a_staged_density_is_fitted_after_what_it_refines():
     assert staged.val_bpd[: len(first.val_bpd)] == first.val_bpd
     assert len(staged.epochs) > len(first.epochs) and staged.epochs == sorted(set(staged.epochs))
     assert staged.best_val_bpd <= first.best_val_bpd
+
+
+def test_two_stages_make_one_history_whose_epoch_zero_is_where_the_first_ended():
+    from flowconvert.training import History, _chain
+
+    first = History(epochs=[1, 2, 3], steps=30, best_epoch=2, part_best_epochs={"a": 1}, best_val_bpd=3.0)
+    then = History(epochs=[1, 2], steps=20, best_epoch=0, part_best_epochs={"a": 0, "b": 2}, best_val_bpd=2.9)
+    both = _chain(first, then)
+    assert both.epochs == [1, 2, 3, 4, 5] and both.steps == 50 and both.best_val_bpd == 2.9
+    # the second stage's start is the first's best: epoch 2 overall, and part a's own epoch 1
+    assert both.best_epoch == 2 and both.part_best_epochs == {"a": 1, "b": 5}
+    assert _chain(History(), then) is then
