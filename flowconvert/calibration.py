@@ -612,11 +612,12 @@ def _calibrator(name: str, part, module: nn.Module) -> _Calibrator:
 
 
 def _bases(flow: nn.Module) -> list[tuple[str, BaseDensity]]:
-    """Base densities outside the flow layers (``flow.bases`` of a FlowModel, or anywhere else)."""
+    """Base densities outside the flow layers (``flow.bases`` of a FlowModel, or anywhere else);
+    a base inside another (a spline flow's mixture prior) is part of the outer one, not a base."""
     inside = {id(m) for _, layer in flow_layers(flow) for m in layer.modules()}
-    return [
-        (name or "<root>", m) for name, m in flow.named_modules() if isinstance(m, BaseDensity) and id(m) not in inside
-    ]
+    found = [(name or "<root>", m) for name, m in flow.named_modules() if isinstance(m, BaseDensity)]
+    inside |= {id(sub) for _, m in found for sub in m.modules() if sub is not m}
+    return [(name, m) for name, m in found if id(m) not in inside]
 
 
 # -- recording ---------------------------------------------------------------------------------

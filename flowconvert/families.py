@@ -26,7 +26,8 @@ chosen at conversion, ``flowconvert.convert(model, x, density=...)``:
   :math:`\log q(d\mid y) = \log\mathcal N(u) + \log|\partial T/\partial z| - \sum\rho_\theta - \sum\log\sigma`;
   :func:`~flowconvert.fit` trains the spline after the Gaussian it refines
   (:meth:`~flowconvert.densities.ConditionalDensity.staged_parameters`);
-  base: :class:`FlowBase` (a zuko spline flow on the standardized output).
+  base: :func:`flow_base`, a zuko spline flow on the standardized output over a Gaussian-mixture
+  prior (the ``"mlp"`` family's base, fitted by EM), the spline trained second as well.
 * a callable ``family(features, context) -> ConditionalDensity`` (see :func:`make_conditional`)
   for your own conditionals.
 
@@ -78,6 +79,7 @@ __all__ = [
     "GaussianMixture",
     "FlowBase",
     "gaussian_base",
+    "flow_base",
     "FAMILIES",
     "BASES",
     "DEFAULT_BASE",
@@ -441,15 +443,22 @@ class GaussianMixture(BaseDensity):
 
 class FlowBase(BaseDensity):
     r"""A zuko spline flow on the standardized output: :math:`u = (z - \mu)/\sigma`,
-    :math:`v = T_\theta(u) \sim \mathcal N(0, I)`.
+    :math:`v = T_\theta(u) \sim p_0`, :math:`\log p(z) = \log p_0(v) + \log|\partial T_\theta/\partial u| - \sum\log\sigma`.
 
     ``loc`` and ``log_scale`` (:math:`\mu`, :math:`\log\sigma`) are fitted in closed form by
-    calibration (as a :class:`~flowconvert.densities.DiagonalNormal`); :math:`T_\theta` starts as
-    the identity. Sampling at temperature :math:`T` inverts :math:`T_\theta` at :math:`T\varepsilon`.
+    calibration (moment matching); :math:`T_\theta` starts as the identity. The prior
+    :math:`p_0` is a standard normal (``prior="standard"``) or a :class:`GaussianMixture` of
+    ``components`` on :math:`v` (``prior="mixture"``, fitted by EM at calibration; the ``"flow"``
+    family's default, so that it starts as the ``"mlp"`` family's base): then
+    :func:`flowconvert.fit` trains :math:`T_\theta` after the mixture
+    (:meth:`staged_parameters`). Sampling at temperature :math:`T` draws from :math:`p_0` at
+    :math:`T` and inverts :math:`T_\theta`.
 
     >>> b = FlowBase((3,))
     >>> torch.allclose(b.log_prob(torch.zeros(2, 3)), StandardNormal((3,)).log_prob(torch.zeros(2, 3)), atol=1e-5)
     True
+    >>> FlowBase((3,), prior="mixture").sample(4).shape
+    torch.Size([4, 3])
     """
 
     def __init__(
@@ -459,40 +468,65 @@ class FlowBase(BaseDensity):
         hidden: Sequence[int] = (64, 64),
         bins: int = 8,
         kind: str = "nsf",
+        prior: str = "standard",
+        components: int = 10,
     ):
         super().__init__()
+        if prior not in ("standard", "mixture"):
+            raise ValueError(f'prior must be "standard" or "mixture", got {prior!r}')
         self.event_shape = tuple(int(s) for s in event_shape)
         D = math.prod(self.event_shape)
         self.loc = nn.Parameter(torch.zeros(self.event_shape))
         self.log_scale = nn.Parameter(torch.zeros(self.event_shape))
         self.flow = _zuko_flow(D, 0, transforms, hidden, bins, kind) if D > 1 else None
+        self.prior = GaussianMixture((D,), components=components) if prior == "mixture" else None
+
+    def _prior_log_prob(self, v: Tensor) -> Tensor:
+        if self.prior is None:
+            return -0.5 * (v * v).sum(1) - 0.5 * LOG_2PI * v.shape[1]
+        return self.prior.log_prob(v)
 
     def log_prob(self, z: Tensor) -> Tensor:
         u = ((z - self.loc) * torch.exp(-self.log_scale)).reshape(z.shape[0], -1)
-        ll = -self.log_scale.sum() - 0.5 * LOG_2PI * u.shape[1]
         if self.flow is None:
-            return ll - 0.5 * (u * u).sum(1)
+            return self._prior_log_prob(u) - self.log_scale.sum()
         v, ladj = self.flow.transform(None).call_and_ladj(u)
-        return ll - 0.5 * (v * v).sum(1) + ladj
+        return self._prior_log_prob(v) + ladj - self.log_scale.sum()
 
     def natural_scales(self) -> dict[str, Tensor]:
-        return {"loc": self.log_scale.detach().exp()}
+        return {"loc": self.log_scale.detach().exp()}  # the prior declares its own (fit finds every density)
+
+    def staged_parameters(self) -> list[nn.Parameter]:
+        """The spline's, when it refines a mixture prior (a standard normal needs no first stage)."""
+        return list(self.flow.parameters()) if self.flow is not None and self.prior is not None else []
 
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
         D = math.prod(self.event_shape)
-        v = temperature * torch.randn(n, D, dtype=self.loc.dtype, device=self.loc.device)
+        if self.prior is None:
+            v = temperature * torch.randn(n, D, dtype=self.loc.dtype, device=self.loc.device)
+        else:
+            v = self.prior.sample(n, temperature)
         u = v if self.flow is None else self.flow.transform(None).inv(v)
         return self.loc + u.reshape(n, *self.event_shape) * self.log_scale.exp()
 
     @torch.no_grad()
     def fit_closed_form(self, z: Tensor, min_var: float = 1e-6) -> bool:
-        """Moment matching of the standardization, the flow reset to the identity."""
+        """Moment matching of the standardization, the flow reset to the identity, the mixture
+        prior (if any) fitted by EM to the standardized outputs."""
         mean, var = _moments(z, min_var)
         self.loc.copy_(mean.to(self.loc.dtype))
         self.log_scale.copy_((0.5 * var.log()).to(self.log_scale.dtype))
         if self.flow is not None:
             _identity(self.flow)
+        if self.prior is not None:
+            u = ((z.to(self.loc.dtype) - self.loc) * torch.exp(-self.log_scale)).reshape(z.shape[0], -1)
+            self.prior.fit_closed_form(u, min_var)
         return True
+
+
+def flow_base(event_shape: Sequence[int]) -> BaseDensity:
+    """The ``"flow"`` family's base: :class:`FlowBase` with a :class:`GaussianMixture` prior."""
+    return FlowBase(event_shape, prior="mixture")
 
 
 # -- choosing a family --------------------------------------------------------------------------
@@ -517,7 +551,7 @@ BASES: dict[str, Callable[[Sequence[int]], BaseDensity]] = {
     "full": FullNormal,
     "gaussian": gaussian_base,
     "mixture": GaussianMixture,
-    "flow": FlowBase,
+    "flow": flow_base,
 }
 #: The base each family uses unless ``base=`` says otherwise.
 DEFAULT_BASE = {"gaussian": "gaussian", "mlp": "mixture", "flow": "flow"}

@@ -242,3 +242,26 @@ def test_first_calibration_drops_the_inputs_without_spread_and_keeps_the_functio
     # a calibrated flow keeps its choice: calibrating again re-chooses nothing
     flow.density_state = "calibrated"
     assert fc.calibrate(flow, x, holdout=0.25).rechosen == []
+
+
+def test_a_mixture_prior_inside_a_spline_base_is_calibrated_once_in_its_own_coordinates():
+    """The ``"flow"`` family's base is a spline on standardized outputs over a mixture prior:
+    calibration fits the prior by EM to the *standardized* outputs, as part of the base (not
+    again as a base of its own on the raw outputs)."""
+    from flowconvert.families import FlowBase, GaussianMixture
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 5, generator=g) @ torch.randn(5, 5, generator=g) * 3 + 2
+    torch.manual_seed(0)
+    flow = fc.convert(torch.nn.Sequential(torch.nn.Linear(5, 3)), x[:2], density="flow")
+    report = fc.calibrate(flow, x[:500], val_data=x[500:])
+    (base,) = flow.bases.values()
+    assert isinstance(base, FlowBase) and isinstance(base.prior, GaussianMixture)
+    assert "prior" not in str(report)
+    with torch.no_grad():
+        z = flow(x[:500])
+        u = (z - base.loc) * torch.exp(-base.log_scale)
+        torch.testing.assert_close(u.mean(0), torch.zeros(3), atol=1e-4, rtol=0)  # standardized
+        again = GaussianMixture((3,), components=base.prior.components)
+        again.fit_closed_form(u)
+        torch.testing.assert_close(base.log_prob(z), again.log_prob(u) - base.log_scale.sum(), atol=1e-4, rtol=1e-4)

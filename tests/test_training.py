@@ -231,10 +231,11 @@ def test_parts_are_not_chosen_one_by_one_when_the_network_trains():
 
 
 def test_a_staged_density_is_fitted_after_what_it_refines():
-    """The ``"flow"`` family's spline stays at the identity until its heteroscedastic Gaussian has
-    reached its best held-out epoch, then trains too: the first stage is exactly a fit with the
-    spline held, and the second ends no worse held out."""
-    from flowconvert.families import FlowConditional
+    """The ``"flow"`` family's splines (conditionals and base) stay at the identity until the
+    heteroscedastic Gaussians and the mixture prior they refine have reached their best held-out
+    epoch, then train too: the first stage is exactly a fit with the splines held, and the second
+    ends no worse held out."""
+    from flowconvert.densities import BaseDensity, ConditionalDensity
 
     x = _data()
     torch.manual_seed(0)
@@ -244,8 +245,9 @@ def test_a_staged_density_is_fitted_after_what_it_refines():
         torch.manual_seed(1)  # the same conditioners' initialisation both times
         flow = fc.convert(model, x[:2], density="flow")
         fc.calibrate(flow, x[:800], val_data=x[800:])
-        splines = [p for m in flow.modules() if isinstance(m, FlowConditional) for p in m.staged_parameters()]
-        assert len(splines) > 0
+        parts = [m for m in flow.modules() if isinstance(m, (ConditionalDensity, BaseDensity))]
+        splines = [p for m in parts for p in m.staged_parameters()]
+        assert {type(m).__name__ for m in parts if m.staged_parameters()} == {"FlowConditional", "FlowBase"}
         for p in splines:
             p.requires_grad_(not hold_spline)
         before = [p.detach().clone() for p in splines]
