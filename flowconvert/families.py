@@ -212,12 +212,18 @@ class MLPConditionalNormal(_WithLinear):
         rho = 5.0 * torch.tanh(h[..., self.features :] / 5.0)
         return mu, rho
 
-    def log_prob(self, d: Tensor, y: Tensor) -> Tensor:
+    def _residual(self, d: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        r"""``(r, rho, log_det)``: the whitened residual, its log-scales, and the rest of
+        :math:`\log q` (:math:`\log|\det P|` per row and the kink's term)."""
         mu, rho = self.params(y)
         lin = self.linear
         r = nn.functional.linear(lin.warp(d) - mu, lin.precision_factor())
         rows = d[0].numel() // self.features
-        return sum_except_batch(normal_log_prob(r, 0.0, rho)) - rows * lin.log_scale.sum() + lin.warp_log_det(d)
+        return r, rho, lin.warp_log_det(d) - rows * lin.log_scale.sum()
+
+    def log_prob(self, d: Tensor, y: Tensor) -> Tensor:
+        r, rho, rest = self._residual(d, y)
+        return sum_except_batch(normal_log_prob(r, 0.0, rho)) + rest
 
     def sample(self, y: Tensor, eps: Tensor | None = None) -> Tensor:
         mu, rho = self.params(y)
@@ -300,13 +306,10 @@ class FlowConditional(MLPConditionalNormal):
         return self.flow.transform(self.standardize(y) if self.context_features else None)
 
     def log_prob(self, d: Tensor, y: Tensor) -> Tensor:
-        lin = self.linear
-        mu, rho = self.params(y)
-        z = nn.functional.linear(lin.warp(d) - mu, lin.precision_factor()) * torch.exp(-rho)
-        u, ladj = self._transform(y).call_and_ladj(z)
+        r, rho, rest = self._residual(d, y)
+        u, ladj = self._transform(y).call_and_ladj(r * torch.exp(-rho))
         ll = -0.5 * (u * u).sum(-1) + ladj - rho.sum(-1) - 0.5 * LOG_2PI * self.features
-        rows = d[0].numel() // self.features
-        return (sum_except_batch(ll) if ll.dim() > 1 else ll) - rows * lin.log_scale.sum() + lin.warp_log_det(d)
+        return (sum_except_batch(ll) if ll.dim() > 1 else ll) + rest
 
     def sample(self, y: Tensor, eps: Tensor | None = None) -> Tensor:
         mu, rho = self.params(y)
