@@ -482,33 +482,29 @@ class FlowBase(BaseDensity):
         self.loc = nn.Parameter(torch.zeros(self.event_shape))
         self.log_scale = nn.Parameter(torch.zeros(self.event_shape))
         self.flow = _zuko_flow(D, 0, transforms, hidden, bins, kind) if D > 1 else None
-        self.prior = GaussianMixture((D,), components=components) if prior == "mixture" else None
+        self.prior = GaussianMixture((D,), components=components) if prior == "mixture" else StandardNormal((D,))
 
-    def _prior_log_prob(self, v: Tensor) -> Tensor:
-        if self.prior is None:
-            return -0.5 * (v * v).sum(1) - 0.5 * LOG_2PI * v.shape[1]
-        return self.prior.log_prob(v)
+    def _standardize(self, z: Tensor) -> Tensor:
+        r""":math:`u = (z - \mu)/\sigma`, flattened to ``(B, D)``."""
+        return ((z - self.loc) * torch.exp(-self.log_scale)).reshape(z.shape[0], -1)
 
     def log_prob(self, z: Tensor) -> Tensor:
-        u = ((z - self.loc) * torch.exp(-self.log_scale)).reshape(z.shape[0], -1)
+        u = self._standardize(z)
         if self.flow is None:
-            return self._prior_log_prob(u) - self.log_scale.sum()
+            return self.prior.log_prob(u) - self.log_scale.sum()
         v, ladj = self.flow.transform(None).call_and_ladj(u)
-        return self._prior_log_prob(v) + ladj - self.log_scale.sum()
+        return self.prior.log_prob(v) + ladj - self.log_scale.sum()
 
     def natural_scales(self) -> dict[str, Tensor]:
         return {"loc": self.log_scale.detach().exp()}  # the prior declares its own (fit finds every density)
 
     def staged_parameters(self) -> list[nn.Parameter]:
         """The spline's, when it refines a mixture prior (a standard normal needs no first stage)."""
-        return list(self.flow.parameters()) if self.flow is not None and self.prior is not None else []
+        learnable_prior = any(True for _ in self.prior.parameters())
+        return list(self.flow.parameters()) if self.flow is not None and learnable_prior else []
 
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
-        D = math.prod(self.event_shape)
-        if self.prior is None:
-            v = temperature * torch.randn(n, D, dtype=self.loc.dtype, device=self.loc.device)
-        else:
-            v = self.prior.sample(n, temperature)
+        v = self.prior.sample(n, temperature)
         u = v if self.flow is None else self.flow.transform(None).inv(v)
         return self.loc + u.reshape(n, *self.event_shape) * self.log_scale.exp()
 
@@ -521,9 +517,7 @@ class FlowBase(BaseDensity):
         self.log_scale.copy_((0.5 * var.log()).to(self.log_scale.dtype))
         if self.flow is not None:
             _identity(self.flow)
-        if self.prior is not None:
-            u = ((z.to(self.loc.dtype) - self.loc) * torch.exp(-self.log_scale)).reshape(z.shape[0], -1)
-            self.prior.fit_closed_form(u, min_var)
+        self.prior.fit_closed_form(self._standardize(z.to(self.loc.dtype)), min_var)  # a standard normal: nothing
         return True
 
 
