@@ -7,18 +7,24 @@ takes them positionally, ``call_and_ll(*xs, noise=None)``, and its ``inverse`` r
 tuple; a layer with several outputs returns a tuple as ``y`` and its ``inverse`` takes the
 outputs positionally. ``num_inputs`` / ``num_outputs`` say which.
 
-**Duplicate (fan-out, bound).** :math:`N` copies of :math:`x \in \mathbb R^D`, each
-:math:`c_j = x + \sqrt N\, w_j` with :math:`\sum_j w_j = 0`: per coordinate
-:math:`w = H^\top v`, :math:`H` the :math:`(N-1) \times N` Helmert rows (orthonormal, orthogonal
-to :math:`\mathbf 1`) and :math:`v \sim \mathcal N(0, \tau^2 I_{N-1})`. The map
-:math:`(x, v) \mapsto c = \mathbf 1 x + \sqrt N H^\top v` has orthogonal columns of norm
-:math:`\sqrt N`, so :math:`|\det| = N^{N/2}` and
+**Duplicate (fan-out, bound).** :math:`N` copies of :math:`x \in \mathbb R^D`. The inverse is
+a weighted mean :math:`x = \sum_j a_j c_j` of the copies (weights :math:`a_j \ge 0`,
+:math:`\sum_j a_j = 1`; uniform by default), and the noise that makes the copies distinct lies
+in the complement of :math:`a`: per coordinate :math:`c = \mathbf 1 x + \sqrt N B^\top v`,
+:math:`B` the :math:`(N-1) \times N` orthonormal rows orthogonal to :math:`a` (the Helmert rows
+for uniform weights) and :math:`v \sim \mathcal N(0, \tau^2 I_{N-1})`. Since
+:math:`\mathbf 1 = a/|a|^2 + B^\top B\mathbf 1`, :math:`|\det[\mathbf 1, \sqrt N B^\top]| =
+N^{(N-1)/2} / |a|` (:math:`N^{N/2}` for uniform weights), so
 
-.. math:: L = D\,\tfrac N2 \log N - \log q(v),
+.. math:: L = D\,\bigl(\tfrac{N-1}2 \log N - \log|a|\bigr) - \log q(v),
 
 a one-sample lower bound (exact marginal when averaged in the importance-weighted sense).
-Deterministic mode (:math:`v = 0`) returns :math:`N` exact copies. Inverse: the mean of the
-copies, which removes :math:`w` exactly.
+Deterministic mode (:math:`v = 0`) returns :math:`N` exact copies. Inverse:
+:math:`a^\top c`, which removes the noise exactly (:math:`a^\top B^\top = 0`). Copies of
+weight zero are not read, so a copy whose own inverse path overflowed does not reach
+:math:`x`. The conversion puts the weight on the copies with the shortest path to the
+output (the identity of a residual connection: a branch's inverse amplifies what it samples,
+layer after layer, see :func:`flowconvert.analysis.inverse_weights`).
 
 **Sum (funnel, exact).** :math:`y = a + b` is the reducing linear map :math:`[I\;I]`. With
 the dropped coordinates :math:`d = (a - b)/\sqrt 2`, the map :math:`(a, b) \mapsto (y, d)`
@@ -72,6 +78,25 @@ def _unpack(values: tuple) -> tuple:
     return values
 
 
+def _inverse_weights(weights: Sequence[float] | None, n: int) -> Tensor:
+    """The weights as a float64 vector that sums to one (uniform when None); checked."""
+    if weights is None:
+        return torch.full((n,), 1.0 / n, dtype=torch.float64)
+    a = torch.as_tensor([float(w) for w in weights], dtype=torch.float64)
+    if a.shape != (n,) or not torch.isfinite(a).all() or (a < 0).any() or a.sum() <= 0:
+        raise LayerConfigurationError(
+            f"FlowDuplicate weights must be {n} finite non-negative numbers with a positive sum, got {tuple(weights)}"
+        )
+    return a / a.sum()
+
+
+def _complement(a: Tensor) -> Tensor:
+    """``(N-1, N)`` orthonormal rows orthogonal to ``a`` (float64), from a complete QR of ``[a, I]``."""
+    n = a.numel()
+    q, _ = torch.linalg.qr(torch.cat([a[:, None], torch.eye(n, dtype=a.dtype)], 1), mode="complete")
+    return q[:, 1:].T.contiguous()
+
+
 class FlowDuplicate(FlowLayer):
     """Fan-out: ``num_copies`` copies of a value, made distinct by zero-sum noise (bound).
 
@@ -79,6 +104,8 @@ class FlowDuplicate(FlowLayer):
         num_copies: ``N >= 2``.
         event_shape: per-sample shape of the value (optional, for :meth:`noise_shape` without an input).
         noise_log_scale: initial ``log tau``.
+        weights: the inverse's weight on each copy (non-negative, normalised to sum to one;
+            default uniform, the mean). The copies' noise is orthogonal to them.
 
     Attributes:
         noise: :class:`~flowconvert.densities.GaussianNoise` of ``v`` (one shared ``log tau``).
@@ -87,7 +114,13 @@ class FlowDuplicate(FlowLayer):
     exact = False
     num_inputs = 1
 
-    def __init__(self, num_copies: int, event_shape: Sequence[int] | None = None, noise_log_scale: float = 0.0):
+    def __init__(
+        self,
+        num_copies: int,
+        event_shape: Sequence[int] | None = None,
+        noise_log_scale: float = 0.0,
+        weights: Sequence[float] | None = None,
+    ):
         super().__init__()
         n = int(num_copies)
         if n < 2:
@@ -95,8 +128,14 @@ class FlowDuplicate(FlowLayer):
         self.num_copies = self.num_outputs = n
         self.event_shape = tuple(int(s) for s in event_shape) if event_shape is not None else None
         self.noise = GaussianNoise(n - 1, shared=True, init_log_scale=noise_log_scale)
-        self._helmert = helmert(n)  # float64 master copy, cast on use
-        self.log_gain = 0.5 * n * math.log(n)  # log|det| per coordinate
+        a = _inverse_weights(weights, n)
+        #: the inverse's weight on each copy (sums to one); uniform: the mean
+        self.weights = tuple(a.tolist())
+        self._uniform = weights is None or bool(torch.all(a == a[0]))
+        # float64 master copy of the noise basis B (rows orthonormal, orthogonal to a), cast on use
+        self._basis = helmert(n) if self._uniform else _complement(a)
+        self._used = tuple(j for j in range(n) if a[j] > 0)
+        self.log_gain = 0.5 * (n - 1) * math.log(n) - math.log(a.norm().item())  # log|det| per coordinate
 
     def noise_shape(self, input_shape: Sequence[int]) -> tuple[int, ...]:
         return (*input_shape, self.num_copies - 1)
@@ -118,7 +157,7 @@ class FlowDuplicate(FlowLayer):
             logq0 = self.noise.log_prob(v0)  # log q(0) per coordinate
             return (x,) * n, D * (self.log_gain - logq0).expand(x.shape[0])
         v = self.noise.scale(noise)
-        w = v @ self._helmert.to(dtype=x.dtype, device=x.device)  # (B, *event, N), sums to zero
+        w = v @ self._basis.to(dtype=x.dtype, device=x.device)  # (B, *event, N), orthogonal to the weights
         copies = tuple(x + math.sqrt(n) * w[..., j] for j in range(n))
         return copies, D * self.log_gain - self.noise.log_prob(v)
 
@@ -126,10 +165,15 @@ class FlowDuplicate(FlowLayer):
         ys = _unpack(ys)
         if len(ys) != self.num_copies:
             raise ValueError(f"FlowDuplicate.inverse needs {self.num_copies} copies, got {len(ys)}")
-        return torch.stack(ys).mean(0)
+        if self._uniform:
+            return torch.stack(ys).mean(0)
+        if len(self._used) == 1:
+            return ys[self._used[0]]
+        return sum(self.weights[j] * ys[j] for j in self._used)
 
     def extra_repr(self) -> str:
-        return f"num_copies={self.num_copies}, exact=False"
+        weights = "" if self._uniform else f", weights={tuple(round(w, 4) for w in self.weights)}"
+        return f"num_copies={self.num_copies}{weights}, exact=False"
 
 
 class FlowSum(FlowLayer):

@@ -100,6 +100,76 @@ def test_duplicate_noise_scale_gets_gradient():
     assert flow.noise.log_scale.grad.abs() > 0
 
 
+#: inverse weights: the copies nearest to the output (one-hot), a mixture, one copy unread out of three
+WEIGHTS = [(0.0, 1.0), (0.25, 0.75), (0.2, 0.0, 0.8), (1.0, 1.0, 2.0)]
+
+
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_weighted_duplicate_logdet_matches_jacobian(weights):
+    # (x, v) -> c = 1 x + sqrt(N) B^T v, B orthogonal to a: log|det| = D ((N-1)/2 log N - log|a|)
+    n, D = len(weights), 2
+    flow = FlowDuplicate(n, weights=weights).double()
+    a = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+    expected = D * (0.5 * (n - 1) * math.log(n) - math.log(a.norm().item()))
+    assert flow.log_gain * D == pytest.approx(expected, abs=1e-12)
+
+    def copies(z):
+        x, eps = z[:D].reshape(1, D), z[D:].reshape(1, D, n - 1)
+        return torch.cat(flow.call_and_ll(x, eps)[0], 1).reshape(-1)
+
+    J = torch.autograd.functional.jacobian(copies, torch.randn(D * n, dtype=torch.float64))
+    torch.testing.assert_close(torch.linalg.slogdet(J)[1], torch.tensor(expected, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("weights", WEIGHTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_weighted_duplicate_inverse_of_noisy_forward_is_identity(weights, dtype):
+    n = len(weights)
+    flow = FlowDuplicate(n, weights=weights).to(dtype)
+    x = torch.randn(5, 4, 2, dtype=dtype)
+    ys, _ = flow.call_and_ll(x, flow.draw_noise(x))
+    assert not torch.allclose(ys[0], ys[1])
+    a = [w / sum(weights) for w in weights]
+    torch.testing.assert_close(flow.inverse(*ys), x, **TOL[dtype])
+    torch.testing.assert_close(sum(w * y for w, y in zip(a, ys)), x, **TOL[dtype])
+    det, _ = flow.call_and_ll(x)
+    assert all(torch.equal(y, x) for y in det)  # deterministic copies stay exact
+
+
+def test_a_copy_of_weight_zero_is_not_read():
+    flow = FlowDuplicate(3, weights=(0.5, 0.0, 0.5)).double()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    ys = list(flow.call_and_ll(x, flow.draw_noise(x))[0])
+    ys[1] = torch.full_like(x, float("inf"))  # an unread copy whose own inverse path overflowed
+    torch.testing.assert_close(flow.inverse(*ys), x, **TOL[torch.float64])
+    one_hot = FlowDuplicate(2, weights=(0.0, 1.0)).double()
+    assert torch.equal(one_hot.inverse(torch.full_like(x, float("nan")), x), x)
+
+
+@pytest.mark.parametrize("weights", [(0.0, 1.0), (0.2, 0.0, 0.8)])
+def test_weighted_duplicate_importance_weighted_bound(weights):
+    flow = FlowDuplicate(len(weights), weights=weights).double()
+    with torch.no_grad():
+        flow.noise.log_scale.fill_(0.5)
+    torch.manual_seed(len(weights))
+    check_iw_bound(Joined(flow), torch.randn(2, 2, dtype=torch.float64), repeats=60)
+
+
+def test_uniform_weights_are_the_mean():
+    x = torch.randn(3, 4, dtype=torch.float64)
+    plain, even = FlowDuplicate(3).double(), FlowDuplicate(3, weights=(2.0, 2.0, 2.0)).double()
+    noise = plain.draw_noise(x)
+    (ya, la), (yb, lb) = plain.call_and_ll(x, noise), even.call_and_ll(x, noise)
+    assert all(torch.equal(a, b) for a, b in zip(ya, yb)) and torch.equal(la, lb)
+    assert "weights" not in repr(even) and "weights=(0.0, 1.0)" in repr(FlowDuplicate(2, weights=(0, 1)))
+
+
+@pytest.mark.parametrize("weights", [(1.0,), (0.0, 0.0), (-1.0, 2.0), (float("nan"), 1.0), (1.0, 2.0, 3.0)])
+def test_duplicate_refuses_weights_that_are_not_a_distribution(weights):
+    with pytest.raises(LayerConfigurationError, match="weights"):
+        FlowDuplicate(2, weights=weights)
+
+
 # ---- sum --------------------------------------------------------------------------------
 @pytest.mark.parametrize("subtract", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
