@@ -14,7 +14,9 @@ by :func:`data_uses` over ``node.users``. The pass, :func:`legalize`, runs after
   (:func:`check_random`, ``FC114``: a drop mask would otherwise be frozen into the flow as a constant);
 * inserts an explicit fan-out node ``duplicate(x, n)`` with ``n`` copies (``getitem``) for
   every value with ``n > 1`` consumers, and gives each consumer its own copy
-  (:func:`insert_duplicates`); the lower pass turns it into a ``FlowDuplicate``.
+  (:func:`insert_duplicates`); the lower pass turns it into a ``FlowDuplicate``. Its inverse
+  reads the copies with the shortest path to the output (:func:`inverse_weights`):
+  ``duplicate(x, 2, weights=(0.0, 1.0))`` for ``x + f(x)``.
 
 Each check is a function ``(graph) -> list[(node, Problem)]``:
 
@@ -30,6 +32,8 @@ Each check is a function ``(graph) -> list[(node, Problem)]``:
 []
 >>> [n.name for n in graph.nodes]
 ['x', 'x_fanout', 'x_copy0', 'x_copy1', 'tanh', 'add', 'output']
+>>> graph.find_nodes(op="call_function", target=duplicate)[0].kwargs
+{'weights': (0.0, 1.0)}
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ __all__ = [
     "check_unused",
     "check_outputs",
     "insert_duplicates",
+    "inverse_weights",
+    "distances_to_output",
     "origin",
     "CHECKS",
 ]
@@ -225,8 +231,40 @@ def _give_copies(value: fx.Node, copies: list[fx.Node]) -> None:
         user.args, user.kwargs = fx.node.map_arg((user.args, user.kwargs), lambda a: next(queue) if a is value else a)
 
 
+def distances_to_output(graph: fx.Graph) -> dict[fx.Node, int]:
+    """For every data value, the fewest nodes on a path from it to the output (fan-outs and copies not counted)."""
+    distance: dict[fx.Node, int] = {}
+    for node in reversed(graph.nodes):
+        if node.op == "output":
+            distance[node] = 0
+            continue
+        reached = [distance[user] for user in data_uses(node) if user in distance]
+        if reached:
+            distance[node] = min(reached) + (0 if record(node).inserted else 1)
+    return distance
+
+
+def inverse_weights(copies: list[fx.Node], distance: dict[fx.Node, int]) -> tuple[float, ...] | None:
+    """The inverse's weight on each copy of a fan-out: uniform over the copies nearest to the output.
+
+    The inverse of a long branch amplifies what the inverse samples in it, layer after layer
+    (an inverted LeakyReLU multiplies negative values by ``1 / slope``), and the mean of the
+    copies would carry that growth through every block of a deep network. The copies with the
+    shortest path to the output (``distance``, :func:`distances_to_output`) carry the least:
+    the identity of a residual connection, the features a DenseNet block passes on unchanged.
+    Returns None (the uniform mean) when every copy is as near.
+    """
+    reach = [distance.get(c) for c in copies]
+    if any(d is None for d in reach) or len(set(reach)) == 1:
+        return None
+    nearest = min(reach)
+    return tuple(1.0 if d == nearest else 0.0 for d in reach)
+
+
 def insert_duplicates(graph: fx.Graph) -> None:
-    """Insert ``duplicate(x, n)`` and its ``n`` copies after every tensor value with ``n > 1`` uses."""
+    """Insert ``duplicate(x, n)`` and its ``n`` copies after every tensor value with ``n > 1`` uses,
+    then give each fan-out its inverse's weights (:func:`inverse_weights`)."""
+    fans = []
     for node in list(graph.nodes):
         rec = record(node)
         if rec.kind != DATA or rec.shape is None:
@@ -252,6 +290,12 @@ def insert_duplicates(graph: fx.Graph) -> None:
             )
             copies.append(last)
         _give_copies(node, copies)
+        fans.append((fan, copies))
+    distance = distances_to_output(graph)  # once every fan-out is in place
+    for fan, copies in fans:
+        weights = inverse_weights(copies, distance)
+        if weights is not None:
+            fan.kwargs = {"weights": weights}
 
 
 def legalize(graph: fx.Graph) -> list[Finding]:

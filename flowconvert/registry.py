@@ -268,8 +268,11 @@ def describe_target(node: fx.Node, module: nn.Module | None = None) -> str:
     return str(node.target)
 
 
-def duplicate(x: Tensor, copies: int) -> tuple[Tensor, ...]:
-    """The explicit fan-out node the legalize pass inserts: ``copies`` references to ``x``."""
+def duplicate(x: Tensor, copies: int, weights: tuple[float, ...] | None = None) -> tuple[Tensor, ...]:
+    """The explicit fan-out node the legalize pass inserts: ``copies`` references to ``x``.
+
+    ``weights`` are the inverse's weights on the copies (:class:`~flowconvert.merging.FlowDuplicate`).
+    """
     return (x,) * copies
 
 
@@ -515,10 +518,10 @@ REGISTRY = Registry()
     likelihood="bound",
     layers=[FlowDuplicate],
     conditions="residual connections, a returned value that also feeds other nodes: copies made distinct by "
-    "zero-sum noise",
+    "noise orthogonal to the inverse's weights (on the copies nearest to the output)",
 )
 def _duplicate(ctx: NodeContext) -> FlowLayer:
-    return FlowDuplicate(ctx.arg(1, "copies"), ctx.in_shape)
+    return FlowDuplicate(ctx.arg(1, "copies"), ctx.in_shape, weights=ctx.arg(2, "weights"))
 
 
 @REGISTRY.add_structure("base:standard", "each output", layers=[StandardNormal], conditions='base="standard" (default)')

@@ -170,3 +170,72 @@ def test_report_graph_carries_statuses():
     assert g.nodes["add"]["codes"] == [] and report.nodes[0].fanout and not report.exact
     assert g.edges["x", "add"]["uses"] == 1
     assert nx.is_directed_acyclic_graph(g)
+
+
+# -- the inverse's weights on the copies of a fan-out --------------------------------------------
+def fanout_weights(model, x):
+    graph = capture(model, x).graph
+    legalize(graph)
+    return {n.args[0].name: n.kwargs.get("weights") for n in graph.nodes if n.target is duplicate}
+
+
+class Dense(nn.Module):
+    """DenseNet-style: x feeds a branch and, unchanged, the concatenation."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.cat([self.b(torch.tanh(self.a(x))), x], 1)
+
+
+class Parallel(nn.Module):
+    """Two branches of one layer each: equally near the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+class DeepResidual(nn.Module):
+    def __init__(self, depth=12, width=16):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, width), nn.LeakyReLU(0.01), nn.Linear(width, width)) for _ in range(depth)
+        )
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+def test_the_inverse_reads_the_copies_nearest_to_the_output():
+    assert fanout_weights(Residual(), torch.randn(1, 4)) == {"x": (0.0, 1.0)}  # fc(x) + x: the identity
+    assert fanout_weights(Dense(), torch.randn(1, 4)) == {"x": (0.0, 1.0)}  # the copy the cat passes on
+    assert fanout_weights(Parallel(), torch.randn(1, 4)) == {"x": None}  # equally near: the mean
+
+
+def test_reading_the_identity_keeps_a_deep_residual_inverse_in_range(monkeypatch):
+    # each block's branch inverse divides negative values by 0.01; the mean of the copies would carry
+    # that into the trunk block after block (measured: max |inverse| ~1e29 against ~1 for 12 blocks)
+    import flowconvert.analysis as analysis
+
+    torch.manual_seed(0)
+    model, x = DeepResidual().eval(), torch.randn(64, 16)
+    growth = {}
+    for mean in (False, True):
+        if mean:
+            monkeypatch.setattr(analysis, "inverse_weights", lambda copies, distance: None)
+        flow = fc.convert(model, x)
+        fc.calibrate(flow, x)
+        with torch.no_grad():
+            y = flow(x)
+            growth[mean] = max(flow.inverse(y, sample=s).abs().max().item() for s in (False, True))
+            torch.testing.assert_close(flow(x), model(x), atol=1e-5, rtol=0)
+    assert growth[False] < 1e2 < 1e10 < growth[True], growth
