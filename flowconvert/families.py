@@ -610,7 +610,8 @@ def apply_family(flow: nn.Module, density: str | Family = "gaussian") -> list[st
     """Replace every conditional density part of every flow layer in ``flow`` by the family ``density``.
 
     Parts are found through :meth:`~flowconvert.core.FlowLayer.density_parts`; each new density
-    starts as the linear Gaussian it replaces. Returns the replaced parts' names
+    starts as the linear Gaussian it replaces. A part already of the named family keeps what it
+    learned (calling twice changes nothing). Returns the replaced parts' names
     (``"<layer path>.<part name>"``). ``"gaussian"`` replaces nothing.
     """
     from .core import FlowLayer
@@ -622,6 +623,8 @@ def apply_family(flow: nn.Module, density: str | Family = "gaussian") -> list[st
             if part.kind != "conditional":
                 continue
             old = layer.get_submodule(part.name)
+            if isinstance(density, str) and FAMILIES.get(density) is not None and type(old) is FAMILIES[density]:
+                continue
             new = make_conditional(density, part.features, part.context, like=old)
             if new is None:
                 continue
@@ -640,12 +643,26 @@ def resolve_base(density: str | Family, base: str | Callable | None) -> str | Ca
     return DEFAULT_BASE.get(density, "gaussian") if isinstance(density, str) else "gaussian"
 
 
+def _same_construction(old: nn.Module, new: nn.Module) -> bool:
+    """Whether two modules are of one class, built from equal plain constructor arguments."""
+    if type(old) is not type(new):
+        return False
+    configs = [getattr(m, "init_config", lambda: None)() for m in (old, new)]
+    if None in configs:
+        return False
+    try:
+        return bool(configs[0] == configs[1])
+    except RuntimeError:  # tensors among the arguments: not comparable as plain values
+        return False
+
+
 def use_densities(flow: nn.Module, density: str | Family = "gaussian", base: str | Callable | None = None) -> nn.Module:
     """Give a built :class:`~flowconvert.flow.FlowModel` the family ``density`` and the base ``base``.
 
     Every conditional part declared by its layers is replaced by the family (starting as the
     linear Gaussian it replaces, :func:`apply_family`); every output whose base is not already
-    of the requested kind gets a new base (same dtype and device). Called by
+    the one ``base`` names (same class, same constructor arguments) gets a new base (same dtype
+    and device), so calling it twice keeps what calibration and fitting learned. Called by
     :func:`flowconvert.convert`; returns ``flow``.
     """
     apply_family(flow, density)
@@ -655,10 +672,10 @@ def use_densities(flow: nn.Module, density: str | Family = "gaussian", base: str
         return flow
     changed = False
     for key, old in list(bases.items()):
-        if isinstance(base, str) and type(old) is BASES.get(base):
+        new = make_base(base, old.event_shape)
+        if isinstance(base, str) and _same_construction(old, new):
             continue
         ref = next(iter(old.buffers()), None) if not list(old.parameters()) else next(old.parameters())
-        new = make_base(base, old.event_shape)
         if ref is not None:
             new = new.to(dtype=ref.dtype, device=ref.device)
         bases[key] = new

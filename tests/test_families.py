@@ -279,3 +279,25 @@ def test_robust_cholesky_factorizes_semidefinite_covariances():
     # a positive-definite matrix is factorized as it is
     M = cov + torch.eye(3, dtype=torch.float64)
     torch.testing.assert_close(robust_cholesky(M), torch.linalg.cholesky(M))
+
+
+@pytest.mark.parametrize("density", ["mlp", "flow"])
+def test_choosing_the_family_a_flow_already_has_keeps_what_it_learned(density):
+    from flowconvert.families import use_densities
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.LeakyReLU(0.2), torch.nn.Linear(4, 2)).eval()
+    x = torch.randn(200, 6)
+    flow = fc.convert(model, x[:2], density=density)
+    fc.calibrate(flow, x)
+    _perturb(flow, 0.05, seed=1)  # as after fitting: not what a fresh family would start from
+    before = {k: v.clone() for k, v in flow.state_dict().items()}
+    ids = {name: id(m) for name, m in flow.named_modules()}
+    use_densities(flow, density)
+    after = flow.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert ids == {name: id(m) for name, m in flow.named_modules()}
+    use_densities(flow, density, base="standard")  # another base: replaced, the conditionals kept
+    assert type(flow.bases[next(iter(flow.bases))]).__name__ == "StandardNormal"
+    kept = flow.state_dict()
+    assert all(torch.equal(before[k], kept[k]) for k in kept if not k.startswith("bases"))
