@@ -98,7 +98,7 @@ def _complement(a: Tensor) -> Tensor:
 
 
 class FlowDuplicate(FlowLayer):
-    """Fan-out: ``num_copies`` copies of a value, made distinct by zero-sum noise (bound).
+    """Fan-out: ``num_copies`` copies of a value, made distinct by noise orthogonal to the inverse's weights (bound).
 
     Args:
         num_copies: ``N >= 2``.
