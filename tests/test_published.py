@@ -271,3 +271,45 @@ def test_a_concatenation_of_one_tensor_is_the_identity():
         torch.testing.assert_close(flow(x), model(x), atol=1e-6, rtol=0)
         assert torch.isfinite(flow.log_prob(x, deterministic=True)).all()
         assert torch.isfinite(flow.log_prob(x)).all()
+
+
+def _inverse_growth(flow, x):
+    fc.calibrate(flow, x, deterministic=True)
+    with torch.no_grad():
+        y = flow(x)
+        return max(flow.inverse(y, sample=s).abs().max().item() for s in (False, True)) / x.abs().max().item()
+
+
+@needs_tv
+def test_fan_outs_of_published_blocks_are_inverted_through_the_copy_they_pass_on(monkeypatch):
+    # torchvision's DenseNet concatenates every feature map again in each later layer and in the
+    # transition; its inverse reads the transition's copy, the mean would read every dense layer's
+    # inverse too (measured: growth 2e5 against 1e23 for this small DenseNet)
+    import torchvision
+
+    import flowconvert.analysis as analysis
+    from flowconvert.merging import FlowDuplicate
+
+    def dense():
+        torch.manual_seed(0)
+        return torchvision.models.DenseNet(
+            growth_rate=8, block_config=(3, 3), num_init_features=8, bn_size=2, num_classes=10
+        ).eval()
+
+    x = torch.randn(16, 3, 32, 32)
+    flow = fc.convert(dense(), x[:2], relu="leaky")
+    fans = [layer for layer in flow.layers.values() if isinstance(layer, FlowDuplicate)]
+    assert fans and all(f.weights == (0.0,) * (f.num_copies - 1) + (1.0,) for f in fans)  # the block's final cat
+    nearest = _inverse_growth(flow, x)
+
+    # torchvision's ResNet: every block's input is read back through its identity (or downsample) copy
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    torch.manual_seed(0)
+    resnet = fc.convert(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10).eval(), x[:2], relu="leaky")
+    blocks = [layer for layer in resnet.layers.values() if isinstance(layer, FlowDuplicate)]
+    assert len(blocks) == 4 and all(f.weights == (0.0, 1.0) for f in blocks)  # copy 0 feeds conv1
+
+    monkeypatch.setattr(analysis, "inverse_weights", lambda copies, distance: None)
+    mean = _inverse_growth(fc.convert(dense(), x[:2], relu="leaky"), x)
+    assert nearest < 1e8 < 1e15 < mean, (nearest, mean)
