@@ -529,7 +529,9 @@ class FlowWindowPool(FlowLayer):
       + \log q(d_o \mid y_o)` (exact), one :class:`WindowConditionalNormal` per window size
       (:attr:`dropped`, keyed by ``str(K)``).
     * **Max**: the SurVAE max surjection per window (exact, as :class:`FlowMaxPool`), with
-      per-channel half-normal gaps of scale :attr:`gap_log_scale`.
+      per-channel half-normal gaps of scale :attr:`gap_log_scale`. The deterministic pass sums
+      the gaps' squares through two sum-pools (:meth:`_max_by_sums`) instead of gathering every
+      window, wherever an average pool has the same windows (no dilation, not adaptive).
 
     Without duplicated cells (windows that do not overlap, padded or ragged or not) the layer
     is exact. The deterministic output is the original PyTorch op, bit for bit.
@@ -678,6 +680,22 @@ class FlowWindowPool(FlowLayer):
         self.num_copies = int(sizes.sum())
         if mode == "max":
             self.gap_log_scale = nn.Parameter(torch.zeros(self.channels))
+        # max pooling's window sums by one sum-pool, where a sum-pool has these windows (no dilation)
+        self._sum_pool = (
+            mode == "max" and "adaptive" not in self.config and all(d == 1 for d in self.config["dilation"])
+        )
+        divisor = torch.ones(self.out_spatial, dtype=f64)
+        if self._sum_pool:
+            sums = torch.stack([flat[w].sum() for w in windows])
+            try:  # the divisor: real cells per window over the average of ones (zero in the padding)
+                divisor = sizes.to(f64).reshape(self.out_spatial) / self._avg_with_pads(torch.ones_like(probe))[0, 0]
+                got = self._avg_with_pads(probe).reshape(-1) * divisor.reshape(-1)
+                self._sum_pool = bool(torch.allclose(got, sums, rtol=1e-9, atol=1e-12))
+            except RuntimeError:  # a geometry the average pool refuses: the windows are gathered instead
+                self._sum_pool = False
+        self.register_buffer("_pool_divisor", divisor, persistent=False)
+        self.register_buffer("_sizes", sizes.to(f64), persistent=False)
+        self._size_terms = (float((sizes - 1).sum()), float(sizes.to(f64).log().sum()))  # sum (K_o - 1), sum log K_o
 
         # -- cells no window reaches: dropped, conditioned on the output of the nearest window ------
         dropped_cells = torch.nonzero(~used).reshape(-1)
@@ -744,6 +762,23 @@ class FlowWindowPool(FlowLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         return self._op(x)
+
+    def _avg_with_pads(self, x: Tensor) -> Tensor:
+        """The average pool of these windows counting the padding (1-D as 2-D of height 1)."""
+        c, flat = self.config, x.dim() == 3
+        k, st, p = (
+            tuple(c[key]) if not flat else (lead, *c[key])
+            for key, lead in zip(("kernel", "stride", "padding"), (1, 1, 0))
+        )
+        out = F.avg_pool2d(x.unsqueeze(-2) if flat else x, k, st, p, c["ceil_mode"], True)
+        return out.squeeze(-2) if flat else out
+
+    def _window_sums(self, x: Tensor) -> Tensor:
+        r""":math:`\sum_{j \in S_o} x_j` at every output location: a sum-pool (absent padding cells add 0).
+
+        The average pool counting the padding times its divisor at each location, kept from
+        construction (``divisor_override`` has no ONNX form)."""
+        return self._avg_with_pads(x) * self._pool_divisor.to(x.dtype)
 
     # -- layout hooks (FlowReduce permutes the reduced dimensions last) ---------------------------------
     def _to_cells(self, x: Tensor) -> Tensor:
@@ -857,15 +892,47 @@ class FlowWindowPool(FlowLayer):
                 ll = ll + sum_except_batch(per_entry) - at_max - C * yk.shape[-1] * math.log(K)
         return y, ll
 
+    def _max_by_sums(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        r"""Deterministic max pooling's ``(y at every location, ll)`` without gathering the windows.
+
+        The gaps' log-density needs :math:`Q_c = \sum_o \sum_{j \in S_o} (y_o - x_j)^2
+        = \sum_o K_o y_o^2 - 2 y_o S^{(1)}_o + S^{(2)}_o` with the window sums
+        :math:`S^{(1)}, S^{(2)}` of :math:`x, x^2` (two sum-pools, :meth:`_window_sums`), both
+        centred on each channel's mean so that nothing cancels at the values' magnitude. With
+        :math:`\sum_o (K_o - 1)` gaps of scale :math:`s_c` and :math:`\sum_o \log K_o` choices of
+        position, as :meth:`_pool` sums entry by entry:
+
+        .. math:: L = \sum_c \Bigl[\bigl(\log 2 - \tfrac12\log 2\pi - \log s_c\bigr)\sum_o (K_o - 1)
+                  - \frac{Q_c}{2 s_c^2}\Bigr] - C \sum_o \log K_o.
+        """
+        B, C = x.shape[:2]
+        y = self.forward(x)
+        centre = x.detach().reshape(B, C, -1).mean(-1)
+        view = (B, C) + (1,) * (x.dim() - 2)
+        xc, yc = x - centre.reshape(view), (y - centre.reshape(view)).reshape(B, C, -1)
+        s1 = self._window_sums(xc).reshape(B, C, -1)
+        s2 = self._window_sums(xc * xc).reshape(B, C, -1)
+        K = self._sizes.to(x.dtype)
+        q = (K * yc * yc - 2.0 * yc * s1 + s2).sum(-1).clamp_min(0.0)  # (B, C); >= 0 up to rounding
+        gaps, choices = self._size_terms
+        log_s = self.gap_log_scale
+        per_gap = math.log(2.0) - 0.5 * LOG_2PI - log_s
+        ll = gaps * per_gap.sum() - C * choices - 0.5 * (q * torch.exp(-2.0 * log_s)).sum(-1)
+        return y.reshape(B, C, -1), ll
+
     # -- the contract -------------------------------------------------------------------------------------
     def call_and_ll(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
         B = x.shape[0]
         cells = self._to_cells(x)
         if noise is not None and not self.tiles:
             noise = None
-        copies, sq = self._copies(cells, None if noise is None else noise.reshape(B, -1))
-        y_loc = self._to_locations(self.forward(x)) if noise is None else None
-        y_loc, ll = self._pool(copies, y_loc)
+        sq = None
+        if noise is None and self._sum_pool and type(self) is FlowWindowPool:
+            y_loc, ll = self._max_by_sums(x)
+        else:
+            copies, sq = self._copies(cells, None if noise is None else noise.reshape(B, -1))
+            y_loc = self._to_locations(self.forward(x)) if noise is None else None
+            y_loc, ll = self._pool(copies, y_loc)
         ll = ll + (self.log_gain + self.tile_logdet)
         if self.tile_noise is not None:
             ll = ll + self._tile_extra * (self.tile_noise.log_scale.sum() + 0.5 * LOG_2PI * self.channels)

@@ -425,3 +425,33 @@ def test_overlapping_pool_in_a_network_is_a_bound_with_the_original_output():
     assert torch.equal(flow(x), model(x))
     assert torch.isfinite(flow.log_prob(x)).all() and torch.isfinite(flow.log_prob(x, deterministic=True)).all()
     assert torch.isfinite(flow.inverse(flow(x), sample=True)).all()
+
+
+MAX_CONFIGS = [name for name, (module, _, _) in CONFIGS.items() if "Max" in type(module).__name__]
+
+
+@pytest.mark.parametrize("name", MAX_CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float32, D64])
+def test_max_gaps_by_window_sums_equal_the_gathered_windows(name, dtype):
+    # deterministic max pooling sums its gaps' squares through two sum-pools instead of gathering
+    # every window; the result must be the entry-by-entry sum, also for values far from zero
+    # (centred on each channel's mean: nothing cancels at their magnitude)
+    module, shape, layer = build(name, dtype)
+    x = 3 * torch.randn(5, *shape, dtype=dtype) + 50
+    y_fast, ll_fast = layer.call_and_ll(x)
+    by_sums = layer._sum_pool
+    layer._sum_pool = False
+    y_slow, ll_slow = layer.call_and_ll(x)
+    assert by_sums == ("dilated" not in name and "adaptive" not in name)
+    assert torch.equal(y_fast, y_slow) and torch.equal(y_fast, module(x))
+    tol = dict(atol=1e-9, rtol=1e-12) if dtype == D64 else dict(atol=2e-3, rtol=1e-6)
+    torch.testing.assert_close(ll_fast, ll_slow, **tol)
+    if dtype == D64 and layer._size_terms[0] > 0:  # and the gradients of the gap scales (where there are gaps)
+        layer._sum_pool = by_sums
+        grads = []
+        for fast in (by_sums, False):
+            layer._sum_pool = fast
+            layer.zero_grad()
+            layer.call_and_ll(x)[1].sum().backward()
+            grads.append(layer.gap_log_scale.grad.clone())
+        torch.testing.assert_close(grads[0], grads[1], atol=1e-8, rtol=1e-10)
