@@ -765,13 +765,11 @@ class FlowWindowPool(FlowLayer):
 
     def _avg_with_pads(self, x: Tensor) -> Tensor:
         """The average pool of these windows counting the padding (1-D as 2-D of height 1)."""
-        c, flat = self.config, x.dim() == 3
-        k, st, p = (
-            tuple(c[key]) if not flat else (lead, *c[key])
-            for key, lead in zip(("kernel", "stride", "padding"), (1, 1, 0))
-        )
-        out = F.avg_pool2d(x.unsqueeze(-2) if flat else x, k, st, p, c["ceil_mode"], True)
-        return out.squeeze(-2) if flat else out
+        c = self.config
+        if x.dim() == 3:
+            k, st, p = (1, *c["kernel"]), (1, *c["stride"]), (0, *c["padding"])
+            return F.avg_pool2d(x.unsqueeze(-2), k, st, p, c["ceil_mode"], True).squeeze(-2)
+        return F.avg_pool2d(x, c["kernel"], c["stride"], c["padding"], c["ceil_mode"], True)
 
     def _window_sums(self, x: Tensor) -> Tensor:
         r""":math:`\sum_{j \in S_o} x_j` at every output location: a sum-pool (absent padding cells add 0).
@@ -927,7 +925,7 @@ class FlowWindowPool(FlowLayer):
         if noise is not None and not self.tiles:
             noise = None
         sq = None
-        if noise is None and self._sum_pool and type(self) is FlowWindowPool:
+        if noise is None and self._sum_pool:
             y_loc, ll = self._max_by_sums(x)
         else:
             copies, sq = self._copies(cells, None if noise is None else noise.reshape(B, -1))
@@ -1016,6 +1014,7 @@ class FlowReduce(FlowWindowPool):
             (R, 1, K), "max" if how == "amax" else "avg", kernel=(1, K), divisor_override=1 if how == "sum" else None
         )
         self.how, self.dims, self.keepdim, self._kept = how, dims, bool(keepdim), kept
+        self._sum_pool = False  # its input is not laid out as the (R, 1, K) windows: they are gathered
         self._perm = (0, *(d + 1 for d in kept), *(d + 1 for d in dims))
         self._permuted = (*(in_shape[d] for d in kept), *(in_shape[d] for d in dims))
         self.in_shape = in_shape
