@@ -530,8 +530,8 @@ class FlowWindowPool(FlowLayer):
       (:attr:`dropped`, keyed by ``str(K)``).
     * **Max**: the SurVAE max surjection per window (exact, as :class:`FlowMaxPool`), with
       per-channel half-normal gaps of scale :attr:`gap_log_scale`. The deterministic pass sums
-      the gaps' squares through two sum-pools (:meth:`_max_by_sums`) instead of gathering every
-      window, wherever an average pool has the same windows (no dilation, not adaptive).
+      the gaps' squares through one window sum (:meth:`_max_by_sums`) instead of gathering every
+      window, wherever a convolution has the same windows (no dilation, not adaptive).
 
     Without duplicated cells (windows that do not overlap, padded or ragged or not) the layer
     is exact. The deterministic output is the original PyTorch op, bit for bit.
@@ -680,21 +680,29 @@ class FlowWindowPool(FlowLayer):
         self.num_copies = int(sizes.sum())
         if mode == "max":
             self.gap_log_scale = nn.Parameter(torch.zeros(self.channels))
-        # max pooling's window sums by one sum-pool, where a sum-pool has these windows (no dilation)
+        # max pooling's window sums by one depthwise convolution with a kernel of ones, where the
+        # windows are a convolution's (no dilation, not adaptive): its zero padding adds nothing
         self._sum_pool = (
             mode == "max" and "adaptive" not in self.config and all(d == 1 for d in self.config["dilation"])
         )
-        divisor = torch.ones(self.out_spatial, dtype=f64)
+        self._sum_extra: tuple[int, ...] = (0,) * nd
         if self._sum_pool:
+            c = self.config
+            # ceil_mode's last window can reach past the padding: the end is extended by what it needs
+            self._sum_extra = tuple(
+                max(0, (o - 1) * st + k - (n + 2 * p))
+                for o, n, k, st, p in zip(self.out_spatial, spatial, c["kernel"], c["stride"], c["padding"])
+            )
+            self.register_buffer("_sum_kernel", torch.ones(self.channels, 1, *c["kernel"]), persistent=False)
             sums = torch.stack([flat[w].sum() for w in windows])
-            try:  # the divisor: real cells per window over the average of ones (zero in the padding)
-                divisor = sizes.to(f64).reshape(self.out_spatial) / self._avg_with_pads(torch.ones_like(probe))[0, 0]
-                got = self._avg_with_pads(probe).reshape(-1) * divisor.reshape(-1)
-                self._sum_pool = bool(torch.allclose(got, sums, rtol=1e-9, atol=1e-12))
-            except RuntimeError:  # a geometry the average pool refuses: the windows are gathered instead
+            try:
+                got = self._window_sums(probe.expand(1, self.channels, *spatial))[0, 0].reshape(-1)
+                self._sum_pool = got.shape == sums.shape and bool(torch.allclose(got, sums, rtol=1e-9, atol=1e-12))
+            except RuntimeError:  # a geometry the convolution refuses: the windows are gathered instead
                 self._sum_pool = False
-        self.register_buffer("_pool_divisor", divisor, persistent=False)
         self.register_buffer("_sizes", sizes.to(f64), persistent=False)
+        # windows per cell (small integers: exact in any float dtype)
+        self.register_buffer("_cov_weights", cov.to(torch.get_default_dtype()), persistent=False)
         self._size_terms = (float((sizes - 1).sum()), float(sizes.to(f64).log().sum()))  # sum (K_o - 1), sum log K_o
 
         # -- cells no window reaches: dropped, conditioned on the output of the nearest window ------
@@ -763,20 +771,19 @@ class FlowWindowPool(FlowLayer):
     def forward(self, x: Tensor) -> Tensor:
         return self._op(x)
 
-    def _avg_with_pads(self, x: Tensor) -> Tensor:
-        """The average pool of these windows counting the padding (1-D as 2-D of height 1)."""
-        c = self.config
-        if x.dim() == 3:
-            k, st, p = (1, *c["kernel"]), (1, *c["stride"]), (0, *c["padding"])
-            return F.avg_pool2d(x.unsqueeze(-2), k, st, p, c["ceil_mode"], True).squeeze(-2)
-        return F.avg_pool2d(x, c["kernel"], c["stride"], c["padding"], c["ceil_mode"], True)
-
     def _window_sums(self, x: Tensor) -> Tensor:
-        r""":math:`\sum_{j \in S_o} x_j` at every output location: a sum-pool (absent padding cells add 0).
-
-        The average pool counting the padding times its divisor at each location, kept from
-        construction (``divisor_override`` has no ONNX form)."""
-        return self._avg_with_pads(x) * self._pool_divisor.to(x.dtype)
+        r""":math:`\sum_{j \in S_o} x_j` at every output location: a depthwise convolution with a kernel
+        of ones (absent padding cells add 0; faster on CPU than an average pool times its divisor)."""
+        c = self.config
+        kernel = self._sum_kernel.to(x.dtype)
+        extra = self._sum_extra
+        if x.dim() == 3:
+            if extra[0]:
+                x = F.pad(x, (0, extra[0]))
+            return F.conv1d(x, kernel, None, c["stride"], c["padding"], 1, self.channels)
+        if extra[0] or extra[1]:
+            x = F.pad(x, (0, extra[1], 0, extra[0]))
+        return F.conv2d(x, kernel, None, c["stride"], c["padding"], 1, self.channels)
 
     # -- layout hooks (FlowReduce permutes the reduced dimensions last) ---------------------------------
     def _to_cells(self, x: Tensor) -> Tensor:
@@ -894,9 +901,10 @@ class FlowWindowPool(FlowLayer):
         r"""Deterministic max pooling's ``(y at every location, ll)`` without gathering the windows.
 
         The gaps' log-density needs :math:`Q_c = \sum_o \sum_{j \in S_o} (y_o - x_j)^2
-        = \sum_o K_o y_o^2 - 2 y_o S^{(1)}_o + S^{(2)}_o` with the window sums
-        :math:`S^{(1)}, S^{(2)}` of :math:`x, x^2` (two sum-pools, :meth:`_window_sums`), both
-        centred on each channel's mean so that nothing cancels at the values' magnitude. With
+        = \sum_o (K_o y_o - 2 S_o) y_o + \sum_j N_j x_j^2` with the window sums :math:`S_o` of
+        :math:`x` (:meth:`_window_sums`) and the number :math:`N_j` of windows that hold cell
+        :math:`j` (each square is counted once per window), all centred on each channel's mean so
+        that nothing cancels at the values' magnitude. With
         :math:`\sum_o (K_o - 1)` gaps of scale :math:`s_c` and :math:`\sum_o \log K_o` choices of
         position, as :meth:`_pool` sums entry by entry:
 
@@ -909,9 +917,10 @@ class FlowWindowPool(FlowLayer):
         view = (B, C) + (1,) * (x.dim() - 2)
         xc, yc = x - centre.reshape(view), (y - centre.reshape(view)).reshape(B, C, -1)
         s1 = self._window_sums(xc).reshape(B, C, -1)
-        s2 = self._window_sums(xc * xc).reshape(B, C, -1)
-        K = self._sizes.to(x.dtype)
-        q = (K * yc * yc - 2.0 * yc * s1 + s2).sum(-1).clamp_min(0.0)  # (B, C); >= 0 up to rounding
+        flat = xc.reshape(B, C, -1)
+        # sum_o S2_o = sum_j N_j xc_j^2, N_j the windows that hold cell j
+        q = ((self._sizes.to(x.dtype) * yc - 2.0 * s1) * yc).sum(-1) + (flat * flat) @ self._cov_weights.to(x.dtype)
+        q = q.clamp_min(0.0)  # (B, C); >= 0 up to rounding
         gaps, choices = self._size_terms
         log_s = self.gap_log_scale
         per_gap = math.log(2.0) - 0.5 * LOG_2PI - log_s

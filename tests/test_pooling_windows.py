@@ -433,9 +433,9 @@ MAX_CONFIGS = [name for name, (module, _, _) in CONFIGS.items() if "Max" in type
 @pytest.mark.parametrize("name", MAX_CONFIGS)
 @pytest.mark.parametrize("dtype", [torch.float32, D64])
 def test_max_gaps_by_window_sums_equal_the_gathered_windows(name, dtype):
-    # deterministic max pooling sums its gaps' squares through two sum-pools instead of gathering
-    # every window; the result must be the entry-by-entry sum, also for values far from zero
-    # (centred on each channel's mean: nothing cancels at their magnitude)
+    # deterministic max pooling sums its gaps' squares through one window sum and the cells'
+    # window counts instead of gathering every window; the result must be the entry-by-entry
+    # sum, also for values far from zero (centred on each channel's mean: nothing cancels)
     module, shape, layer = build(name, dtype)
     x = 3 * torch.randn(5, *shape, dtype=dtype) + 50
     y_fast, ll_fast = layer.call_and_ll(x)
