@@ -7,7 +7,8 @@ For each architecture (torchvision / pytorchcv definitions, random weights, eval
 * peak memory during conversion (resident-set growth, sampled, over the fresh process before
   converting) and the finished flow's own size (its parameters and buffers not shared with the model);
 * ``log_prob`` time over the model's forward time, deterministic and stochastic (batch
-  ``--batch``, median of ``--repeats``, ``torch.no_grad``), and the multiply-add *floor* of
+  ``--batch``, ``torch.no_grad``; each ratio is the median over ``--repeats`` rounds that time
+  three forwards and three likelihood passes back to back), and the multiply-add *floor* of
   the likelihood pass over the forward's multiply-adds: a funnel convolution/linear map with
   ``n`` inputs per location needs the stacked ``[W; M]`` (``n x n`` per location, SPEC 2),
   every other layer its forward. ``vs floor`` is the time ratio over the MAC ratio
@@ -21,7 +22,7 @@ For each architecture (torchvision / pytorchcv definitions, random weights, eval
   (uncalibrated densities give finite but absurd figures; 0 skips calibration);
 * the refused architectures (ViT, MobileNetV3, EfficientNet) with their problem counts.
 
-    python benchmarks/zoo.py [--models resnet18,nin] [--batch 8] [--repeats 5] [--threads 2]
+    python benchmarks/zoo.py [--models resnet18,nin] [--batch 8] [--repeats 15] [--threads 2]
 
 Targets (issue 10): conversion ~1 s per 2M parameters, audit < 3 s, log_prob within 1.5x of
 its floor. A row with ``error`` names the failing stage and the exception.
@@ -104,14 +105,30 @@ def forward_macs(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     return totals[0], totals[1]
 
 
-def timed(fn, repeats: int) -> float:
-    fn()
+def _per_call(fn, calls: int) -> float:
+    """Median seconds of ``calls`` consecutive calls (the first of them warms the caches)."""
     times = []
-    for _ in range(repeats):
+    for _ in range(calls):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def paired_ratios(reference, candidates, repeats: int, calls: int = 3) -> list[float]:
+    """Median over ``repeats`` rounds of each candidate's time over the reference's in the same round.
+
+    A round times ``calls`` consecutive calls of the reference and then of each candidate
+    (median per call), so a slow stretch of a shared machine slows both sides of a ratio
+    instead of one of them, while each side still runs warm."""
+    for fn in (reference, *candidates):
+        fn()
+    ratios = [[] for _ in candidates]
+    for _ in range(repeats):
+        t_ref = _per_call(reference, calls)
+        for fn, out in zip(candidates, ratios):
+            out.append(_per_call(fn, calls) / t_ref)
+    return [statistics.median(r) for r in ratios]
 
 
 def rss_mb() -> float:
@@ -192,9 +209,9 @@ def run_one(name: str, batch: int, repeats: int, onnx: bool, calibrate: int) -> 
             row["deviation"] = flow.report.max_output_deviation
             got = flow(x)
             row["deviation_batch"] = (got - model(x)).abs().max().item()
-            t_fwd = timed(lambda: model(x), repeats)
-            t_det = timed(lambda: flow.log_prob(x, deterministic=True), repeats)
-            t_sto = timed(lambda: flow.log_prob(x), repeats)
+            row["det_x"], row["sto_x"] = paired_ratios(
+                lambda: model(x), (lambda: flow.log_prob(x, deterministic=True), lambda: flow.log_prob(x)), repeats
+            )
             lp = flow.log_prob(x, deterministic=True)
             row["logprob_finite"] = bool(torch.isfinite(lp).all() and torch.isfinite(flow.log_prob(x)).all())
             back = flow.inverse(got)
@@ -205,7 +222,6 @@ def run_one(name: str, batch: int, repeats: int, onnx: bool, calibrate: int) -> 
             row["inverse_growth"] = (
                 (back.abs().max() / x.abs().max()).item() if torch.isfinite(back).all() else float("inf")
             )
-        row["det_x"], row["sto_x"] = t_det / t_fwd, t_sto / t_fwd
         row["vs_floor"] = row["det_x"] / row["floor_x"]
         if onnx:
             stage = "onnx"
@@ -246,7 +262,7 @@ def main(argv=None) -> None:
     parser.add_argument("--models", default=",".join(ARCHITECTURES))
     parser.add_argument("--onnx", default=",".join(DEFAULT_ONNX), help="models whose ONNX parity is checked")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per model")
     parser.add_argument("--calibrate", type=int, default=64, help="generated inputs to calibrate on (0: none)")
@@ -341,7 +357,7 @@ def main(argv=None) -> None:
         )
     widths = [max(len(t[i]) for t in [head, *table]) for i in range(len(head))]
     print(
-        f"batch {args.batch}, {args.threads} threads, median of {args.repeats}, torch {torch.__version__}, relu='leaky'"
+        f"batch {args.batch}, {args.threads} threads, median of {args.repeats} paired rounds, torch {torch.__version__}, relu='leaky'"
     )
     print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
