@@ -701,15 +701,17 @@ class FlowConv(FlowLayer):
         gathered = locations * k * (m + self.GATHER_COST)
         return fused < gathered
 
-    def _fused_residual_ll(self, x4: Tensor) -> Tensor:
-        r"""``log q(x_S | y)`` of the linear-Gaussian family as one convolution of the input.
+    def _fused_residual_ll(self, x4: Tensor, weights: tuple) -> Tensor:
+        r"""The deterministic contribution of a funnel whose density is the linear-Gaussian family,
+        ``(B,)``: the layer's constant and :math:`\log q(x_S \mid y)` from one convolution of the input.
 
         The standardized residual is affine in the patch, :math:`\rho = M\pi + e` with
         :math:`M = \sigma^{-1}(E_S - AW)` and :math:`e = -\sigma^{-1}(Ab + c)`; ``M`` is built from
         the current parameters (``k x m x C_in k^d`` multiply-adds, amortized over all locations
         and samples) on every call that records a gradient, and kept between calls that do not
         (:func:`~flowconvert.core.weight_only`, when it is at most 8 times the kernel's size, as for
-        every 3x3 convolution with as many outputs as inputs). One convolution with ``M``
+        every 3x3 convolution with as many outputs as inputs), together with the constant (the
+        kernel's and the tiling's, minus the Gaussian's normalization). One convolution with ``M``
         (channels-last, which runs wide convolutions faster on CPU) replaces the gather of the
         dropped entries and the elementwise passes over them."""
         pt, pb, pl, pr = self._pads
@@ -721,7 +723,7 @@ class FlowConv(FlowLayer):
         # such channels-last inputs for some geometries (stride 3, padding 2, dilation 2: fuzzer model 1615)
         fmt = torch.channels_last if min(xin.shape[-2:]) > 1 else torch.contiguous_format
         if self.kernel.dropped.features <= 8 * self.out_channels:
-            M, e, const = weight_only(self, f"fused_{fmt}", self._weights(), lambda: self._fused_weights(fmt))
+            M, e, const = weight_only(self, f"fused_{fmt}", weights, lambda: self._fused_weights(fmt))
         else:
             M, e, const = self._fused_weights(fmt)
         res = F.conv2d(
@@ -733,10 +735,11 @@ class FlowConv(FlowLayer):
             self._d,
             self.groups,
         )
-        return -const - 0.5 * _sum_squares(res)
+        return torch.sub(const, _sum_squares(res), alpha=0.5)
 
     def _fused_weights(self, fmt: torch.memory_format) -> tuple[Tensor, Tensor, Tensor]:
-        """``(M, e, const)`` of :meth:`_fused_residual_ll`: ``M`` as a convolution weight in memory format ``fmt``."""
+        """``(M, e, const)`` of :meth:`_fused_residual_ll`: ``M`` as a convolution weight in memory format
+        ``fmt``, ``const`` the deterministic constant minus the Gaussian's normalization."""
         kernel, q = self.kernel, self.kernel.dropped
         inv_sigma = torch.exp(-q.log_scale)
         W = kernel.weight
@@ -751,7 +754,7 @@ class FlowConv(FlowLayer):
         M = AW.neg().index_put((self._drop_rows, self._drop_cols), W.new_ones(()), accumulate=True)
         M = (M * inv_sigma[:, None]).view(k, self.in_channels // G, *self._k).contiguous(memory_format=fmt)
         e = -(Ab + q.bias) * inv_sigma
-        return M, e, self._residual_constant()
+        return M, e, self._constant(True) - self._residual_constant()
 
     # -- the contract --------------------------------------------------------------------
     def call_and_ll(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -763,15 +766,21 @@ class FlowConv(FlowLayer):
         B, Lo = x4.shape[0], self.n_locations
         kind = kernel.kind
         deterministic = noise is None
-        const = weight_only(self, f"constant_{deterministic}", self._weights(), lambda: self._constant(deterministic))
+        weights = self._weights()
+        # while torch.export traces, the batch is symbolic: decide per sample (no guard on it)
+        if deterministic and kind == "funnel" and kernel.fused() and self._fuse(B if isinstance(B, int) else 1):
+            # the original convolution for y (bit for bit), one more for the density and the constant
+            y = self.forward(x).reshape(B, self.out_channels, Lo)
+            ll = self._fused_residual_ll(x4, weights)
+            if self.dropped_pixels is not None:
+                ll = ll + self._dropped_ll(x4, y)
+            return self._out(y), ll
+        const = weight_only(self, f"constant_{deterministic}", weights, lambda: self._constant(deterministic))
         ll = const.expand(B)
         if noise is None:
             # the original convolution for y (bit for bit); the dropped entries are strided slices
             y = self.forward(x).reshape(B, self.out_channels, Lo)
-            # while torch.export traces, the batch is symbolic: decide per sample (no guard on it)
-            if kind == "funnel" and kernel.fused() and self._fuse(B if isinstance(B, int) else 1):
-                ll = ll + self._fused_residual_ll(x4)
-            elif kind == "funnel":
+            if kind == "funnel":
                 ll = ll + self._kernel_dropped_ll(self._dropped_patch_entries(x4), y, permuted=True)
         else:
             eps_pad, eps_tile, eps_aug = self._split(noise, self._noise_sizes)
