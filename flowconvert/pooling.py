@@ -903,8 +903,8 @@ class FlowWindowPool(FlowLayer):
         The gaps' log-density needs :math:`Q_c = \sum_o \sum_{j \in S_o} (y_o - x_j)^2
         = \sum_o (K_o y_o - 2 S_o) y_o + \sum_j N_j x_j^2` with the window sums :math:`S_o` of
         :math:`x` (:meth:`_window_sums`) and the number :math:`N_j` of windows that hold cell
-        :math:`j` (each square is counted once per window), all centred on each channel's mean so
-        that nothing cancels at the values' magnitude. With
+        :math:`j` (each square is counted once per window), all centred on each channel's mean output
+        so that nothing cancels at the values' magnitude. With
         :math:`\sum_o (K_o - 1)` gaps of scale :math:`s_c` and :math:`\sum_o \log K_o` choices of
         position, as :meth:`_pool` sums entry by entry:
 
@@ -912,20 +912,22 @@ class FlowWindowPool(FlowLayer):
                   - \frac{Q_c}{2 s_c^2}\Bigr] - C \sum_o \log K_o.
         """
         B, C = x.shape[:2]
-        y = self.forward(x)
-        centre = x.detach().reshape(B, C, -1).mean(-1)
-        view = (B, C) + (1,) * (x.dim() - 2)
-        xc, yc = x - centre.reshape(view), (y - centre.reshape(view)).reshape(B, C, -1)
-        s1 = self._window_sums(xc).reshape(B, C, -1)
-        flat = xc.reshape(B, C, -1)
+        y = self.forward(x).reshape(B, C, -1)
+        # the centre: each channel's mean output (a quarter of the cells to read; within the values' spread)
+        centre = y.detach().mean(-1, keepdim=True)
+        K = self._sizes.to(x.dtype)
+        yc = y - centre
+        s1 = self._window_sums(x).reshape(B, C, -1) - K * centre  # window sums of x - centre
+        xc = x.reshape(B, C, -1) - centre
+        squares = xc * xc if torch.is_grad_enabled() and x.requires_grad else xc.square_()
         # sum_o S2_o = sum_j N_j xc_j^2, N_j the windows that hold cell j
-        q = ((self._sizes.to(x.dtype) * yc - 2.0 * s1) * yc).sum(-1) + (flat * flat) @ self._cov_weights.to(x.dtype)
+        q = ((K * yc - 2.0 * s1) * yc).sum(-1) + squares @ self._cov_weights.to(x.dtype)
         q = q.clamp_min(0.0)  # (B, C); >= 0 up to rounding
         gaps, choices = self._size_terms
         log_s = self.gap_log_scale
         per_gap = math.log(2.0) - 0.5 * LOG_2PI - log_s
         ll = gaps * per_gap.sum() - C * choices - 0.5 * (q * torch.exp(-2.0 * log_s)).sum(-1)
-        return y.reshape(B, C, -1), ll
+        return y, ll
 
     # -- the contract -------------------------------------------------------------------------------------
     def call_and_ll(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
