@@ -24,6 +24,8 @@ For each architecture (torchvision / pytorchcv definitions, random weights, eval
 
     python benchmarks/zoo.py [--models resnet18,nin] [--batch 8] [--repeats 15] [--threads 2]
 
+All fifteen architectures take about 20 minutes on two cores (about 12 with ``--repeats 5``).
+
 Targets (issue 10): conversion ~1 s per 2M parameters, audit < 3 s, log_prob within 1.5x of
 its floor. A row with ``error`` names the failing stage and the exception.
 """
