@@ -767,22 +767,23 @@ class FlowConv(FlowLayer):
         kind = kernel.kind
         deterministic = noise is None
         weights = self._weights()
-        # while torch.export traces, the batch is symbolic: decide per sample (no guard on it)
-        if deterministic and kind == "funnel" and kernel.fused() and self._fuse(B if isinstance(B, int) else 1):
-            # the original convolution for y (bit for bit), one more for the density and the constant
-            y = self.forward(x).reshape(B, self.out_channels, Lo)
-            ll = self._fused_residual_ll(x4, weights)
-            if self.dropped_pixels is not None:
-                ll = ll + self._dropped_ll(x4, y)
-            return self._out(y), ll
-        const = weight_only(self, f"constant_{deterministic}", weights, lambda: self._constant(deterministic))
-        ll = const.expand(B)
+
+        def constant() -> Tensor:
+            const = weight_only(self, f"constant_{deterministic}", weights, lambda: self._constant(deterministic))
+            return const.expand(B)
+
         if noise is None:
-            # the original convolution for y (bit for bit); the dropped entries are strided slices
+            # the original convolution for y (bit for bit)
             y = self.forward(x).reshape(B, self.out_channels, Lo)
-            if kind == "funnel":
-                ll = ll + self._kernel_dropped_ll(self._dropped_patch_entries(x4), y, permuted=True)
+            # while torch.export traces, the batch is symbolic: decide per sample (no guard on it)
+            if kind == "funnel" and kernel.fused() and self._fuse(B if isinstance(B, int) else 1):
+                ll = self._fused_residual_ll(x4, weights)  # the constant is kept with M
+            elif kind == "funnel":  # the dropped entries are strided slices
+                ll = constant() + self._kernel_dropped_ll(self._dropped_patch_entries(x4), y, permuted=True)
+            else:
+                ll = constant()
         else:
+            ll = constant()
             eps_pad, eps_tile, eps_aug = self._split(noise, self._noise_sizes)
             xp = self._pad(x4, eps_pad)
             if eps_pad is not None:

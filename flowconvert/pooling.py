@@ -701,8 +701,6 @@ class FlowWindowPool(FlowLayer):
             except RuntimeError:  # a geometry the convolution refuses: the windows are gathered instead
                 self._sum_pool = False
         self.register_buffer("_sizes", sizes.to(f64), persistent=False)
-        # windows per cell (small integers: exact in any float dtype)
-        self.register_buffer("_cov_weights", cov.to(torch.get_default_dtype()), persistent=False)
         self._size_terms = (float((sizes - 1).sum()), float(sizes.to(f64).log().sum()))  # sum (K_o - 1), sum log K_o
 
         # -- cells no window reaches: dropped, conditioned on the output of the nearest window ------
@@ -921,7 +919,7 @@ class FlowWindowPool(FlowLayer):
         xc = x.reshape(B, C, -1) - centre
         squares = xc * xc if torch.is_grad_enabled() and x.requires_grad else xc.square_()
         # sum_o S2_o = sum_j N_j xc_j^2, N_j the windows that hold cell j
-        q = ((K * yc - 2.0 * s1) * yc).sum(-1) + squares @ self._cov_weights.to(x.dtype)
+        q = ((K * yc - 2.0 * s1) * yc).sum(-1) + squares @ self._cov.to(x.dtype)
         q = q.clamp_min(0.0)  # (B, C); >= 0 up to rounding
         gaps, choices = self._size_terms
         log_s = self.gap_log_scale
