@@ -22,9 +22,10 @@ only; each part is fitted by what its density *can do* in closed form:
   exactly this linear Gaussian (their nonlinear parts reset to the identity), so fitting
   starts from it.
 * **Gaps** of a max surjection (half-normal): :math:`s_c^2 = \overline{g_c^2}` per channel.
-* **Bases** on the outputs: a diagonal or full-covariance Gaussian by moment matching, a Gaussian mixture by EM,
-  a flow base by moment matching of its standardization (its flow reset to the identity);
-  whatever :meth:`~flowconvert.densities.BaseDensity.fit_closed_form` does.
+* **Bases** on the outputs: a diagonal or full-covariance Gaussian by moment matching, a Gaussian
+  mixture as one Gaussian and by EM (the better held out is kept), a flow base by moment matching
+  of its standardization (its flow reset to the identity) and its prior's candidates; whatever
+  :meth:`~flowconvert.densities.BaseDensity.closed_form_fits` offers.
 * **Noise scales** :math:`\tau` of bound layers: moment matching sets :math:`\tau^2` to the
   average variance of the signal the noise is added to. The best multiple of it (from
   ``noise_factors``) is chosen on held-out data, since the bound's optimum depends on the
@@ -519,7 +520,9 @@ class _Gaps(_Calibrator):
 
 
 class _Base(_Calibrator):
-    """A base density fitted by its own ``fit_closed_form`` on stored rows, guarded on held-out rows."""
+    """A base density fitted on stored rows by each of its closed forms
+    (:meth:`~flowconvert.densities.BaseDensity.closed_form_fits`); the best held out is kept,
+    or the state before when none is better (without held-out rows: the last candidate)."""
 
     kind = "base"
 
@@ -543,26 +546,37 @@ class _Base(_Calibrator):
         fit_rows = torch.cat(self.rows[0]).reshape(-1, *shape)
         held = torch.cat(self.rows[1]).reshape(-1, *shape) if self.rows[1] else None
         coords = math.prod(shape)
-        state = {k: v.detach().clone() for k, v in self.density.state_dict().items()}
+        snapshot = lambda: {k: v.detach().clone() for k, v in self.density.state_dict().items()}
+        score = lambda: self.density.log_prob(held).double().mean().item() if held is not None else float("nan")
+        state = snapshot()
         with torch.no_grad():
-            before = self.density.log_prob(held).double().mean().item() if held is not None else float("nan")
-            if not self.density.fit_closed_form(fit_rows, min_var=min_var):
-                return PartReport(
-                    self.name,
-                    self.kind,
-                    coords,
-                    0,
-                    before,
-                    before,
-                    "not calibrated: fixed base"
-                    if not list(self.density.parameters())
-                    else "not calibrated: no closed form (fit() trains it)",
-                )
-            after = self.density.log_prob(held).double().mean().item() if held is not None else float("nan")
-        if held is not None and not after >= before:
+            before = score()
+            best, best_state, chosen, tried = -math.inf, None, "", 0
+            for label in self.density.closed_form_fits(fit_rows, min_var=min_var):
+                tried += 1
+                after = score()
+                # finite, and a real gain over the simpler candidates before it (ties keep the simpler one)
+                gain = math.isfinite(after) and (best_state is None or after > best + 1e-9 * (1.0 + abs(best)))
+                if held is None or gain:
+                    best, best_state, chosen = after, snapshot(), label
+        if not tried:
+            return PartReport(
+                self.name,
+                self.kind,
+                coords,
+                0,
+                before,
+                before,
+                "not calibrated: fixed base"
+                if not list(self.density.parameters())
+                else "not calibrated: no closed form (fit() trains it)",
+            )
+        if held is not None and (best_state is None or not best >= before):
             self.density.load_state_dict(state)
             return PartReport(self.name, self.kind, coords, 0, before, before, "kept: the fit was worse held out")
-        return PartReport(self.name, self.kind, coords, coords, before, after)
+        self.density.load_state_dict(best_state)
+        note = chosen if tried > 1 else ""
+        return PartReport(self.name, self.kind, coords, coords, before, best, note)
 
 
 class _Noise(_Calibrator):

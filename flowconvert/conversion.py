@@ -112,8 +112,9 @@ def convert(model: nn.Module, example_inputs: Any, *, density: Any = "gaussian",
     ``(features, context) -> ConditionalDensity``.
     ``base`` is the base density of each output: ``"standard"``, ``"diagonal"`` (learnable),
     ``"full"`` (learnable full covariance), ``"gaussian"`` (full up to 256 coordinates, diagonal
-    beyond), ``"mixture"``, ``"flow"`` or a callable ``event_shape -> BaseDensity``; by default the
-    family's (``"gaussian"`` for ``"gaussian"``). The other ``options`` are those of
+    beyond), ``"mixture"`` (a Gaussian mixture that calibration keeps as one Gaussian unless EM's mixture
+    scores better held out), ``"flow"`` or a callable ``event_shape -> BaseDensity``; by default the
+    family's (``"mixture"`` for ``"gaussian"`` and ``"mlp"``). The other ``options`` are those of
     :class:`Options`: ``registry``, ``relu="leaky"`` with ``negative_slope`` (substitutes
     LeakyReLU for every ReLU and a leaky clamp for ReLU6, Hardtanh, Hardsigmoid and clamps;
     refused by default, FC101/FC106), ``substitute={"gelu": "leaky", ...}`` for the

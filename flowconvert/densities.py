@@ -14,7 +14,7 @@ tensor([-2.7568, -2.7568])
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -143,6 +143,19 @@ class BaseDensity(Configurable, nn.Module):
         """Fit to outputs ``z`` ``(N, *event_shape)`` in closed form (used by :func:`flowconvert.calibrate`);
         return False when there is nothing to fit this way (the default)."""
         return False
+
+    def closed_form_fits(self, z: Tensor, min_var: float = 1e-6) -> Iterator[str]:
+        """Fit to outputs ``z`` in each closed form the density has, one after another.
+
+        A generator: at each ``yield`` (of a short label) the density holds one candidate fit;
+        :func:`flowconvert.calibrate` scores every candidate on held-out outputs and keeps the
+        best (or the state before, when none is better). By default the one fit of
+        :meth:`fit_closed_form` (no candidate when it returns False); a density with several
+        closed forms (:class:`~flowconvert.families.GaussianMixture`: one Gaussian, then EM)
+        yields each, simplest first.
+        """
+        if self.fit_closed_form(z, min_var=min_var):
+            yield ""
 
     natural_scales = ConditionalDensity.natural_scales  # the same contract (see there)
     staged_parameters = ConditionalDensity.staged_parameters
@@ -362,6 +375,17 @@ def write_precision(cov: Tensor, log_scale: Tensor, tril: Tensor) -> None:
     tril.copy_(torch.tril(P, -1).to(tril.dtype))
 
 
+def full_moments(z: Tensor, min_var: float) -> tuple[Tensor, Tensor]:
+    """Mean and covariance of rows ``z`` ``(N, ...)`` (flattened), float64: the maximum-likelihood
+    Gaussian, its diagonal floored at ``min_var`` (and a relative ``1e-9`` so it factorizes)."""
+    z = z.reshape(z.shape[0], -1).double()
+    mean = z.mean(0)
+    zc = z - mean
+    cov = zc.mT @ zc / z.shape[0]
+    floor = (min_var - cov.diagonal()).clamp_min(0) + 1e-9 * cov.diagonal().max().clamp_min(min_var)
+    return mean, cov + torch.diag(floor)
+
+
 def kinked(d: Tensor, slope: Tensor | float) -> Tensor:
     """:math:`g_s(d)`: negative coordinates divided by the slope ``s`` (see :class:`ConditionalFullNormal`)."""
     return torch.where(d < 0, d / slope, d)
@@ -556,15 +580,11 @@ class FullNormal(BaseDensity):
     @torch.no_grad()
     def fit_closed_form(self, z: Tensor, min_var: float = 1e-6) -> bool:
         """``mu`` the mean, ``Sigma`` the covariance (its diagonal floored at ``min_var``)."""
-        z = z.reshape(z.shape[0], -1).double()
         if z.shape[0] < 2:
             return False
-        mean = z.mean(0)
-        zc = z - mean
-        cov = zc.mT @ zc / z.shape[0]
-        floor = (min_var - cov.diagonal()).clamp_min(0) + 1e-9 * cov.diagonal().max().clamp_min(min_var)
+        mean, cov = full_moments(z, min_var)
         self.loc.copy_(mean.reshape(self.event_shape).to(self.loc.dtype))
-        write_precision(cov + torch.diag(floor), self.log_scale, self.tril)
+        write_precision(cov, self.log_scale, self.tril)
         return True
 
 

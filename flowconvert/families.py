@@ -10,8 +10,10 @@ chosen at conversion, ``flowconvert.convert(model, x, density=...)``:
   the fused fast path of the layers), or with a full covariance on kinked coordinates for the
   dropped inputs of a linear layer (:class:`~flowconvert.densities.ConditionalFullNormal`, up to
   :data:`~flowconvert.densities.FULL_COVARIANCE_MAX` of them), fitted in closed form by
-  :func:`~flowconvert.calibrate`; base: :func:`gaussian_base`, a learnable full-covariance
-  Gaussian (:class:`~flowconvert.densities.FullNormal`) up to that size, diagonal beyond.
+  :func:`~flowconvert.calibrate`; base: a :class:`GaussianMixture` (full covariances up to that
+  size, diagonal beyond) that calibration fits twice, as one Gaussian and by EM, keeping the
+  better held out: a classifier's logits form one cluster per class, which one Gaussian
+  spreads over (``base="gaussian"``: :func:`gaussian_base`, the single Gaussian only).
 * ``"mlp"``: :class:`MLPConditionalNormal`, a heteroscedastic Gaussian: the residual
   :math:`d - Ay - c - \mu_\theta(y)`, whitened by a full precision factor :math:`P`
   (:class:`~flowconvert.densities.ConditionalFullNormal`), is
@@ -50,7 +52,7 @@ True
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -65,6 +67,7 @@ from .densities import (
     FullNormal,
     StandardNormal,
     _moments,
+    full_moments,
     normal_log_prob,
     precision_factor,
     precision_tril_scales,
@@ -335,8 +338,8 @@ class GaussianMixture(BaseDensity):
     Parameters ``logits`` (:math:`\log\pi` up to a constant), ``loc`` and ``log_scale``
     (:math:`\lambda`) of shape ``(components, D)``, and ``tril`` ``(components, D, D)`` (its
     strictly lower part) for full covariances. :func:`~flowconvert.calibrate` fits it by EM
-    (closed-form steps). Sampling picks a component, then colours the standard-normal draw,
-    scaled by the temperature.
+    (closed-form steps). It starts as a standard normal (every component :math:`\mathcal N(0, I)`).
+    Sampling picks a component, then colours the standard-normal draw, scaled by the temperature.
 
     >>> m = GaussianMixture((2,), components=3)
     >>> m.log_prob(torch.zeros(4, 2)).shape, m.sample(5).shape
@@ -351,9 +354,9 @@ class GaussianMixture(BaseDensity):
         self.components = int(components)
         D = math.prod(self.event_shape)
         self.full = covariance == "full" or (covariance == "auto" and D <= FULL_COVARIANCE_MAX)
-        g = torch.Generator().manual_seed(0)  # distinct components, reproducibly
+        # every component a standard normal: uncalibrated, the mixture is N(0, I) (calibration's EM separates them)
         self.logits = nn.Parameter(torch.zeros(self.components))
-        self.loc = nn.Parameter(0.5 * torch.randn(self.components, D, generator=g))
+        self.loc = nn.Parameter(torch.zeros(self.components, D))
         self.log_scale = nn.Parameter(torch.zeros(self.components, D))
         self.tril = nn.Parameter(torch.zeros(self.components, D, D)) if self.full else None
 
@@ -382,7 +385,8 @@ class GaussianMixture(BaseDensity):
         return scales
 
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
-        k = torch.multinomial(torch.softmax(self.logits.detach(), 0), n, replacement=True)
+        weights = torch.softmax(self.logits.detach(), 0)
+        k = torch.multinomial(weights, n, replacement=True) if n else weights.new_zeros(0, dtype=torch.long)
         eps = temperature * torch.randn(n, self.loc.shape[1], dtype=self.loc.dtype, device=self.loc.device)
         if self.full:
             colour = triangular_inverse(self.precision_factors())  # (K, D, D)
@@ -395,6 +399,33 @@ class GaussianMixture(BaseDensity):
         """EM from a k-means++ start (see :meth:`em`)."""
         self.em(z, min_var=max(min_var, 1e-4))
         return True
+
+    def closed_form_fits(self, z: Tensor, min_var: float = 1e-6) -> Iterator[str]:
+        """Two candidates, simplest first: one Gaussian (:meth:`fit_single`), then EM
+        (:meth:`fit_closed_form`); :func:`flowconvert.calibrate` keeps the better one held out, so
+        a calibrated mixture is never worse held out than the Gaussian it generalizes."""
+        if z.shape[0] < 2:
+            return
+        self.fit_single(z, min_var)
+        yield "one Gaussian"
+        if self.components > 1:
+            self.fit_closed_form(z, min_var)
+            yield f"EM, {self.components} components"
+
+    @torch.no_grad()
+    def fit_single(self, z: Tensor, min_var: float = 1e-6) -> None:
+        """Every component the maximum-likelihood Gaussian of ``z`` (equal weights): the mixture
+        is that Gaussian, as :class:`~flowconvert.densities.FullNormal` (or
+        :class:`~flowconvert.densities.DiagonalNormal` for diagonal covariances) would fit it."""
+        K = self.components
+        if self.full:
+            mean, cov = full_moments(z, min_var)
+            write_precision(cov.expand(K, -1, -1), self.log_scale, self.tril)
+        else:
+            mean, var = _moments(z.reshape(z.shape[0], -1), min_var)
+            self.log_scale.copy_((0.5 * var.log()).expand(K, -1).to(self.log_scale.dtype))
+        self.loc.copy_(mean.expand(K, -1).to(self.loc.dtype))
+        self.logits.zero_()
 
     @torch.no_grad()
     def em(self, z: Tensor, iterations: int = 50, min_var: float = 1e-4, seed: int = 0) -> None:
@@ -509,16 +540,29 @@ class FlowBase(BaseDensity):
         return self.loc + u.reshape(n, *self.event_shape) * self.log_scale.exp()
 
     @torch.no_grad()
-    def fit_closed_form(self, z: Tensor, min_var: float = 1e-6) -> bool:
-        """Moment matching of the standardization, the flow reset to the identity, the mixture
-        prior (if any) fitted by EM to the standardized outputs."""
+    def _standardization(self, z: Tensor, min_var: float) -> Tensor:
+        """Moment matching of the standardization, the flow reset to the identity; the standardized ``z``."""
         mean, var = _moments(z, min_var)
         self.loc.copy_(mean.to(self.loc.dtype))
         self.log_scale.copy_((0.5 * var.log()).to(self.log_scale.dtype))
         if self.flow is not None:
             _identity(self.flow)
-        self.prior.fit_closed_form(self._standardize(z.to(self.loc.dtype)), min_var)  # a standard normal: nothing
+        return self._standardize(z.to(self.loc.dtype))
+
+    @torch.no_grad()
+    def fit_closed_form(self, z: Tensor, min_var: float = 1e-6) -> bool:
+        """Moment matching of the standardization, the flow reset to the identity, the mixture
+        prior (if any) fitted by EM to the standardized outputs."""
+        self.prior.fit_closed_form(self._standardization(z, min_var), min_var)  # a standard normal: nothing
         return True
+
+    def closed_form_fits(self, z: Tensor, min_var: float = 1e-6) -> Iterator[str]:
+        """The standardization (as :meth:`fit_closed_form`) with each of the prior's candidates in turn."""
+        u = self._standardization(z, min_var)
+        labels = self.prior.closed_form_fits(u, min_var)
+        first = next(labels, None)
+        yield "" if first is None else first
+        yield from labels
 
 
 def flow_base(event_shape: Sequence[int]) -> BaseDensity:
@@ -551,7 +595,7 @@ BASES: dict[str, Callable[[Sequence[int]], BaseDensity]] = {
     "flow": flow_base,
 }
 #: The base each family uses unless ``base=`` says otherwise.
-DEFAULT_BASE = {"gaussian": "gaussian", "mlp": "mixture", "flow": "flow"}
+DEFAULT_BASE = {"gaussian": "mixture", "mlp": "mixture", "flow": "flow"}
 
 
 def make_conditional(

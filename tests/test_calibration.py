@@ -263,5 +263,41 @@ def test_a_mixture_prior_inside_a_spline_base_is_calibrated_once_in_its_own_coor
         u = (z - base.loc) * torch.exp(-base.log_scale)
         torch.testing.assert_close(u.mean(0), torch.zeros(3), atol=1e-4, rtol=0)  # standardized
         again = GaussianMixture((3,), components=base.prior.components)
-        again.fit_closed_form(u)
+        (part,) = [p for p in report.parts if p.kind == "base"]
+        again.fit_single(u) if part.note == "one Gaussian" else again.fit_closed_form(u)
         torch.testing.assert_close(base.log_prob(z), again.log_prob(u) - base.log_scale.sum(), atol=1e-4, rtol=1e-4)
+
+
+def test_a_mixture_base_is_calibrated_as_one_gaussian_and_by_em_and_keeps_the_better_held_out():
+    """Calibration scores both closed forms of a mixture held out: clustered outputs take EM's
+    mixture, Gaussian ones the single Gaussian (exactly a fitted FullNormal), and the kept fit is
+    never worse held out than the one Gaussian (float64, to 1e-9)."""
+    from flowconvert.families import GaussianMixture
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[-6.0, 0.0], [0.0, 6.0], [6.0, 0.0]], dtype=torch.float64)
+    sets = {
+        "clustered": centres[torch.randint(3, (400,), generator=g)]
+        + torch.randn(400, 2, generator=g, dtype=torch.float64),
+        "gaussian": torch.randn(400, 2, generator=g, dtype=torch.float64)
+        @ torch.tensor([[2.0, 0.5], [0.0, 1.0]], dtype=torch.float64),
+    }
+    for kind, x in sets.items():
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(2, 2).double()
+        flow = fc.convert(lin, x[:2])
+        report = fc.calibrate(flow, x[:60] if kind == "gaussian" else x[:300], val_data=x[300:])
+        (base,) = flow.bases.values()
+        (part,) = [p for p in report.parts if p.kind == "base"]
+        assert type(base) is GaussianMixture
+        with torch.no_grad():
+            z_fit, z_held = lin(x[:60] if kind == "gaussian" else x[:300]), lin(x[300:])
+            single = fc.FullNormal((2,)).double()
+            assert single.fit_closed_form(z_fit)
+            gain = (base.log_prob(z_held) - single.log_prob(z_held)).mean().item()
+            assert gain >= -1e-9, (kind, gain)
+            if kind == "clustered":
+                assert part.note.startswith("EM") and gain > 0.5, (part, gain)
+            else:
+                assert part.note == "one Gaussian", part
+                torch.testing.assert_close(base.log_prob(z_held), single.log_prob(z_held), atol=1e-9, rtol=0)

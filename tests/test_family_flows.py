@@ -53,7 +53,7 @@ def _images(n, seed):
 def test_default_is_gaussian_with_full_covariances_where_they_are_small():
     flow = fc.convert(_mlp(), torch.randn(2, 6))
     # a linear layer's few dropped inputs and a small output: full covariances, fitted in closed form
-    assert all(isinstance(b, FullNormal) for b in flow.bases.values())
+    assert all(type(b) is GaussianMixture and b.full for b in flow.bases.values())
     assert type(flow.layers["_0"].dropped) is ConditionalFullNormal
     # beyond FULL_COVARIANCE_MAX coordinates: diagonal, and the linear layer keeps its fused residual
     wide = fc.convert(
@@ -65,7 +65,7 @@ def test_default_is_gaussian_with_full_covariances_where_they_are_small():
         type(next(iter(narrow.layers.values())).dropped) is fc.ConditionalDiagonalNormal
         and next(iter(narrow.layers.values())).fused()
     )
-    assert all(isinstance(b, fc.DiagonalNormal) for b in wide.bases.values())
+    assert all(type(b) is GaussianMixture and not b.full for b in wide.bases.values())
 
 
 @pytest.mark.parametrize("density", FAMILIES)
@@ -80,7 +80,7 @@ def test_convert_with_each_family_keeps_outputs_and_round_trips(density):
         for p in layer.density_parts()
         if p.kind == "conditional"
     )
-    base = {"gaussian": FullNormal, "mlp": GaussianMixture, "flow": FlowBase}[density]
+    base = {"gaussian": GaussianMixture, "mlp": GaussianMixture, "flow": FlowBase}[density]
     assert all(type(b) is base for b in flow.bases.values())
     with torch.no_grad():
         assert torch.equal(flow(x), net(x))
@@ -222,8 +222,8 @@ def test_mixture_base_calibrated_by_em_on_clustered_outputs():
     with torch.no_grad():
         net[0].weight.copy_(torch.eye(6)[:2])
         net[0].bias.zero_()
-    flow_diag = fc.convert(net, x[:2])
-    flow_mix = fc.convert(net, x[:2], base="mixture")
+    flow_diag = fc.convert(net, x[:2], base="gaussian")  # one Gaussian
+    flow_mix = fc.convert(net, x[:2])  # the default: a mixture
     rep_diag, rep_mix = fc.calibrate(flow_diag, x), fc.calibrate(flow_mix, x)
     assert rep_mix.heldout_after > rep_diag.heldout_after + 1.0, (str(rep_diag), str(rep_mix))
 
@@ -242,10 +242,10 @@ def test_onnx_parity_for_every_family(density, graph, tmp_path):
 
 @pytest.mark.parametrize("graph", ["likelihood", "inverse"])
 def test_onnx_parity_with_kinked_full_covariances(graph, tmp_path):
-    """The gaussian family's full-covariance, kinked conditional and full base export as they compute."""
+    """The gaussian family's full-covariance, kinked conditional and the single full base export as they compute."""
     pytest.importorskip("onnxruntime")
     x = _data(200, 0)
-    flow = fc.convert(_mlp(), x[:2])
+    flow = fc.convert(_mlp(), x[:2], base="gaussian")
     fc.calibrate(flow, x)
     for layer in flow.layers.values():
         if isinstance(getattr(layer, "dropped", None), ConditionalFullNormal):

@@ -266,7 +266,7 @@ def _swapped_families():
         flow.bases[key] = fc.DiagonalNormal(flow.bases[key].event_shape)
     flow._build_graphs()
     out.append((flow, x))
-    for base in ("standard", "mixture", "flow"):  # every base family (the default is "diagonal")
+    for base in ("standard", "gaussian", "flow"):  # every base family (the default is "mixture")
         torch.manual_seed(2)
         x = torch.randn(4, 12)
         out.append((fc.convert(zoo.ReducingMLP().eval(), x, base=base), x))
