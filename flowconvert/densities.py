@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import Configurable
+from .core import weight_only
 
 __all__ = [
     "ConditionalDensity",
@@ -485,14 +486,35 @@ class ConditionalFullNormal(ConditionalDensity):
         """:math:`g_s^{-1}(Ay + c)`, the image of :math:`\\varepsilon = 0` (the conditional mean when :math:`s = 1`)."""
         return self.unwarp(self.loc(y))
 
+    def _whitening(self) -> tuple[Tensor, ...]:
+        r"""Weight-only parts of :meth:`log_prob`: :math:`P^\top`, :math:`-(PA)^\top`, :math:`-Pc`,
+        the constant :math:`\sum\lambda + \frac F2\log 2\pi` of one row, :math:`1/s` and :math:`-\log s`."""
+        P = self.precision_factor()
+        const = self.log_scale.sum() + 0.5 * LOG_2PI * self.features
+        return P.mT, -(P @ self.weight).mT, -(P @ self.bias), const, 1.0 / self.kink, -torch.log(self.kink)
+
+    def _parts(self) -> tuple[Tensor, ...]:
+        keys = (self.tril, self.log_scale, self.weight, self.bias, self.kink)
+        return weight_only(self, "whitening", keys, self._whitening)
+
     def whiten(self, d: Tensor, y: Tensor) -> Tensor:
-        """:math:`P(g_s(d) - Ay - c)`, standard normal under the model."""
-        return nn.functional.linear(self.warp(d) - self.loc(y), self.precision_factor())
+        r""":math:`P(g_s(d) - Ay - c) = P g_s(d) - (PA) y - Pc`, standard normal under the model."""
+        return self._whiten(self.warp(d), y, self._parts())
+
+    def _whiten(self, u: Tensor, y: Tensor, parts: tuple[Tensor, ...]) -> Tensor:
+        Pt, Mt, b = parts[:3]
+        r = torch.addmm(b, u.reshape(-1, self.features), Pt)
+        return torch.addmm(r, y.reshape(-1, self.context_features), Mt).reshape(u.shape)
 
     def log_prob(self, d: Tensor, y: Tensor) -> Tensor:
-        r = self.whiten(d, y)
+        parts = self._parts()
+        const, inv_slope, neg_log_slope = parts[3:]
+        negative = d < 0  # one mask for the kink and its log-determinant
+        u = torch.where(negative, d * inv_slope, d)
+        r = self._whiten(u, y, parts).reshape(d.shape[0], -1)
         rows = d[0].numel() // self.features
-        return sum_except_batch(-0.5 * r * r - 0.5 * LOG_2PI) - rows * self.log_scale.sum() + self.warp_log_det(d)
+        kink = negative.reshape(d.shape[0], -1).sum(1, dtype=d.dtype) * neg_log_slope
+        return torch.sub(kink - rows * const, torch.linalg.vecdot(r, r), alpha=0.5)
 
     def color(self, eps: Tensor) -> Tensor:
         r""":math:`P^{-1}\varepsilon` (the inverse of :meth:`whiten` around the mean, before the kink)."""

@@ -57,6 +57,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from .core import weight_only
 from .densities import (
     FULL_COVARIANCE_MAX,
     LOG_2PI,
@@ -366,13 +367,25 @@ class GaussianMixture(BaseDensity):
 
     def component_log_prob(self, z: Tensor) -> Tensor:
         """``(B, K)``: :math:`\\log \\pi_k + \\log\\mathcal N(z; \\mu_k, \\Sigma_k)`."""
-        flat = z.reshape(z.shape[0], 1, -1)
-        if self.full:
-            r = torch.einsum("kij,bkj->bki", self.precision_factors(), flat - self.loc)
-            lp = -0.5 * (r * r).sum(-1) - self.log_scale.sum(-1) - 0.5 * LOG_2PI * r.shape[-1]
+        K, D = self.loc.shape
+        scale, shift, const = weight_only(
+            self, "whitening", (self.logits, self.loc, self.log_scale, self.tril), self._whitening
+        )
+        if self.full:  # every component's whitened residual P_k (z - mu_k) in one matrix product
+            r = nn.functional.linear(z.reshape(z.shape[0], D), scale, shift)
         else:
-            lp = normal_log_prob(flat, self.loc, self.log_scale).sum(-1)
-        return lp + torch.log_softmax(self.logits, 0)
+            r = (z.reshape(z.shape[0], 1, D) - self.loc) * scale
+        return const - 0.5 * (r * r).reshape(z.shape[0], K, D).sum(-1)
+
+    def _whitening(self) -> tuple[Tensor, Tensor | None, Tensor]:
+        r"""Weight-only parts of :meth:`component_log_prob`: the stacked :math:`P_k` ``(K*D, D)`` and
+        :math:`-P_k\mu_k` (full) or :math:`e^{-\lambda}` (diagonal), and the constant of each component."""
+        K, D = self.loc.shape
+        const = torch.log_softmax(self.logits, 0) - self.log_scale.sum(-1) - 0.5 * LOG_2PI * D
+        if not self.full:
+            return torch.exp(-self.log_scale), None, const
+        P = self.precision_factors()
+        return P.reshape(K * D, D), -(P @ self.loc.unsqueeze(-1)).reshape(K * D), const
 
     def log_prob(self, z: Tensor) -> Tensor:
         return torch.logsumexp(self.component_log_prob(z), 1)
