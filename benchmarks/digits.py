@@ -35,6 +35,7 @@ from torch import nn
 import flowconvert as fc
 from flowconvert.demo import (
     DEFAULT_TEMPERATURE,
+    IW_SAMPLES,
     LEVELS,
     DigitsFlowMLP,
     DigitsMLP,
@@ -43,6 +44,7 @@ from flowconvert.demo import (
     carve_validation,
     convert_and_fit,
     format_table,
+    iw_bits_per_dim,
     load_digits_split,
     ood_auroc,
     sample_quality,
@@ -129,6 +131,7 @@ def main() -> None:
             nsf_val,
             fc.bits_per_dim(nsf, data.test_x, dequantize=deq),
             time.perf_counter() - t,
+            iw_bits_per_dim(nsf, data.test_x, deq),
         )
     )
     print(f"  NSF done: validation {nsf_val:.3f}", flush=True)
@@ -145,7 +148,7 @@ def main() -> None:
             flow, h, secs = convert_and_fit(net, data, deq, density, epochs=epochs)
             key = f"{name}, frozen, density={density!r}"
             test = fc.bits_per_dim(flow, data.test_x, dequantize=deq)
-            rows.append((key, h.best_val_bpd, test, secs))
+            rows.append((key, h.best_val_bpd, test, secs, iw_bits_per_dim(flow, data.test_x, deq)))
             flows[key], fit_seconds[key] = flow, secs
             with torch.no_grad():
                 same = torch.equal(flow(deq.center(data.test_x)), net(deq.center(data.test_x)))
@@ -173,7 +176,8 @@ def main() -> None:
             **options,
         )
         test = fc.bits_per_dim(flow, data.test_x, dequantize=deq)
-        rows.append((f"{label}, trained fully ({h.steps} steps)", h.best_val_bpd, test, secs))
+        iw = iw_bits_per_dim(flow, data.test_x, deq)
+        rows.append((f"{label}, trained fully ({h.steps} steps)", h.best_val_bpd, test, secs, iw))
         flows[key] = flow
 
     def nsf_sized_base(shape):
@@ -196,7 +200,11 @@ def main() -> None:
         network_lr=3e-5,
     )
 
-    print("\ntest bits/dim (lower is better), validation used for every choice:")
+    print(
+        "\ntest bits/dim (lower is better), validation used for every choice; the last column is the "
+        f"importance-weighted bound over {IW_SAMPLES} dequantization draws per test image (the same models;\n"
+        "a tighter bound on their discrete log-likelihood; the uniform and categorical models are exact):"
+    )
     print(format_table(rows))
 
     frozen = [r for r in rows if "demo MLP, frozen" in r[0]]
