@@ -114,7 +114,8 @@ def convert(model: nn.Module, example_inputs: Any, *, density: Any = "gaussian",
     ``"full"`` (learnable full covariance), ``"gaussian"`` (full up to 256 coordinates, diagonal
     beyond), ``"mixture"`` (a Gaussian mixture that calibration keeps as one Gaussian unless EM's mixture
     scores better held out), ``"flow"`` or a callable ``event_shape -> BaseDensity``; by default the
-    family's (``"mixture"`` for ``"gaussian"`` and ``"mlp"``). The other ``options`` are those of
+    family's (``"auto"`` for ``"gaussian"``: ``"mixture"`` up to 64 coordinates, ``"gaussian"``
+    beyond; ``"mixture"`` for ``"mlp"``). The other ``options`` are those of
     :class:`Options`: ``registry``, ``relu="leaky"`` with ``negative_slope`` (substitutes
     LeakyReLU for every ReLU and a leaky clamp for ReLU6, Hardtanh, Hardsigmoid and clamps;
     refused by default, FC101/FC106), ``substitute={"gelu": "leaky", ...}`` for the

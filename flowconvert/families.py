@@ -10,10 +10,11 @@ chosen at conversion, ``flowconvert.convert(model, x, density=...)``:
   the fused fast path of the layers), or with a full covariance on kinked coordinates for the
   dropped inputs of a linear layer (:class:`~flowconvert.densities.ConditionalFullNormal`, up to
   :data:`~flowconvert.densities.FULL_COVARIANCE_MAX` of them), fitted in closed form by
-  :func:`~flowconvert.calibrate`; base: a :class:`GaussianMixture` (full covariances up to that
-  size, diagonal beyond) that calibration fits twice, as one Gaussian and by EM, keeping the
-  better held out: a classifier's logits form one cluster per class, which one Gaussian
-  spreads over (``base="gaussian"``: :func:`gaussian_base`, the single Gaussian only).
+  :func:`~flowconvert.calibrate`; base: :func:`auto_base`, a :class:`GaussianMixture` up to
+  :data:`MIXTURE_MAX` coordinates that calibration fits twice, as one Gaussian and by EM, keeping
+  the better held out (a classifier's logits form one cluster per class, which one Gaussian
+  spreads over), and beyond it :func:`gaussian_base`, the single Gaussian (full covariance up to
+  :data:`~flowconvert.densities.FULL_COVARIANCE_MAX` coordinates, diagonal beyond).
 * ``"mlp"``: :class:`MLPConditionalNormal`, a heteroscedastic Gaussian: the residual
   :math:`d - Ay - c - \mu_\theta(y)`, whitened by a full precision factor :math:`P`
   (:class:`~flowconvert.densities.ConditionalFullNormal`), is
@@ -83,6 +84,8 @@ __all__ = [
     "GaussianMixture",
     "FlowBase",
     "gaussian_base",
+    "auto_base",
+    "MIXTURE_MAX",
     "flow_base",
     "FAMILIES",
     "BASES",
@@ -441,12 +444,16 @@ class GaussianMixture(BaseDensity):
         self.logits.zero_()
 
     @torch.no_grad()
-    def em(self, z: Tensor, iterations: int = 50, min_var: float = 1e-4, seed: int = 0) -> None:
-        """Maximum likelihood by expectation-maximization on rows ``z`` (k-means++ start); each
-        component's variances are floored at ``min_var`` times the data's."""
+    def em(self, z: Tensor, iterations: int = 50, min_var: float = 1e-4, seed: int = 0, max_rows: int = 10_000) -> None:
+        """Maximum likelihood by expectation-maximization on rows ``z`` (k-means++ start; at most
+        ``max_rows`` of them, drawn at random, since every step costs rows x K x D^2); each
+        component's variances are floored at ``min_var`` times the data's. Stops early once the
+        mean log-likelihood gains less than 1e-7 of itself in a step."""
         x = z.reshape(z.shape[0], -1).double()
-        n, K, D = x.shape[0], self.components, x.shape[1]
         g = torch.Generator().manual_seed(seed)
+        if x.shape[0] > max_rows:
+            x = x[torch.randperm(x.shape[0], generator=g)[:max_rows]]
+        n, K, D = x.shape[0], self.components, x.shape[1]
         floor = min_var * x.var(0).clamp_min(1e-12)
         centers = [x[torch.randint(n, (1,), generator=g)].squeeze(0)]
         for _ in range(1, K):  # k-means++ seeding
@@ -461,6 +468,7 @@ class GaussianMixture(BaseDensity):
         cov = torch.diag_embed(var)  # full covariances
         log_scale, tril = torch.empty(K, D, dtype=x.dtype), torch.empty(K, D, D, dtype=x.dtype)
         log_pi = torch.full((K,), -math.log(K), dtype=x.dtype)
+        last = -math.inf
         for _ in range(iterations):
             if self.full:
                 write_precision(cov, log_scale, tril)
@@ -469,6 +477,10 @@ class GaussianMixture(BaseDensity):
                 lp = -0.5 * (r * r).sum(-1) + P.diagonal(dim1=-2, dim2=-1).log().sum(-1) - 0.5 * LOG_2PI * D
             else:
                 lp = normal_log_prob(x[:, None], mu, 0.5 * var.log()).sum(-1)
+            ll = torch.logsumexp(lp + log_pi, 1).mean().item()  # of the parameters this step starts from
+            if ll - last < 1e-7 * (1.0 + abs(ll)):
+                break
+            last = ll
             resp = torch.softmax(lp + log_pi, 1)  # (n, K) responsibilities
             nk = resp.sum(0) + 1e-10
             mu = (resp.mT @ x) / nk[:, None]
@@ -598,6 +610,17 @@ def gaussian_base(event_shape: Sequence[int]) -> BaseDensity:
     return (FullNormal if math.prod(event_shape) <= FULL_COVARIANCE_MAX else DiagonalNormal)(event_shape)
 
 
+#: The Gaussian family's default base is a mixture up to this many coordinates (EM costs rows x K x D^2).
+MIXTURE_MAX = 64
+
+
+def auto_base(event_shape: Sequence[int]) -> BaseDensity:
+    """The Gaussian family's base: a :class:`GaussianMixture` (full covariances) up to
+    :data:`MIXTURE_MAX` coordinates, which calibration keeps as one Gaussian unless EM's mixture
+    scores better held out; the single Gaussian of :func:`gaussian_base` beyond."""
+    return GaussianMixture(event_shape) if math.prod(event_shape) <= MIXTURE_MAX else gaussian_base(event_shape)
+
+
 #: Base densities by name (``convert(..., base=name)``).
 BASES: dict[str, Callable[[Sequence[int]], BaseDensity]] = {
     "standard": StandardNormal,
@@ -605,10 +628,11 @@ BASES: dict[str, Callable[[Sequence[int]], BaseDensity]] = {
     "full": FullNormal,
     "gaussian": gaussian_base,
     "mixture": GaussianMixture,
+    "auto": auto_base,
     "flow": flow_base,
 }
 #: The base each family uses unless ``base=`` says otherwise.
-DEFAULT_BASE = {"gaussian": "mixture", "mlp": "mixture", "flow": "flow"}
+DEFAULT_BASE = {"gaussian": "auto", "mlp": "mixture", "flow": "flow"}
 
 
 def make_conditional(
