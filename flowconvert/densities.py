@@ -499,22 +499,23 @@ class ConditionalFullNormal(ConditionalDensity):
 
     def whiten(self, d: Tensor, y: Tensor) -> Tensor:
         r""":math:`P(g_s(d) - Ay - c) = P g_s(d) - (PA) y - Pc`, standard normal under the model."""
-        return self._whiten(self.warp(d), y, self._parts())
+        return self._whiten_and_kink(d, y, self._parts())[0]
 
-    def _whiten(self, u: Tensor, y: Tensor, parts: tuple[Tensor, ...]) -> Tensor:
-        Pt, Mt, b = parts[:3]
+    def _whiten_and_kink(self, d: Tensor, y: Tensor, parts: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        """:meth:`whiten` and :meth:`warp_log_det` from the cached parts, with one mask for both."""
+        Pt, Mt, b, _, inv_slope, neg_log_slope = parts
+        negative = d < 0
+        u = torch.where(negative, d * inv_slope, d)
         r = torch.addmm(b, u.reshape(-1, self.features), Pt)
-        return torch.addmm(r, y.reshape(-1, self.context_features), Mt).reshape(u.shape)
+        r = torch.addmm(r, y.reshape(-1, self.context_features), Mt).reshape(u.shape)
+        return r, negative.reshape(d.shape[0], -1).sum(1, dtype=d.dtype) * neg_log_slope
 
     def log_prob(self, d: Tensor, y: Tensor) -> Tensor:
         parts = self._parts()
-        const, inv_slope, neg_log_slope = parts[3:]
-        negative = d < 0  # one mask for the kink and its log-determinant
-        u = torch.where(negative, d * inv_slope, d)
-        r = self._whiten(u, y, parts).reshape(d.shape[0], -1)
+        r, kink = self._whiten_and_kink(d, y, parts)
+        r = r.reshape(d.shape[0], -1)
         rows = d[0].numel() // self.features
-        kink = negative.reshape(d.shape[0], -1).sum(1, dtype=d.dtype) * neg_log_slope
-        return torch.sub(kink - rows * const, torch.linalg.vecdot(r, r), alpha=0.5)
+        return torch.sub(kink - rows * parts[3], torch.linalg.vecdot(r, r), alpha=0.5)
 
     def color(self, eps: Tensor) -> Tensor:
         r""":math:`P^{-1}\varepsilon` (the inverse of :meth:`whiten` around the mean, before the kink)."""
