@@ -388,8 +388,21 @@ def full_moments(z: Tensor, min_var: float) -> tuple[Tensor, Tensor]:
 
 
 def kinked(d: Tensor, slope: Tensor | float) -> Tensor:
-    """:math:`g_s(d)`: negative coordinates divided by the slope ``s`` (see :class:`ConditionalFullNormal`)."""
-    return torch.where(d < 0, d / slope, d)
+    """:math:`g_s(d)`: negative coordinates divided by the slope ``s`` (see :class:`ConditionalFullNormal`).
+
+    Computed as ``prelu(d, 1/s)``: one pass, where ``torch.where(d < 0, d / s, d)`` takes three and
+    is several times slower on CPU."""
+    inv = 1.0 / slope
+    weight = inv.reshape(1).to(d.dtype) if isinstance(inv, Tensor) else d.new_full((1,), inv)
+    return torch.prelu(d, weight)
+
+
+def minus_negatives(d: Tensor) -> Tensor:
+    """``-n_-(d)``: minus the number of negative coordinates of each sample, in ``d``'s dtype.
+
+    ``sign(min(d, 0))`` is -1 exactly where ``d < 0`` (0 at -0.0); summing it is several times
+    faster on CPU than reducing the boolean mask ``d < 0``."""
+    return sum_except_batch(torch.clamp(d, max=0).sign_())
 
 
 def triangular_inverse(P: Tensor) -> Tensor:
@@ -476,7 +489,17 @@ class ConditionalFullNormal(ConditionalDensity):
 
     def warp_log_det(self, d: Tensor) -> Tensor:
         """:math:`-n_-(d)\\log s`, summed over all but the batch dimension."""
-        return sum_except_batch((d < 0).to(d.dtype)) * -torch.log(self.kink)
+        return minus_negatives(d) * torch.log(self.kink)
+
+    def warp_and_log_det(self, d: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`warp` and :meth:`warp_log_det` together, from the cached :math:`1/s` and :math:`\\log s`."""
+        *_, inv_slope, neg_log_slope = self._parts()
+        return self._warp_and_log_det(d, inv_slope, neg_log_slope)
+
+    @staticmethod
+    def _warp_and_log_det(d: Tensor, inv_slope: Tensor, neg_log_slope: Tensor) -> tuple[Tensor, Tensor]:
+        u = torch.prelu(d, inv_slope.reshape(1))  # g_s(d) in one pass (see kinked)
+        return u, minus_negatives(d) * -neg_log_slope
 
     def loc(self, y: Tensor) -> Tensor:
         """:math:`Ay + c`, the mean of the kinked coordinates :math:`u`."""
@@ -502,13 +525,12 @@ class ConditionalFullNormal(ConditionalDensity):
         return self._whiten_and_kink(d, y, self._parts())[0]
 
     def _whiten_and_kink(self, d: Tensor, y: Tensor, parts: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
-        """:meth:`whiten` and :meth:`warp_log_det` from the cached parts, with one mask for both."""
+        """:meth:`whiten` and :meth:`warp_log_det` from the cached parts."""
         Pt, Mt, b, _, inv_slope, neg_log_slope = parts
-        negative = d < 0
-        u = torch.where(negative, d * inv_slope, d)
+        u, log_det = self._warp_and_log_det(d, inv_slope, neg_log_slope)
         r = torch.addmm(b, u.reshape(-1, self.features), Pt)
-        r = torch.addmm(r, y.reshape(-1, self.context_features), Mt).reshape(u.shape)
-        return r, negative.reshape(d.shape[0], -1).sum(1, dtype=d.dtype) * neg_log_slope
+        r = r.addmm_(y.reshape(-1, self.context_features), Mt).reshape(u.shape)
+        return r, log_det
 
     def log_prob(self, d: Tensor, y: Tensor) -> Tensor:
         parts = self._parts()

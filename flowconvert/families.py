@@ -224,9 +224,10 @@ class MLPConditionalNormal(_WithLinear):
         :math:`\log q` (:math:`\log|\det P|` per row and the kink's term)."""
         mu, rho = self.params(y)
         lin = self.linear
-        r = nn.functional.linear(lin.warp(d) - mu, lin.precision_factor())
+        u, warp_log_det = lin.warp_and_log_det(d)
+        r = nn.functional.linear(u - mu, lin.precision_factor())
         rows = d[0].numel() // self.features
-        return r, rho, lin.warp_log_det(d) - rows * lin.log_scale.sum()
+        return r, rho, warp_log_det - rows * lin.log_scale.sum()
 
     def log_prob(self, d: Tensor, y: Tensor) -> Tensor:
         r, rho, rest = self._residual(d, y)
@@ -378,7 +379,8 @@ class GaussianMixture(BaseDensity):
             r = nn.functional.linear(z.reshape(z.shape[0], D), scale, shift)
         else:
             r = (z.reshape(z.shape[0], 1, D) - self.loc) * scale
-        return const - 0.5 * (r * r).reshape(z.shape[0], K, D).sum(-1)
+        r = r.reshape(z.shape[0], K, D)
+        return torch.sub(const, torch.linalg.vecdot(r, r), alpha=0.5)
 
     def _whitening(self) -> tuple[Tensor, Tensor | None, Tensor]:
         r"""Weight-only parts of :meth:`component_log_prob`: the stacked :math:`P_k` ``(K*D, D)`` and

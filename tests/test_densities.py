@@ -1,5 +1,7 @@
 """Densities: normalization and agreement with torch.distributions (used only here, in tests)."""
 
+import math
+
 import pytest
 import torch
 from torch.distributions import Normal
@@ -49,3 +51,29 @@ def test_gaussian_noise(shared):
     noise = GaussianNoise(3, shared=shared, init_log_scale=-1.0).double()
     u = noise.scale(torch.randn(5, 3, dtype=torch.float64))
     torch.testing.assert_close(noise.log_prob(u), Normal(0.0, noise.log_scale.exp()).log_prob(u).sum(1))
+
+
+def test_the_kink_and_its_log_det_follow_the_definition_at_zero_and_off_it():
+    """g_s(d) = d / s below zero, d elsewhere; -n_-(d) log s counts strictly negative entries
+    (neither 0.0 nor -0.0); the full-covariance density uses exactly these (float64, 1e-12)."""
+    from flowconvert.densities import ConditionalFullNormal, kinked, minus_negatives
+
+    d = torch.tensor([[-2.0, -0.0, 0.0, 3.0], [1e-300, -1e-300, -5.0, 0.5]], dtype=torch.float64)
+    slope = 0.2
+    expected = torch.where(d < 0, d / slope, d)
+    torch.testing.assert_close(kinked(d, slope), expected, rtol=1e-15, atol=0)
+    torch.testing.assert_close(kinked(d, torch.tensor(slope, dtype=torch.float64)), expected, rtol=1e-15, atol=0)
+    assert minus_negatives(d).tolist() == [-1.0, -2.0]
+    q = ConditionalFullNormal(4, 3).double()
+    q.set_kink(slope)
+    with torch.no_grad():
+        q.tril.normal_(0, 0.3)
+        q.weight.normal_()
+    y = torch.randn(2, 3, dtype=torch.float64)
+    u, log_det = q.warp_and_log_det(d)
+    torch.testing.assert_close(u, expected, rtol=1e-15, atol=0)
+    torch.testing.assert_close(log_det, -(d < 0).sum(1).double() * math.log(slope), rtol=1e-12, atol=0)
+    P = q.precision_factor()
+    r = (expected - y @ q.weight.T - q.bias) @ P.T
+    by_hand = -0.5 * (r * r).sum(1) - 2 * math.log(2 * math.pi) + P.diagonal().log().sum() + log_det
+    torch.testing.assert_close(q.log_prob(d, y), by_hand, rtol=1e-12, atol=1e-12)
