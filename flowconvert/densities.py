@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import Configurable
-from .core import weight_only
+from .core import _is_exporting, weight_only
 
 __all__ = [
     "ConditionalDensity",
@@ -493,7 +493,7 @@ class ConditionalFullNormal(ConditionalDensity):
 
     def warp_and_log_det(self, d: Tensor) -> tuple[Tensor, Tensor]:
         """:meth:`warp` and :meth:`warp_log_det` together, from the cached :math:`1/s` and :math:`\\log s`."""
-        *_, inv_slope, neg_log_slope = self._parts()
+        *_, inv_slope, neg_log_slope, _ = self._parts()
         return self._warp_and_log_det(d, inv_slope, neg_log_slope)
 
     @staticmethod
@@ -511,10 +511,14 @@ class ConditionalFullNormal(ConditionalDensity):
 
     def _whitening(self) -> tuple[Tensor, ...]:
         r"""Weight-only parts of :meth:`log_prob`: :math:`P^\top`, :math:`-(PA)^\top`, :math:`-Pc`,
-        the constant :math:`\sum\lambda + \frac F2\log 2\pi` of one row, :math:`1/s` and :math:`-\log s`."""
+        minus the constant :math:`\sum\lambda + \frac F2\log 2\pi` of one row, :math:`1/s`,
+        :math:`-\log s`, and whether there is a kink (:math:`s \ne 1`; always, while traced for export,
+        where the slope is not a value)."""
         P = self.precision_factor()
         const = self.log_scale.sum() + 0.5 * LOG_2PI * self.features
-        return P.mT, -(P @ self.weight).mT, -(P @ self.bias), const, 1.0 / self.kink, -torch.log(self.kink)
+        traced = _is_exporting() or torch.compiler.is_compiling()
+        kinked = traced or bool(self.kink != 1)
+        return P.mT, -(P @ self.weight).mT, -(P @ self.bias), -const, 1.0 / self.kink, -torch.log(self.kink), kinked
 
     def _parts(self) -> tuple[Tensor, ...]:
         keys = (self.tril, self.log_scale, self.weight, self.bias, self.kink)
@@ -524,20 +528,21 @@ class ConditionalFullNormal(ConditionalDensity):
         r""":math:`P(g_s(d) - Ay - c) = P g_s(d) - (PA) y - Pc`, standard normal under the model."""
         return self._whiten_and_kink(d, y, self._parts())[0]
 
-    def _whiten_and_kink(self, d: Tensor, y: Tensor, parts: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
-        """:meth:`whiten` and :meth:`warp_log_det` from the cached parts."""
-        Pt, Mt, b, _, inv_slope, neg_log_slope = parts
-        u, log_det = self._warp_and_log_det(d, inv_slope, neg_log_slope)
+    def _whiten_and_kink(self, d: Tensor, y: Tensor, parts: tuple) -> tuple[Tensor, Tensor | None]:
+        """:meth:`whiten` and :meth:`warp_log_det` (None without a kink) from the cached parts."""
+        Pt, Mt, b, _, inv_slope, neg_log_slope, kinked = parts
+        u, log_det = self._warp_and_log_det(d, inv_slope, neg_log_slope) if kinked else (d, None)
         r = torch.addmm(b, u.reshape(-1, self.features), Pt)
         r = r.addmm_(y.reshape(-1, self.context_features), Mt).reshape(u.shape)
         return r, log_det
 
     def log_prob(self, d: Tensor, y: Tensor) -> Tensor:
         parts = self._parts()
-        r, kink = self._whiten_and_kink(d, y, parts)
+        r, log_det = self._whiten_and_kink(d, y, parts)
         r = r.reshape(d.shape[0], -1)
         rows = d[0].numel() // self.features
-        return torch.sub(kink - rows * parts[3], torch.linalg.vecdot(r, r), alpha=0.5)
+        ll = torch.sub(parts[3] if rows == 1 else rows * parts[3], torch.linalg.vecdot(r, r), alpha=0.5)
+        return ll if log_det is None else ll + log_det
 
     def color(self, eps: Tensor) -> Tensor:
         r""":math:`P^{-1}\varepsilon` (the inverse of :meth:`whiten` around the mean, before the kink)."""

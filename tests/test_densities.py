@@ -55,7 +55,8 @@ def test_gaussian_noise(shared):
 
 def test_the_kink_and_its_log_det_follow_the_definition_at_zero_and_off_it():
     """g_s(d) = d / s below zero, d elsewhere; -n_-(d) log s counts strictly negative entries
-    (neither 0.0 nor -0.0); the full-covariance density uses exactly these (float64, 1e-12)."""
+    (neither 0.0 nor -0.0); the full-covariance density uses exactly these, and none at s = 1
+    (float64, 1e-12)."""
     from flowconvert.densities import ConditionalFullNormal, kinked, minus_negatives
 
     d = torch.tensor([[-2.0, -0.0, 0.0, 3.0], [1e-300, -1e-300, -5.0, 0.5]], dtype=torch.float64)
@@ -65,11 +66,16 @@ def test_the_kink_and_its_log_det_follow_the_definition_at_zero_and_off_it():
     torch.testing.assert_close(kinked(d, torch.tensor(slope, dtype=torch.float64)), expected, rtol=1e-15, atol=0)
     assert minus_negatives(d).tolist() == [-1.0, -2.0]
     q = ConditionalFullNormal(4, 3).double()
-    q.set_kink(slope)
     with torch.no_grad():
         q.tril.normal_(0, 0.3)
         q.weight.normal_()
     y = torch.randn(2, 3, dtype=torch.float64)
+    # no kink (s = 1, the pass skips it): the plain Gaussian; then the kink, set after a first call
+    P = q.precision_factor()
+    r = (d - y @ q.weight.T - q.bias) @ P.T
+    plain = -0.5 * (r * r).sum(1) - 2 * math.log(2 * math.pi) + P.diagonal().log().sum()
+    torch.testing.assert_close(q.log_prob(d, y), plain, rtol=1e-12, atol=1e-12)
+    q.set_kink(slope)
     u, log_det = q.warp_and_log_det(d)
     torch.testing.assert_close(u, expected, rtol=1e-15, atol=0)
     torch.testing.assert_close(log_det, -(d < 0).sum(1).double() * math.log(slope), rtol=1e-12, atol=0)
