@@ -22,7 +22,10 @@ For each architecture (torchvision / pytorchcv definitions, random weights, eval
   (uncalibrated densities give finite but absurd figures; 0 skips calibration);
 * the refused architectures (ViT, MobileNetV3, EfficientNet) with their problem counts.
 
-    python benchmarks/zoo.py [--models resnet18,nin] [--batch 8] [--repeats 15] [--threads 2]
+    python benchmarks/zoo.py [--models resnet18,nin] [--batch 8] [--repeats 15] [--threads 2] [--negative-slope 0.01]
+
+``--negative-slope`` sets the substitutes' slope: a larger one deviates more from the ReLU network and
+amplifies less in the inverse (1/s per substitute on the way back).
 
 All fifteen architectures take about 20 minutes on two cores (about 12 with ``--repeats 5``).
 
@@ -163,7 +166,7 @@ class PeakRSS:
         self.growth = self.peak - self.start
 
 
-def run_one(name: str, batch: int, repeats: int, onnx: bool, calibrate: int) -> dict:
+def run_one(name: str, batch: int, repeats: int, onnx: bool, calibrate: int, negative_slope: float = 0.01) -> dict:
     import flowconvert as fc
 
     row: dict = {"model": name}
@@ -180,14 +183,14 @@ def run_one(name: str, batch: int, repeats: int, onnx: bool, calibrate: int) -> 
         start = time.perf_counter()
         with PeakRSS() as mem:
             try:
-                flow = fc.convert(model, example, relu="leaky")
+                flow = fc.convert(model, example, relu="leaky", negative_slope=negative_slope)
             except fc.ConversionError:
                 flow = None
         convert_s, convert_peak = time.perf_counter() - start, mem.growth
         stage = "audit"
         start = time.perf_counter()
         with PeakRSS() as mem:
-            report = fc.audit(model, example, relu="leaky")
+            report = fc.audit(model, example, relu="leaky", negative_slope=negative_slope)
         row["audit_s"] = time.perf_counter() - start
         row["audit_peak_MB"] = mem.growth
         if flow is None or not report.convertible:
@@ -268,12 +271,15 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per model")
     parser.add_argument("--calibrate", type=int, default=64, help="generated inputs to calibrate on (0: none)")
+    parser.add_argument(
+        "--negative-slope", type=float, default=0.01, help="slope of the LeakyReLU substitutes (convert's default 0.01)"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.one:
         onnx = args.one in args.onnx.split(",")
-        print(json.dumps(run_one(args.one, args.batch, args.repeats, onnx, args.calibrate)))
+        print(json.dumps(run_one(args.one, args.batch, args.repeats, onnx, args.calibrate, args.negative_slope)))
         return
     rows = []
     for name in args.models.split(","):
@@ -292,6 +298,8 @@ def main(argv=None) -> None:
             args.onnx,
             "--calibrate",
             str(args.calibrate),
+            "--negative-slope",
+            str(args.negative_slope),
         ]
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -359,7 +367,8 @@ def main(argv=None) -> None:
         )
     widths = [max(len(t[i]) for t in [head, *table]) for i in range(len(head))]
     print(
-        f"batch {args.batch}, {args.threads} threads, median of {args.repeats} paired rounds, torch {torch.__version__}, relu='leaky'"
+        f"batch {args.batch}, {args.threads} threads, median of {args.repeats} paired rounds, torch {torch.__version__}, relu='leaky', "
+        f"negative_slope={args.negative_slope:g}"
     )
     print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
