@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import DensityPart, FlowLayer, tensor_key
+from .core import DensityPart, FlowLayer, tensor_key, weight_only
 from .densities import (
     FULL_COVARIANCE_MAX,
     LOG_2PI,
@@ -549,7 +549,16 @@ class FlowLinear(FlowLayer):
         if type(q) is not self.linear_gaussian:
             return q.log_prob(d, y)
         rows = d.numel() // max(d.shape[0] * q.features, 1)
-        if self._frozen and "_export_inv_sigma" in self._buffers:  # prepared for export: fixed constants
+        exporting = self._frozen and "_export_inv_sigma" in self._buffers
+        if self.groups == 1 and not exporting:
+            # r = (d - c) / sigma - (A / sigma) y: one fused multiply-add and one matrix product
+            At, e, inv_sigma, neg_row_const = weight_only(
+                self, "diagonal_residual", (q.weight, q.bias, q.log_scale), lambda: self._diagonal_residual(q)
+            )
+            r = torch.addcmul(e, d.reshape(-1, q.features), inv_sigma)
+            r = r.addmm_(y.reshape(-1, q.context_features), At).reshape(d.shape[0], -1)
+            return torch.sub(neg_row_const if rows == 1 else rows * neg_row_const, torch.linalg.vecdot(r, r), alpha=0.5)
+        if exporting:  # prepared for export: fixed constants
             inv_sigma, row_const = self._export_inv_sigma, self._export_row_const
         else:
             inv_sigma, row_const = torch.exp(-q.log_scale), q.log_scale.sum() + 0.5 * LOG_2PI * q.features
@@ -561,6 +570,15 @@ class FlowLinear(FlowLayer):
             r = (d.reshape(-1, q.features) - q.mean(y.reshape(-1, q.context_features))) * inv_sigma
         r = r.reshape(d.shape[0], -1)
         return torch.sub(-const, torch.linalg.vecdot(r, r), alpha=0.5)
+
+    @staticmethod
+    def _diagonal_residual(q: ConditionalDiagonalNormal) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Weight-only parts of the diagonal density's residual: ``-(A / sigma)^T``, ``-c / sigma``,
+        ``1 / sigma`` and minus the constant of one row."""
+        inv_sigma = torch.exp(-q.log_scale).expand(q.features)
+        At = (q.weight * inv_sigma[:, None]).mT.neg()
+        row_const = q.log_scale.expand(q.features).sum() + 0.5 * LOG_2PI * q.features
+        return At, -q.bias * inv_sigma, inv_sigma, -row_const
 
     def noise_point_constant(self) -> Tensor:
         """``-log N(0; 0, tau^2)`` summed over the added coordinates of one row (augment)."""
