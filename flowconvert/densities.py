@@ -492,9 +492,8 @@ class ConditionalFullNormal(ConditionalDensity):
         return minus_negatives(d) * torch.log(self.kink)
 
     def warp_and_log_det(self, d: Tensor) -> tuple[Tensor, Tensor]:
-        """:meth:`warp` and :meth:`warp_log_det` together, from the cached :math:`1/s` and :math:`\\log s`."""
-        *_, inv_slope, neg_log_slope, _ = self._parts()
-        return self._warp_and_log_det(d, inv_slope, neg_log_slope)
+        """:meth:`warp` and :meth:`warp_log_det` together."""
+        return self._warp_and_log_det(d, 1.0 / self.kink, -torch.log(self.kink))
 
     @staticmethod
     def _warp_and_log_det(d: Tensor, inv_slope: Tensor, neg_log_slope: Tensor) -> tuple[Tensor, Tensor]:
