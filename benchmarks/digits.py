@@ -20,8 +20,9 @@ included and every figure compares with the discrete models:
 Then samples at T = 1 and the default temperature (fraction of pixel values in [-0.05, 1.05],
 recognition by a separately trained logistic regression relative to real test digits), where the
 best frozen flow's samples leave the data (sampling started from the real output of each layer in
-turn, :func:`samples_from_each_depth`), AUROC of log p against the classifier's max-softmax baseline on out-of-distribution sets, and wall
-times. Needs zuko (a dependency of flowconvert's "flow" family).
+turn, :func:`samples_from_each_depth`), AUROC of log p against the classifier's max-softmax
+baseline on out-of-distribution sets, and wall times. Needs zuko (a dependency of flowconvert's
+"flow" family).
 """
 
 from __future__ import annotations
