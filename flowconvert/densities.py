@@ -487,12 +487,8 @@ class ConditionalFullNormal(ConditionalDensity):
         """:math:`g_s^{-1}(u)`."""
         return torch.where(u < 0, u * self.kink, u)
 
-    def warp_log_det(self, d: Tensor) -> Tensor:
-        """:math:`-n_-(d)\\log s`, summed over all but the batch dimension."""
-        return minus_negatives(d) * torch.log(self.kink)
-
     def warp_and_log_det(self, d: Tensor) -> tuple[Tensor, Tensor]:
-        """:meth:`warp` and :meth:`warp_log_det` together."""
+        """:meth:`warp` and its log-determinant :math:`-n_-(d)\\log s` (summed over all but the batch dimension)."""
         return self._warp_and_log_det(d, 1.0 / self.kink, -torch.log(self.kink))
 
     @staticmethod
@@ -528,7 +524,7 @@ class ConditionalFullNormal(ConditionalDensity):
         return self._whiten_and_kink(d, y, self._parts())[0]
 
     def _whiten_and_kink(self, d: Tensor, y: Tensor, parts: tuple) -> tuple[Tensor, Tensor | None]:
-        """:meth:`whiten` and :meth:`warp_log_det` (None without a kink) from the cached parts."""
+        """:meth:`whiten` and the warp's log-determinant (None without a kink) from the cached parts."""
         Pt, Mt, b, _, inv_slope, neg_log_slope, kinked = parts
         u, log_det = self._warp_and_log_det(d, inv_slope, neg_log_slope) if kinked else (d, None)
         r = torch.addmm(b, u.reshape(-1, self.features), Pt)

@@ -510,20 +510,23 @@ class FlowLinear(FlowLayer):
     def prepare_for_export(self) -> None:
         """Compute the caches now and stop re-checking them (before tracing; see :meth:`release_export`).
 
-        The fused Gaussian density's ``1 / sigma`` and constant are fixed as buffers too, so that
-        the traced graph holds no weight-only arithmetic."""
+        The fused Gaussian density's weight-only parts (:meth:`_diagonal_residual`) are fixed as
+        buffers too, so that the traced graph holds no weight-only arithmetic."""
         self.refresh()
         q = self.dropped
         if q is not None and self.fused():
             with torch.no_grad():
-                self.register_buffer("_export_inv_sigma", torch.exp(-q.log_scale).clone(), persistent=False)
-                const = q.log_scale.sum() + 0.5 * LOG_2PI * q.features
-                self.register_buffer("_export_row_const", const.clone(), persistent=False)
+                for name, t in zip(self._EXPORT_PARTS, self._diagonal_residual(q)):
+                    if t is not None:
+                        self.register_buffer(name, t.detach().clone(), persistent=False)
         self._frozen = True
+
+    #: Buffer names of the fixed density parts during an export (see :meth:`prepare_for_export`).
+    _EXPORT_PARTS = ("_export_At", "_export_e", "_export_inv_sigma", "_export_neg_row_const")
 
     def release_export(self) -> None:
         """Undo :meth:`prepare_for_export`: the fixed constants are dropped, the caches follow the weight again."""
-        for name in ("_export_inv_sigma", "_export_row_const"):
+        for name in self._EXPORT_PARTS:
             self._buffers.pop(name, None)
         self.__dict__.pop("_frozen", None)
         self.invalidate_cache()
@@ -549,35 +552,29 @@ class FlowLinear(FlowLayer):
         if type(q) is not self.linear_gaussian:
             return q.log_prob(d, y)
         rows = d.numel() // max(d.shape[0] * q.features, 1)
-        exporting = self._frozen and "_export_inv_sigma" in self._buffers
-        if self.groups == 1 and not exporting:
-            # r = (d - c) / sigma - (A / sigma) y: one fused multiply-add and one matrix product
+        if self._frozen and "_export_inv_sigma" in self._buffers:  # prepared for export: fixed parts
+            At, e, inv_sigma, neg_row_const = (self._buffers.get(name) for name in self._EXPORT_PARTS)
+        else:
             At, e, inv_sigma, neg_row_const = weight_only(
                 self, "diagonal_residual", (q.weight, q.bias, q.log_scale), lambda: self._diagonal_residual(q)
             )
+        if self.groups == 1:  # r = (d - c) / sigma - (A / sigma) y: one fused multiply-add and one product
             r = torch.addcmul(e, d.reshape(-1, q.features), inv_sigma)
-            r = r.addmm_(y.reshape(-1, q.context_features), At).reshape(d.shape[0], -1)
-            return torch.sub(neg_row_const if rows == 1 else rows * neg_row_const, torch.linalg.vecdot(r, r), alpha=0.5)
-        if exporting:  # prepared for export: fixed constants
-            inv_sigma, row_const = self._export_inv_sigma, self._export_row_const
-        else:
-            inv_sigma, row_const = torch.exp(-q.log_scale), q.log_scale.sum() + 0.5 * LOG_2PI * q.features
-        const = rows * row_const
-        if self.groups == 1:
-            resid = torch.addmm(d.reshape(-1, q.features), y.reshape(-1, q.context_features), q.weight.mT, alpha=-1)
-            r = (resid - q.bias) * inv_sigma
+            r = r.addmm_(y.reshape(-1, q.context_features), At)
         else:
             r = (d.reshape(-1, q.features) - q.mean(y.reshape(-1, q.context_features))) * inv_sigma
         r = r.reshape(d.shape[0], -1)
-        return torch.sub(-const, torch.linalg.vecdot(r, r), alpha=0.5)
+        return torch.sub(neg_row_const if rows == 1 else rows * neg_row_const, torch.linalg.vecdot(r, r), alpha=0.5)
 
-    @staticmethod
-    def _diagonal_residual(q: ConditionalDiagonalNormal) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Weight-only parts of the diagonal density's residual: ``-(A / sigma)^T``, ``-c / sigma``,
-        ``1 / sigma`` and minus the constant of one row."""
+    def _diagonal_residual(self, q: nn.Module) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor]:
+        """Weight-only parts of the diagonal density's residual: ``-(A / sigma)^T`` and ``-c / sigma``
+        (one group; None for several, whose density gives its mean), ``1 / sigma`` and minus the
+        constant of one row."""
         inv_sigma = torch.exp(-q.log_scale).expand(q.features)
-        At = (q.weight * inv_sigma[:, None]).mT.neg()
         row_const = q.log_scale.expand(q.features).sum() + 0.5 * LOG_2PI * q.features
+        if self.groups > 1:
+            return None, None, inv_sigma, -row_const
+        At = (q.weight * inv_sigma[:, None]).mT.neg()
         return At, -q.bias * inv_sigma, inv_sigma, -row_const
 
     def noise_point_constant(self) -> Tensor:
