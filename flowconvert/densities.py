@@ -519,6 +519,16 @@ class ConditionalFullNormal(ConditionalDensity):
         keys = (self.tril, self.log_scale, self.weight, self.bias, self.kink)
         return weight_only(self, "whitening", keys, self._whitening)
 
+    def affine_whitening(self) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+        r"""Without a kink the whitened residual is affine in :math:`(d, y)`:
+        :math:`r = d P^\top + y M + b` with :math:`M = -(PA)^\top`, :math:`b = -Pc`, and
+        :math:`\log q = -\tfrac12\lVert r\rVert^2 - C` per row. Returns :math:`(P^\top, M, b, -C)`
+        (kept weight-only parts), or None with a kink or while traced (the slope is not a value
+        there). A layer that computes :math:`d` and :math:`y` linearly from its input composes these
+        into one product (:class:`~flowconvert.linear.FlowLinear`)."""
+        Pt, Mt, b, neg_const, _, _, kinked = self._parts()
+        return None if kinked else (Pt, Mt, b, neg_const)
+
     def whiten(self, d: Tensor, y: Tensor) -> Tensor:
         r""":math:`P(g_s(d) - Ay - c) = P g_s(d) - (PA) y - Pc`, standard normal under the model."""
         return self._whiten_and_kink(d, y, self._parts())[0]

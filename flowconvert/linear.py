@@ -577,6 +577,40 @@ class FlowLinear(FlowLayer):
         At = (q.weight * inv_sigma[:, None]).mT.neg()
         return At, -q.bias * inv_sigma, inv_sigma, -row_const
 
+    def _input_whitening(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        r"""The funnel's whole term from its input, when its density is an unkinked full-covariance
+        Gaussian (:meth:`ConditionalFullNormal.affine_whitening`): with :math:`d = x_S` and
+        :math:`y = Wx + c` the whitened residual is affine in :math:`x`,
+
+        .. math:: r = d P^\top + y M + b = x G^\top + b', \quad G^\top = E_S P^\top + W^\top M,
+                  \quad b' = b + c M, \qquad L = -\tfrac12\lVert r\rVert^2 + \log|\det W_{S^c}| - C,
+
+        the same :math:`(m + k)k = nk` multiply-adds as the two products from :math:`(d, y)` in one
+        product and no gather. ``(G^T, b', log|det| - C)``, composed in float64 and kept; None for
+        other densities, a kink, several groups, while a gradient is recorded for the parts (they are
+        not kept then) and while traced (the density reports a kink there): the term is then computed
+        from :math:`(d, y)`."""
+        q = self._modules.get("dropped")
+        if type(q) is not ConditionalFullNormal or self.groups != 1:
+            return None
+        # every tensor of the layer and its density (read from the dicts: nn.Module's attribute lookup
+        # costs a microsecond each, and this runs at every call)
+        tensors = (*self._parameters.values(), *self._buffers.values(), *q._parameters.values(), *q._buffers.values())
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            return None
+        return weight_only(self, "input_whitening", tensors, self._compose_input_whitening)
+
+    def _compose_input_whitening(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        parts = self.dropped.affine_whitening()
+        if parts is None:
+            return None
+        Pt, Mt, b, neg_const = (t.double() for t in parts)
+        Gt = self.weight.double().mT @ Mt
+        Gt.index_add_(0, self.dropped_index, Pt)
+        b = torch.addmv(b, Mt.mT, self.bias.double())
+        dtype = self.weight.dtype
+        return Gt.to(dtype).contiguous(), b.to(dtype), (self.logdet().double() + neg_const).to(dtype)
+
     def noise_point_constant(self) -> Tensor:
         """``-log N(0; 0, tau^2)`` summed over the added coordinates of one row (augment)."""
         return self.noise.log_scale.expand(self.added_features).sum() + 0.5 * LOG_2PI * self.added_features
@@ -595,6 +629,12 @@ class FlowLinear(FlowLayer):
         batch = x.shape[0]
         rows = x.numel() // max(batch * self.in_features, 1)  # vectors the map acts on per sample
         y = self.forward(x)  # the original layer, bit for bit
+        whitening = self._input_whitening() if self.kind == "funnel" else None
+        if whitening is not None:  # r = G x + b': the whole term in one product from the input, no gather
+            Gt, b, row_const = whitening
+            r = torch.addmm(b, x.reshape(-1, self.in_features), Gt).reshape(batch, -1)
+            norm = torch.linalg.vector_norm(r, dim=1)
+            return y, torch.addcmul(row_const if rows == 1 else rows * row_const, norm, norm, value=-0.5)
         logdet = self.logdet()
         const = logdet if rows == 1 else rows * logdet
         if self.kind == "funnel":
