@@ -6,8 +6,13 @@ For two models on CPU at batch 128 with a fixed number of threads, under
 * ``log_prob / forward``: time of ``flow.log_prob(x)`` divided by the original
   ``model(x)`` (target for the MLP: at most 2.5), in stochastic mode (the default, noise
   drawn inside the timed region) and deterministic mode;
-* ``convert``: wall time of ``flowconvert.convert(model, x[:1])`` (trace, shape
-  propagation, SVDs, graph generation).
+* ``convert``: wall time of ``flowconvert.convert(model, x[:1], density=...)`` (trace, shape
+  propagation, SVDs, graph generation, the density parts).
+
+for each density family (``--densities``; the target is for ``"gaussian"``, the richer
+``"mlp"`` and ``"flow"`` print their ratio, over ``--family-repeats`` repeats: a ``"flow"``
+likelihood pass of the CNN runs zuko's spline on every dropped coordinate of every location
+and takes seconds).
 
 Models: an MLP 784-512-256-128-64-32-8 with LeakyReLU, and a CNN of about 1M parameters
 (three convolutions, two linear layers). Each repeat times the original, the two
@@ -15,7 +20,7 @@ likelihood passes and the original again, each over enough calls to last about 2
 ratio is taken within a repeat (against the faster original timing) and the median over
 repeats is printed, so background load affects numerator and denominator alike.
 
-    python benchmarks/model.py [--threads 2] [--repeats 15] [--batch 128]
+    python benchmarks/model.py [--threads 2] [--repeats 15] [--batch 128] [--densities gaussian,mlp,flow]
 """
 
 from __future__ import annotations
@@ -66,6 +71,8 @@ def per_call(fn, target: float = 0.02) -> float:
     n, start = 1, time.perf_counter()
     fn()
     once = max(time.perf_counter() - start, 1e-6)
+    if once >= target:  # one call lasts long enough
+        return once
     n = max(1, int(target / once))
     start = time.perf_counter()
     for _ in range(n):
@@ -73,12 +80,12 @@ def per_call(fn, target: float = 0.02) -> float:
     return (time.perf_counter() - start) / n
 
 
-def measure(name: str, model: nn.Module, x: torch.Tensor, repeats: int) -> None:
+def measure(name: str, model: nn.Module, x: torch.Tensor, repeats: int, density: str = "gaussian") -> None:
     model.eval()
     conversions = []
-    for _ in range(3):
+    for _ in range(3 if density == "gaussian" else 1):
         start = time.perf_counter()
-        flow = fc.convert(model, x[:1])
+        flow = fc.convert(model, x[:1], density=density)
         conversions.append(time.perf_counter() - start)
     params = sum(p.numel() for p in model.parameters())
     stochastic, deterministic = [], []
@@ -94,7 +101,7 @@ def measure(name: str, model: nn.Module, x: torch.Tensor, repeats: int) -> None:
             deterministic.append(td / base)
         forward_ms = per_call(lambda: model(x)) * 1e3
     print(
-        f"{name:<5} params={params:>9,d}  exact={str(flow.exact):<5}  forward={forward_ms:6.2f} ms  "
+        f"{name:<5} {density:<9} params={params:>9,d}  exact={str(flow.exact):<5}  forward={forward_ms:6.2f} ms  "
         f"log_prob/forward={statistics.median(stochastic):5.2f} (deterministic {statistics.median(deterministic):5.2f})  "
         f"convert={statistics.median(conversions) * 1e3:7.1f} ms"
     )
@@ -105,12 +112,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--densities", default="gaussian,mlp,flow", help="comma-separated density families")
+    parser.add_argument("--family-repeats", type=int, default=3, help='repeats for the families other than "gaussian"')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, median of {args.repeats} repeats")
-    measure("MLP", mlp(), torch.randn(args.batch, 784), args.repeats)
-    measure("CNN", CNN(), torch.randn(args.batch, 1, 28, 28), args.repeats)
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, median of {args.repeats} repeats ({args.family_repeats} for the other families)"
+    )
+    models = (("MLP", mlp(), torch.randn(args.batch, 784)), ("CNN", CNN(), torch.randn(args.batch, 1, 28, 28)))
+    for density in args.densities.split(","):
+        repeats = args.repeats if density == "gaussian" else args.family_repeats
+        for name, model, x in models:
+            measure(name, model, x, repeats, density)
 
 
 if __name__ == "__main__":

@@ -355,7 +355,9 @@ def precision_tril_scales(P: Tensor) -> Tensor:
     :math:`1/\sqrt{\Sigma_{kk}}` (a step then moves the whitened residual by about one unit
     whatever the scale; the diagonal's :math:`e^{-\lambda}` is the *conditional* deviation, far
     smaller along a near-deterministic combination)."""
-    Pinv = triangular_inverse(P.detach().double())
+    P64 = P.detach().double()
+    eye = torch.eye(P.shape[-1], dtype=P64.dtype, device=P.device)
+    Pinv = torch.linalg.solve_triangular(P64, eye, upper=False)  # once per fit, never traced
     std = Pinv.square().sum(-1).sqrt().clamp_min(1e-30)
     return (1.0 / std).unsqueeze(-2).expand(*P.shape).to(P.dtype)
 
@@ -429,6 +431,21 @@ def triangular_inverse(P: Tensor) -> Tensor:
     return inv / diag[..., None, :]
 
 
+def color_rows(P: Tensor, eps: Tensor) -> Tensor:
+    r""":math:`P^{-1}\varepsilon` for each row of ``eps`` (last dimension), :math:`P` lower triangular:
+    a triangular solve, :math:`O(F^2)` per row; while traced for export (ONNX has no triangular
+    solve) by products with :func:`triangular_inverse`.
+
+    >>> P = torch.tensor([[2.0, 0.0], [1.0, 4.0]])
+    >>> torch.allclose(P @ color_rows(P, torch.tensor([[1.0, 3.0]]))[0], torch.tensor([1.0, 3.0]))
+    True
+    """
+    if _is_exporting() or torch.compiler.is_compiling():
+        return nn.functional.linear(eps, triangular_inverse(P))
+    flat = eps.reshape(-1, P.shape[-1])
+    return torch.linalg.solve_triangular(P.mT, flat, upper=True, left=False).reshape(eps.shape)
+
+
 #: Slopes :func:`flowconvert.calibrate` tries for the kink of a :class:`ConditionalFullNormal` (1: none).
 KINK_SLOPES = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01)
 #: Full covariances (conditionals of dropped coordinates, the base) up to this many coordinates;
@@ -469,8 +486,10 @@ class ConditionalFullNormal(ConditionalDensity):
         self.register_buffer("kink", torch.ones(()))
 
     def precision_factor(self) -> Tensor:
-        """:math:`P`: lower triangular, ``exp(-log_scale)`` on the diagonal."""
-        return precision_factor(self.tril, self.log_scale)
+        """:math:`P`: lower triangular, ``exp(-log_scale)`` on the diagonal (kept between calls, see
+        :func:`~flowconvert.core.weight_only`)."""
+        keys = (self.tril, self.log_scale)
+        return weight_only(self, "precision", keys, lambda: precision_factor(self.tril, self.log_scale))
 
     def set_kink(self, slope: float) -> None:
         """Set the kink slope :math:`s \\in (0, 1]`."""
@@ -551,7 +570,7 @@ class ConditionalFullNormal(ConditionalDensity):
 
     def color(self, eps: Tensor) -> Tensor:
         r""":math:`P^{-1}\varepsilon` (the inverse of :meth:`whiten` around the mean, before the kink)."""
-        return nn.functional.linear(eps, triangular_inverse(self.precision_factor()))
+        return color_rows(self.precision_factor(), eps)
 
     def sample(self, y: Tensor, eps: Tensor | None = None) -> Tensor:
         mu = self.loc(y)
@@ -625,7 +644,7 @@ class FullNormal(BaseDensity):
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
         D = self.log_scale.numel()
         eps = temperature * torch.randn(n, D, dtype=self.loc.dtype, device=self.loc.device)
-        u = nn.functional.linear(eps, triangular_inverse(self.precision_factor()))
+        u = color_rows(self.precision_factor(), eps)
         return self.loc + u.reshape(n, *self.event_shape)
 
     def natural_scales(self) -> dict[str, Tensor]:

@@ -211,21 +211,25 @@ class MLPConditionalNormal(_WithLinear):
     def reset_to_linear(self) -> None:
         _zero_last_linear(self.net)
 
+    def _head(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mu, rho)`` of the whitened residual: the MLP of the standardized context."""
+        h = self.net(self.standardize(y))
+        return h[..., : self.features], 5.0 * torch.tanh(h[..., self.features :] / 5.0)
+
     def params(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """``(mean, rho)``: the mean :math:`Ay + c + P^{-1}\\mu_\theta(y)` of the kinked coordinates and the
         log-scales :math:`\rho_\theta(y)` of the whitened residual (both of shape ``(..., features)``)."""
-        h = self.net(self.standardize(y))
-        mu = self.linear.loc(y) + self.linear.color(h[..., : self.features])
-        rho = 5.0 * torch.tanh(h[..., self.features :] / 5.0)
-        return mu, rho
+        mu, rho = self._head(y)
+        return self.linear.loc(y) + self.linear.color(mu), rho
 
     def _residual(self, d: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        r"""``(r, rho, log_det)``: the whitened residual, its log-scales, and the rest of
-        :math:`\log q` (:math:`\log|\det P|` per row and the kink's term)."""
-        mu, rho = self.params(y)
+        r"""``(r, rho, log_det)``: the whitened residual :math:`P(g_s(d) - Ay - c) - \mu_\theta`, its
+        log-scales, and the rest of :math:`\log q` (:math:`\log|\det P|` per row and the kink's term);
+        no inverse of :math:`P` (that is only for sampling)."""
+        mu, rho = self._head(y)
         lin = self.linear
         u, warp_log_det = lin.warp_and_log_det(d)
-        r = nn.functional.linear(u - mu, lin.precision_factor())
+        r = nn.functional.linear(u - lin.loc(y), lin.precision_factor()) - mu
         rows = d[0].numel() // self.features
         return r, rho, warp_log_det - rows * lin.log_scale.sum()
 

@@ -227,6 +227,35 @@ def test_triangular_inverse_and_full_covariance_round_trip():
     torch.testing.assert_close(q.log_prob(d, y), ref)
 
 
+def test_coloring_solves_the_precision_factor_and_the_likelihood_never_inverts_it(monkeypatch):
+    """``color_rows(P, e) = P^{-1} e`` row by row (1e-12, float64, leading dimensions kept); the
+    likelihood of the families around a full precision factor never forms an inverse of it (a
+    product-only inverse costs ``2 log2(F)`` ``F x F`` products: seconds at the widths of a CNN)."""
+    from flowconvert import densities
+
+    g = torch.Generator().manual_seed(1)
+    P = torch.tril(torch.randn(6, 6, generator=g, dtype=torch.float64), -1) + torch.diag(
+        torch.rand(6, generator=g, dtype=torch.float64) + 0.5
+    )
+    eps = torch.randn(2, 3, 6, generator=g, dtype=torch.float64)
+    expected = eps @ triangular_inverse(P).mT
+    torch.testing.assert_close(densities.color_rows(P, eps), expected, atol=1e-12, rtol=0)
+
+    def refused(*_):
+        raise AssertionError("an inverse of P was formed")
+
+    densities_ = {
+        name: _perturb(CONDITIONALS[name](4, 3).double()) for name in ("gaussian-full", "mlp", "flow-nsf", "mlp-kink")
+    }
+    d, y = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    monkeypatch.setattr(densities, "triangular_inverse", refused)
+    for q in densities_.values():
+        assert q.sample(y).shape == d.shape  # a triangular solve, not the product-only inverse (export's)
+    monkeypatch.setattr(ConditionalFullNormal, "color", refused)
+    for q in densities_.values():
+        assert torch.isfinite(q.log_prob(d, y)).all()  # P (u - Ay - c) - mu: no P^{-1} at all
+
+
 def test_full_normal_base_fits_mean_and_covariance_in_closed_form():
     g = torch.Generator().manual_seed(0)
     M = torch.randn(3, 3, generator=g, dtype=torch.float64)
