@@ -83,7 +83,7 @@ def per_call(fn, target: float = 0.02) -> float:
 def measure(name: str, model: nn.Module, x: torch.Tensor, repeats: int, density: str = "gaussian") -> None:
     model.eval()
     conversions = []
-    for _ in range(3 if density == "gaussian" else 1):
+    for _ in range(3):
         start = time.perf_counter()
         flow = fc.convert(model, x[:1], density=density)
         conversions.append(time.perf_counter() - start)

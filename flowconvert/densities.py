@@ -363,8 +363,10 @@ def precision_tril_scales(P: Tensor) -> Tensor:
 
 
 def precision_factor(tril: Tensor, log_scale: Tensor) -> Tensor:
-    r"""Lower-triangular :math:`P` (batched): the strictly lower part of ``tril``, :math:`e^{-\lambda}` on the diagonal."""
-    return torch.tril(tril, -1) + torch.diag_embed(torch.exp(-log_scale))
+    r"""Lower-triangular :math:`P` (batched): the strictly lower part of ``tril`` (None: diagonal),
+    :math:`e^{-\lambda}` on the diagonal."""
+    diagonal = torch.diag_embed(torch.exp(-log_scale))
+    return diagonal if tril is None else torch.tril(tril, -1) + diagonal
 
 
 @torch.no_grad()
@@ -470,6 +472,10 @@ class ConditionalFullNormal(ConditionalDensity):
     residual covariance, in closed form, for each slope of :data:`KINK_SLOPES`, and keeps the best
     held out. Starts as a standard normal independent of :math:`y`.
 
+    With ``full=False`` :math:`P` is diagonal (no ``tril``; calibration keeps the residual
+    variances): what the richer families use beyond :data:`FULL_COVARIANCE_MAX` coordinates, where
+    a full factor would cost :math:`F^2` parameters and multiply-adds per row.
+
     >>> q = ConditionalFullNormal(2, 3)
     >>> q.log_prob(torch.zeros(5, 2), torch.randn(5, 3)).shape
     torch.Size([5])
@@ -479,10 +485,11 @@ class ConditionalFullNormal(ConditionalDensity):
     True
     """
 
-    def __init__(self, features: int, context_features: int):
+    def __init__(self, features: int, context_features: int, full: bool = True):
         super().__init__()
         _init_linear_gaussian(self, features, context_features)
-        self.tril = nn.Parameter(torch.zeros(self.features, self.features))
+        self.full = bool(full)
+        self.tril = nn.Parameter(torch.zeros(self.features, self.features)) if self.full else None
         self.register_buffer("kink", torch.ones(()))
 
     def precision_factor(self) -> Tensor:
@@ -490,6 +497,12 @@ class ConditionalFullNormal(ConditionalDensity):
         :func:`~flowconvert.core.weight_only`)."""
         keys = (self.tril, self.log_scale)
         return weight_only(self, "precision", keys, lambda: precision_factor(self.tril, self.log_scale))
+
+    def precision_times(self, v: Tensor) -> Tensor:
+        """:math:`Pv` for each row of ``v`` (last dimension; elementwise when :math:`P` is diagonal)."""
+        if not self.full:
+            return v * torch.exp(-self.log_scale)
+        return nn.functional.linear(v, self.precision_factor())
 
     def set_kink(self, slope: float) -> None:
         """Set the kink slope :math:`s \\in (0, 1]`."""
@@ -570,6 +583,8 @@ class ConditionalFullNormal(ConditionalDensity):
 
     def color(self, eps: Tensor) -> Tensor:
         r""":math:`P^{-1}\varepsilon` (the inverse of :meth:`whiten` around the mean, before the kink)."""
+        if not self.full:
+            return eps * torch.exp(self.log_scale)
         return color_rows(self.precision_factor(), eps)
 
     def sample(self, y: Tensor, eps: Tensor | None = None) -> Tensor:
@@ -587,6 +602,9 @@ class ConditionalFullNormal(ConditionalDensity):
 
     def read_linear(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(A, c, covariance)`` of the kinked coordinates, float64."""
+        if not self.full:
+            cov = torch.diag(torch.exp(2 * self.log_scale.detach().double()))
+            return self.weight.detach().double(), self.bias.detach().double(), cov
         P = self.precision_factor().detach().double()
         Pinv = torch.linalg.solve_triangular(P, torch.eye(self.features, dtype=P.dtype), upper=False)
         return self.weight.detach().double(), self.bias.detach().double(), Pinv @ Pinv.mT
@@ -594,12 +612,15 @@ class ConditionalFullNormal(ConditionalDensity):
     @torch.no_grad()
     def write_linear(self, A, c, cov, context_mean=None, context_var=None, kink: float = 1.0) -> None:
         r"""Set :math:`A, c`, :math:`P = \operatorname{chol}(\Sigma)^{-1}` (``cov`` a matrix, or a vector of
-        variances) and the kink slope (the regression was on :math:`g_s(d)`)."""
-        if cov.dim() == 1:
-            cov = torch.diag(cov)
+        variances; diagonal :math:`P`: the variances alone) and the kink slope (the regression was on
+        :math:`g_s(d)`)."""
         self.weight.copy_(A.to(self.weight.dtype))
         self.bias.copy_(c.to(self.bias.dtype))
-        write_precision(cov, self.log_scale, self.tril)
+        if not self.full:
+            var = cov.diagonal() if cov.dim() == 2 else cov
+            self.log_scale.copy_((0.5 * var.double().clamp_min(1e-12).log()).to(self.log_scale.dtype))
+        else:
+            write_precision(torch.diag(cov) if cov.dim() == 1 else cov, self.log_scale, self.tril)
         self.set_kink(kink)
         _set_context_scale(self, context_var)
 
@@ -607,7 +628,8 @@ class ConditionalFullNormal(ConditionalDensity):
         """As the diagonal family's; ``P``'s column ``k`` in units of one over the marginal deviation
         of the residual coordinate ``k`` (:func:`precision_tril_scales`)."""
         scales = _linear_scales(self)
-        scales["tril"] = precision_tril_scales(self.precision_factor())
+        if self.full:
+            scales["tril"] = precision_tril_scales(self.precision_factor())
         return scales
 
 

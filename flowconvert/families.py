@@ -17,7 +17,8 @@ chosen at conversion, ``flowconvert.convert(model, x, density=...)``:
   :data:`~flowconvert.densities.FULL_COVARIANCE_MAX` coordinates, diagonal beyond).
 * ``"mlp"``: :class:`MLPConditionalNormal`, a heteroscedastic Gaussian: the residual
   :math:`d - Ay - c - \mu_\theta(y)`, whitened by a full precision factor :math:`P`
-  (:class:`~flowconvert.densities.ConditionalFullNormal`), is
+  (:class:`~flowconvert.densities.ConditionalFullNormal`; diagonal beyond
+  :data:`~flowconvert.densities.FULL_COVARIANCE_MAX` dropped coordinates, as in ``"gaussian"``), is
   :math:`\mathcal N(0, \operatorname{diag} e^{2\rho_\theta(y)})`,
   :math:`(\mu_\theta, \rho_\theta)` a small MLP of the kept output (for convolutions the rows
   are per location, so it acts over channels: a 1x1-convolution MLP); base: a Gaussian
@@ -187,17 +188,22 @@ class MLPConditionalNormal(_WithLinear):
     :math:`(\mu_\theta, \rho_\theta)` is an MLP (``hidden`` units per layer, ``depth`` hidden
     layers, SiLU) of the standardized context :math:`\tilde y`, in whitened units; its output
     layer starts at zero, so the density starts as its linear part ``self.linear``
-    (:math:`\rho` is soft-clamped to :math:`\pm 5`).
+    (:math:`\rho` is soft-clamped to :math:`\pm 5`). :math:`P` is full up to
+    :data:`~flowconvert.densities.FULL_COVARIANCE_MAX` coordinates and diagonal beyond (``full``
+    says otherwise): a 3136 -> 300 layer's full factor would hold eight times its weight.
 
     >>> q = MLPConditionalNormal(2, 3)
     >>> q.sample(torch.randn(4, 3)).shape
     torch.Size([4, 2])
     """
 
-    def __init__(self, features: int, context_features: int, hidden: int = 64, depth: int = 2):
+    def __init__(
+        self, features: int, context_features: int, hidden: int = 64, depth: int = 2, full: bool | None = None
+    ):
         super().__init__()
         self.features, self.context_features = int(features), int(context_features)
-        self.linear = ConditionalFullNormal(self.features, self.context_features)
+        full = self.features <= FULL_COVARIANCE_MAX if full is None else bool(full)
+        self.linear = ConditionalFullNormal(self.features, self.context_features, full=full)
         self.standardize = _Standardize(self.context_features)
         layers: list[nn.Module] = []
         width = self.context_features
@@ -229,7 +235,7 @@ class MLPConditionalNormal(_WithLinear):
         mu, rho = self._head(y)
         lin = self.linear
         u, warp_log_det = lin.warp_and_log_det(d)
-        r = nn.functional.linear(u - lin.loc(y), lin.precision_factor()) - mu
+        r = lin.precision_times(u - lin.loc(y)) - mu
         rows = d[0].numel() // self.features
         return r, rho, warp_log_det - rows * lin.log_scale.sum()
 
@@ -302,8 +308,9 @@ class FlowConditional(MLPConditionalNormal):
         kind: str = "nsf",
         head_hidden: int = 64,
         head_depth: int = 2,
+        full: bool | None = None,
     ):
-        super().__init__(features, context_features, hidden=head_hidden, depth=head_depth)
+        super().__init__(features, context_features, hidden=head_hidden, depth=head_depth, full=full)
         self.flow = _zuko_flow(self.features, self.context_features, transforms, hidden, bins, kind)
 
     def reset_to_linear(self) -> None:

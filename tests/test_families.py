@@ -50,6 +50,9 @@ CONDITIONALS = {
     "gaussian-kink": lambda f, c: _kinked(ConditionalFullNormal(f, c), 0.2),
     "mlp-kink": lambda f, c: _kinked(MLPConditionalNormal(f, c, hidden=16), 0.5),
     "flow-nsf-kink": lambda f, c: _kinked(FlowConditional(f, c, hidden=(16, 16)), 0.5),
+    # a diagonal precision factor (the richer families beyond FULL_COVARIANCE_MAX coordinates)
+    "mlp-diagonal-kink": lambda f, c: _kinked(MLPConditionalNormal(f, c, hidden=16, full=False), 0.5),
+    "flow-nsf-diagonal": lambda f, c: FlowConditional(f, c, hidden=(16, 16), full=False),
 }
 
 
@@ -254,6 +257,27 @@ def test_coloring_solves_the_precision_factor_and_the_likelihood_never_inverts_i
     monkeypatch.setattr(ConditionalFullNormal, "color", refused)
     for q in densities_.values():
         assert torch.isfinite(q.log_prob(d, y)).all()  # P (u - Ay - c) - mu: no P^{-1} at all
+
+
+def test_richer_families_have_a_diagonal_factor_beyond_the_full_covariance_size():
+    """Up to FULL_COVARIANCE_MAX coordinates P is full; beyond, diagonal: no F x F parameter, a
+    closed-form write keeps the residual variances (a covariance's diagonal), and log q is the
+    diagonal Gaussian's (1e-10, float64)."""
+    from flowconvert.densities import FULL_COVARIANCE_MAX
+
+    assert MLPConditionalNormal(FULL_COVARIANCE_MAX, 2).linear.full
+    wide = FlowConditional(FULL_COVARIANCE_MAX + 1, 2, hidden=(8,))
+    assert not wide.linear.full and not any("tril" in k for k in wide.state_dict())
+    q = MLPConditionalNormal(3, 2, full=False).double()
+    g = torch.Generator().manual_seed(2)
+    M = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    cov = M @ M.mT + 0.1 * torch.eye(3, dtype=torch.float64)
+    A, c = torch.randn(3, 2, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
+    q.write_linear(A, c, cov)
+    torch.testing.assert_close(q.read_linear()[2], torch.diag(cov.diagonal()), atol=1e-12, rtol=0)
+    y, d = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    ref = normal_log_prob(d, y @ A.mT + c, 0.5 * cov.diagonal().log()).sum(-1)
+    torch.testing.assert_close(q.log_prob(d, y), ref, atol=1e-10, rtol=0)
 
 
 def test_full_normal_base_fits_mean_and_covariance_in_closed_form():
