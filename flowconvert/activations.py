@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import FlowLayer
+from .core import FlowLayer, _is_exporting
 from .densities import sum_except_batch
 from .errors import LayerConfigurationError
 
@@ -51,10 +51,23 @@ class FlowLeakyReLU(FlowLayer):
         return F.leaky_relu(x, self.negative_slope)
 
     def call_and_ll(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        # -sign(min(x, 0)) is 1 exactly where x < 0; several times faster on CPU than
-        # reducing the boolean mask (x < 0), and it stays in x's dtype
-        minus_negative = sum_except_batch(torch.clamp(x, max=0).sign_())
-        return F.leaky_relu(x, self.negative_slope), minus_negative * -self.log_slope
+        # sign(min(x, 0)) is -1 exactly where x < 0 (several times faster on CPU than reducing the
+        # boolean mask x < 0, and in x's dtype); one product with a vector of -log s gives
+        # n_-(x) log s per row (a sum and a multiplication cost two operations' overhead)
+        signs = torch.clamp(x, max=0).sign_().reshape(x.shape[0], math.prod(x.shape[1:]))
+        return F.leaky_relu(x, self.negative_slope), torch.mv(signs, self._minus_log_slopes(signs))
+
+    def _minus_log_slopes(self, like: Tensor) -> Tensor:
+        """``-log s`` for each of ``like``'s columns, in its dtype and device (kept between calls;
+        made in the graph while traced for export)."""
+        n = like.shape[1]
+        if _is_exporting() or torch.compiler.is_compiling():
+            return like.new_full((n,), -self.log_slope)
+        key = (n, like.dtype, like.device, self.log_slope)
+        hit = self.__dict__.get("_minus_log_slope_vector")
+        if hit is None or hit[0] != key:
+            hit = self.__dict__["_minus_log_slope_vector"] = (key, like.new_full((n,), -self.log_slope))
+        return hit[1]
 
     def inverse(self, y: Tensor, sample: bool = False, noise: Tensor | None = None) -> Tensor:
         return torch.where(y >= 0, y, y / self.negative_slope)

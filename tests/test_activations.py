@@ -49,3 +49,17 @@ def test_non_positive_slope_is_refused(slope):
     with pytest.raises(LayerConfigurationError) as err:
         FlowLeakyReLU(slope)
     assert err.value.code == "FC202"
+
+
+def test_log_det_counts_negatives_at_every_shape_dtype_and_empty_batch():
+    """``n_-(x) log s`` per sample (the kept vector of ``-log s`` follows width and dtype); an empty
+    batch gives an empty result."""
+    flow = FlowLeakyReLU(0.1)
+    for shape, dtype in (((3, 5), torch.float32), ((2, 3, 4, 4), torch.float64), ((3, 5), torch.float64)):
+        x = torch.randn(*shape, dtype=dtype)
+        expected = (x < 0).reshape(shape[0], -1).sum(1).to(dtype) * math.log(0.1)
+        ll = flow.call_and_ll(x)[1]
+        assert ll.dtype == dtype
+        torch.testing.assert_close(ll, expected, atol=1e-6 if dtype == torch.float32 else 1e-12, rtol=0)
+    y, ll = flow.call_and_ll(torch.randn(0, 3, 4))
+    assert y.shape == (0, 3, 4) and ll.shape == (0,)
