@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import FlowLayer, _is_exporting
+from .core import FlowLayer, weight_only
 from .densities import sum_except_batch
 from .errors import LayerConfigurationError
 
@@ -58,16 +58,11 @@ class FlowLeakyReLU(FlowLayer):
         return F.leaky_relu(x, self.negative_slope), torch.mv(signs, self._minus_log_slopes(signs))
 
     def _minus_log_slopes(self, like: Tensor) -> Tensor:
-        """``-log s`` for each of ``like``'s columns, in its dtype and device (kept between calls;
-        made in the graph while traced for export)."""
+        """``-log s`` for each of ``like``'s columns, in its dtype and device (kept per width, dtype
+        and device by :func:`~flowconvert.core.weight_only`; made in the graph while traced)."""
         n = like.shape[1]
-        if _is_exporting() or torch.compiler.is_compiling():
-            return like.new_full((n,), -self.log_slope)
-        key = (n, like.dtype, like.device, self.log_slope)
-        hit = self.__dict__.get("_minus_log_slope_vector")
-        if hit is None or hit[0] != key:
-            hit = self.__dict__["_minus_log_slope_vector"] = (key, like.new_full((n,), -self.log_slope))
-        return hit[1]
+        name = f"minus_log_slopes {n} {like.dtype} {like.device}"
+        return weight_only(self, name, (), lambda: like.new_full((n,), -self.log_slope))
 
     def inverse(self, y: Tensor, sample: bool = False, noise: Tensor | None = None) -> Tensor:
         return torch.where(y >= 0, y, y / self.negative_slope)
